@@ -1,0 +1,69 @@
+"""Rejection sampling against the draft's exact proposal: the one verification implementation.
+
+Given target probabilities p at gamma+1 positions and the gamma proposals q the device sampled from, accept
+draft token x_i with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection emit a sample from
+norm(max(0, p_i - q_i)); if every draft token is accepted emit a bonus sample from p_{gamma+1}. The emitted
+tokens are then distributed exactly as p (Leviathan et al. 2023, Chen et al. 2023). The in-process engine
+and the verifier service both call `verify_block`; nothing else decides acceptance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.proposal import ProposalBlock, sample_index
+
+
+class VerificationError(ValueError):
+    """The proposal cannot have produced the draft token (q(x) == 0): the sender is broken or lying."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How many draft tokens survived and the one token the target adds (correction or bonus)."""
+
+    n_accepted: int
+    token: int
+    corrected: bool = False  # True: `token` replaces a rejected draft token; False: bonus after full acceptance
+
+
+def acceptance_probability(p_x: float, q_x: float) -> float:
+    """min(1, p(x)/q(x)): how likely the target keeps a token the draft proposed with probability q(x)."""
+    return min(1.0, p_x / q_x)
+
+
+def residual(p: np.ndarray, q_dense: np.ndarray) -> np.ndarray:
+    """norm(max(0, p - q)): where the target has more mass than the draft, the only place a correction may land.
+
+    When p <= q everywhere (numerically p == q) a rejection has probability 0; p itself is returned then so a
+    rounding-level rejection still emits a token from the target distribution.
+    """
+    r = np.maximum(p - q_dense, 0.0)
+    total = r.sum()
+    return r / total if total > 0 else p
+
+
+def verify_block(
+    target_probs: np.ndarray,
+    draft_tokens: Sequence[int],
+    proposals: ProposalBlock,
+    rng: np.random.Generator,
+) -> Outcome:
+    """Accept the longest prefix of `draft_tokens` and emit one more token; see the module docstring.
+
+    `target_probs` is [gamma+1, V] float64 (already warped); row i scores draft token i, the last row the bonus.
+    """
+    gamma = len(draft_tokens)
+    if target_probs.shape[0] != gamma + 1:
+        raise ValueError(f"need {gamma + 1} target rows for {gamma} draft tokens, got {target_probs.shape[0]}")
+    for i, x in enumerate(draft_tokens):
+        q_x = proposals.prob_of(i, int(x))
+        if q_x <= 0.0:
+            raise VerificationError(f"draft token {int(x)} at position {i} has zero probability in its proposal")
+        if rng.random() >= acceptance_probability(float(target_probs[i, x]), q_x):
+            token = sample_index(residual(target_probs[i], proposals.dense_row(i)), rng.random())
+            return Outcome(i, token, corrected=True)
+    return Outcome(gamma, sample_index(target_probs[gamma], rng.random()))
