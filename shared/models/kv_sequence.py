@@ -1,0 +1,118 @@
+"""One token sequence with its own KV cache, built for speculative decoding.
+
+Drafting extends a sequence a token at a time; verification feeds several proposed tokens in one forward
+pass and reads a logits row per position; after a rejection the sequence rolls back to the accepted prefix
+and continues from there without recomputing it. `next_logits` does all of that from one call: give it the
+full token list you want in the cache and it reuses whatever prefix it already holds.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class KVSequence:
+    """One token sequence with its own KV cache (transformers DynamicCache)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._model = model
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache = self._new_cache()
+        self.tokens: list[int] = []  # the tokens whose keys/values are in the cache, in order
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _new_cache(self) -> DynamicCache:
+        cache = DynamicCache(config=self._model.config)
+        for layer in cache.layers:
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                # Keep the states past the window until the next crop, so a rollback can still see them.
+                layer.activate_past_recording()
+        return cache
+
+    def _can_crop(self, remove: int) -> bool:
+        """Whether every layer can drop its last `remove` states and still hold all it needs."""
+        for layer in self._cache.layers:
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                seen = layer.cumulative_length
+                if seen < layer.sliding_window:
+                    continue  # under the window it holds every state, like a full-attention layer
+                # After the crop it must still hold the last min(kept, window - 1) states of the kept prefix;
+                # it holds the last `held` of all `seen` (all of them until a crop trims it to the window).
+                held = layer.keys.shape[-2] if layer.keys is not None else 0
+                if not (layer.record_past and held >= remove + min(seen - remove, layer.sliding_window - 1)):
+                    return False
+            elif type(layer) is not DynamicLayer:
+                return False  # linear attention, compressed caches...: not known to be croppable, rebuild
+        return True
+
+    def _truncate(self, length: int) -> None:
+        """Drop cached tokens past `length`: crop if the cache allows, else empty it (correctness first)."""
+        remove = len(self.tokens) - length
+        if remove <= 0:
+            return
+        if length > 0 and self._can_crop(remove):
+            with torch.inference_mode():
+                self._cache.crop(-remove)
+            self.tokens = self.tokens[:length]
+        else:
+            self._cache = self._new_cache()
+            self.tokens = []
+
+    def _forward(self, new: Sequence[int], n_out: int) -> torch.Tensor:
+        """Feed `new` after the cached tokens in one pass; float32 logits for its last `n_out` positions."""
+        start = len(self.tokens)
+        input_ids = torch.tensor([list(new)], dtype=torch.long)
+        position_ids = torch.arange(start, start + len(new), dtype=torch.long).unsqueeze(0)
+        kwargs = {"logits_to_keep": n_out} if self._logits_to_keep else {}
+        with torch.inference_mode():
+            out = self._model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                past_key_values=self._cache,
+                use_cache=True,
+                **kwargs,
+            )
+        return out.logits[0, -n_out:].float()
+
+    def next_logits(self, tokens: Sequence[int], n_out: int = 1) -> torch.Tensor:
+        """float32 tensor [n_out, vocab_size]: row j is the next-token logits after
+        tokens[: len(tokens) - n_out + 1 + j].
+
+        Reuses the longest cached prefix of `tokens` (but always feeds at least the last n_out tokens), crops
+        the cache beyond it (rollback after a rejection, without recomputing the accepted prefix), feeds the
+        rest in ONE forward pass (multi-token forward for verification), and leaves the cache holding exactly
+        `tokens`.
+        """
+        tokens = [int(t) for t in tokens]
+        if not 1 <= n_out <= len(tokens):
+            raise ValueError(f"n_out must be in 1..len(tokens)={len(tokens)}, got {n_out}")
+        keep = min(_common_prefix(self.tokens, tokens), len(tokens) - n_out)
+        self._truncate(keep)
+        logits = self._forward(tokens[len(self.tokens) :], n_out)
+        self.tokens = tokens
+        return logits
+
+    def rollback(self, length: int) -> None:
+        """Crop the cache to its first `length` tokens."""
+        if not 0 <= length <= len(self.tokens):
+            raise ValueError(f"cannot roll back to {length}: the sequence holds {len(self.tokens)} tokens")
+        kept = self.tokens[:length]
+        self._truncate(length)
+        if len(self.tokens) < length:  # the cache had to be emptied: rebuild the kept prefix
+            self._forward(kept, 1)
+            self.tokens = kept

