@@ -1,0 +1,233 @@
+"""The speculation loop, shared by the in-process engine and the draft service.
+
+`speculate` drives one `DraftSession`: draft a block, encode it, hand the bytes to a `Link`, decode the
+verdict, commit. The link is the only thing that differs between deployments: `LocalLink` calls a
+`VerifierCore` in this process (encode and decode still happen, so byte counts are real and the codec runs on
+every token); the draft service's link sends the same bytes over NATS. A verifier that lost the session
+answers `unknown_session` and the loop resends the round with the token history, from which the edge rebuilds
+its cache, so no transport-specific code decides anything about speculation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from opentelemetry import trace
+
+from shared.drafting import DraftSession
+from shared.models.runtime import LoadedModel
+from shared.params import ParamError, SamplingParams, SpecParams
+from shared.protocol import ErrorReply, ProtocolError, Verdict, VerifyRequest, decode_any
+from shared.stats import GenerationStats, RoundStats
+from shared.verification import VerificationError
+from shared.verifying import SessionUnknown, VerifierCore
+
+MAX_RESYNCS_PER_ROUND = 3
+
+
+class RemoteError(RuntimeError):
+    """The verifier refused a round for a reason resending cannot fix (bad proposal, protocol error, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Link(Protocol):
+    """Carries one round's encoded request to a verifier and returns the encoded reply."""
+
+    async def exchange(self, uplink: bytes, req: VerifyRequest) -> bytes: ...
+
+
+Compute = Callable[[Callable[[], object]], Awaitable[object]]
+RoundHook = Callable[[RoundStats, list[int]], Awaitable[None]]
+
+
+async def _inline(fn):
+    return fn()
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.summary(),
+            "rounds": [r.to_dict() for r in self.stats.rounds],
+        }
+
+
+async def speculate(
+    session: DraftSession,
+    link: Link,
+    *,
+    decode: Callable[[list[int]], str],
+    compute: Compute = _inline,
+    on_round: RoundHook | None = None,
+    tracer: trace.Tracer | None = None,
+) -> GenerationResult:
+    """Run `session` to completion. `compute` runs model work (a thread in services); `on_round` streams."""
+    tracer = tracer or trace.get_tracer("draftwire")
+    stats = GenerationStats(mode=session.spec.mode, gamma=session.spec.gamma, k=session.k)
+    t_start = time.perf_counter()
+    while not session.done:
+        t0 = time.perf_counter()
+        with tracer.start_as_current_span("round") as span:
+            with tracer.start_as_current_span("draft"):
+                req, draft_s = await compute(session.next_request)
+            span.set_attributes({"draftwire.round": req.round, "draftwire.gamma": len(req.tokens)})
+            verdict, up, down = await _exchange(session, link, req)
+            new = session.apply(req, verdict)
+            span.set_attributes({"draftwire.accepted": verdict.n_accepted, "draftwire.uplink_bytes": up})
+        rs = RoundStats(
+            round=req.round,
+            drafted=len(req.tokens),
+            accepted=verdict.n_accepted,
+            emitted=len(new),
+            uplink_bytes=up,
+            downlink_bytes=down,
+            draft_s=draft_s,
+            verify_s=verdict.verify_s,
+            round_s=time.perf_counter() - t0,
+        )
+        stats.rounds.append(rs)
+        if on_round is not None:
+            await on_round(rs, new)
+    stats.wall_s = time.perf_counter() - t_start
+    stats.new_tokens = len(session.generated)
+    return GenerationResult(
+        text=decode(session.generated),
+        token_ids=session.generated,
+        finish_reason=session.finish_reason,
+        stats=stats,
+    )
+
+
+async def _exchange(session: DraftSession, link: Link, req: VerifyRequest) -> tuple[Verdict, int, int]:
+    """One round trip, resending with history when the verifier does not hold the session."""
+    up_total = down_total = 0
+    for _ in range(MAX_RESYNCS_PER_ROUND + 1):
+        uplink = req.encode()
+        downlink = await link.exchange(uplink, req)
+        up_total += len(uplink)
+        down_total += len(downlink)
+        reply = decode_any(downlink)
+        if isinstance(reply, Verdict):
+            return reply, up_total, down_total
+        if isinstance(reply, ErrorReply) and reply.code == SessionUnknown.code:
+            req = session.reopen(req)
+            continue
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(reply.code, reply.message)
+        raise RemoteError("bad_reply", f"verifier answered with a {type(reply).__name__}")
+    raise RemoteError("resync_failed", f"verifier lost the session {MAX_RESYNCS_PER_ROUND} times in one round")
+
+
+def verify_bytes(core: VerifierCore, uplink: bytes) -> bytes:
+    """The edge's whole job for one message: decode, verify, encode; any refusal becomes an ErrorReply."""
+    try:
+        req = VerifyRequest.decode(uplink)
+    except ProtocolError as exc:
+        return ErrorReply(code=exc.code, message=str(exc)).encode()
+    try:
+        return core.handle(req).encode()
+    except SessionUnknown as exc:
+        return ErrorReply(code=SessionUnknown.code, message=str(exc), session=req.session).encode()
+    except ProtocolError as exc:
+        return ErrorReply(code=exc.code, message=str(exc), session=req.session).encode()
+    except VerificationError as exc:
+        return ErrorReply(code="bad_proposal", message=str(exc), session=req.session).encode()
+
+
+@dataclass
+class LocalLink:
+    """The edge in this process."""
+
+    core: VerifierCore
+
+    async def exchange(self, uplink: bytes, req: VerifyRequest) -> bytes:
+        return verify_bytes(self.core, uplink)
+
+
+def check_pair(draft: LoadedModel | None, target: LoadedModel) -> None:
+    """Speculation needs one vocabulary: token i must mean the same on both sides."""
+    if draft is not None and draft.vocab_size != target.vocab_size:
+        raise ParamError(
+            f"draft model {draft.name} has vocabulary {draft.vocab_size} but target {target.name} has "
+            f"{target.vocab_size}: pick a draft from the target's model family"
+        )
+
+
+def new_session(
+    draft: LoadedModel | None,
+    tokenizer,
+    eos_ids: tuple[int, ...],
+    vocab_size: int,
+    prompt: str | list[int],
+    params: SamplingParams,
+    spec: SpecParams,
+    session_id: str | None = None,
+) -> DraftSession:
+    if spec.mode != "ar" and draft is None:
+        raise ParamError(f"mode {spec.mode!r} needs a draft model")
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    return DraftSession(
+        session=session_id or uuid.uuid4().hex[:16],
+        model=draft if spec.mode != "ar" else None,
+        prompt_ids=prompt_ids,
+        params=params,
+        spec=spec,
+        eos_ids=eos_ids,
+        vocab_size=vocab_size,
+    )
+
+
+class LocalEngine:
+    """Device and edge in one process: `draftwire generate --local` and the benchmarks' reference."""
+
+    def __init__(self, target: LoadedModel, draft: LoadedModel | None = None) -> None:
+        check_pair(draft, target)
+        self.target = target
+        self.draft = draft
+        self.verifier = VerifierCore(target, max_sessions=4)
+
+    async def agenerate(
+        self, prompt: str | list[int], params: SamplingParams, spec: SpecParams
+    ) -> GenerationResult:
+        tokenizer = self.draft if self.draft is not None else self.target
+        session = new_session(
+            self.draft, tokenizer, self.target.eos_token_ids, self.target.vocab_size, prompt, params, spec
+        )
+        try:
+            return await speculate(session, LocalLink(self.verifier), decode=tokenizer.decode)
+        finally:
+            self.verifier.close(session.session)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams, spec: SpecParams) -> GenerationResult:
+        return asyncio.run(self.agenerate(prompt, params, spec))
+
+
+__all__ = [
+    "GenerationResult",
+    "Link",
+    "LocalEngine",
+    "LocalLink",
+    "RemoteError",
+    "check_pair",
+    "new_session",
+    "speculate",
+    "verify_bytes",
+]

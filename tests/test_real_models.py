@@ -1,0 +1,56 @@
+"""Greedy exactness on real weights: speculative output == the target's own transformers `generate`.
+
+The default suite checks three bench prompts (one chat, one code, one story); `-m slow` runs all of
+`../shared/bench/prompts.jsonl`, and `-m qwen` the Qwen2.5-Coder pair. A token may only differ where the
+target's float32 logits of the two candidates are a near-tie (|gap| < NEAR_TIE): there a multi-token verify
+forward sums in another order than generate's one-token steps and may flip the argmax legitimately.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services.cli.remote import load_prompts
+from services.cli.selfcheck import run_selfcheck
+from shared.models.runtime import load_model
+
+NEAR_TIE = 1e-3
+SUBSET = ("p00", "p06", "p12")
+
+
+def _check(report: dict, n_prompts: int) -> None:
+    for label, agg in report["pairs"].items():
+        assert agg["tokens"] == 48 * n_prompts, label
+        for m in agg["mismatches"]:
+            assert abs(m["target_logit_gap"]) < NEAR_TIE, f"{label}: {m} is not a near-tie"
+        assert agg["identical"] + len(agg["mismatches"]) == n_prompts
+        assert 0 < agg["acceptance_rate"] <= 1
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    target = load_model("smollm2-135m", "fp32", progress=False)
+    drafts = {dt: load_model("smollm2-135m", dt, progress=False) for dt in ("int8", "bf16")}
+    return target, drafts
+
+
+def test_greedy_exact_smollm2_subset(smollm2) -> None:
+    target, drafts = smollm2
+    prompts = [p for p in load_prompts(None, 1000) if p["id"] in SUBSET] or load_prompts(None, 3)
+    report = run_selfcheck(prompts, target, drafts, ["full", "tkslt"], 48)
+    _check(report, len(prompts))
+
+
+@pytest.mark.slow
+def test_greedy_exact_smollm2_all_prompts(smollm2) -> None:
+    target, drafts = smollm2
+    prompts = load_prompts(None, 1000)
+    _check(run_selfcheck(prompts, target, drafts, ["full", "tkslt"], 48), len(prompts))
+
+
+@pytest.mark.qwen
+def test_greedy_exact_qwen_subset() -> None:
+    target = load_model("qwen2.5-coder-1.5b", "fp32", progress=False)
+    draft = load_model("qwen2.5-coder-1.5b", "int8", progress=False)
+    prompts = [p for p in load_prompts(None, 1000) if p["id"] in SUBSET]
+    _check(run_selfcheck(prompts, target, {"int8": draft}, ["tkslt"], 48), len(prompts))
