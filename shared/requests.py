@@ -1,0 +1,416 @@
+"""The user-facing request contract on `draftwire.prompts`, and the job the scheduler hands a draft instance.
+
+Pure functions and frozen dataclasses, no I/O: the scheduler parses and validates a prompt once, at the edge,
+so every malformed request is answered with a `RequestError` whose `code` a client can branch on and whose
+message names the offending field. The draft service decodes `GenerateJob`s with the same module, and
+`GenerateJob.decode` never raises anything but `RequestError`, whatever bytes arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+
+import msgpack
+
+from shared.bus import validate_token
+from shared.params import ParamError, SamplingParams, SpecParams
+
+MAX_PROMPT_BYTES = 256 * 1024
+MAX_REQUEST_BYTES = MAX_PROMPT_BYTES + 16 * 1024  # room for the other fields of a JSON/msgpack request
+FORMATS = ("text", "json", "msgpack")
+REQUEST_MODES = ("auto", "ar", "full", "tkslt")
+REPLY_CONTENT_TYPES = {
+    "text": "application/json",
+    "json": "application/json",
+    "msgpack": "application/msgpack",
+}
+_MEDIA_FORMATS = {
+    "text/plain": "text",
+    "application/json": "json",
+    "application/msgpack": "msgpack",
+    "application/x-msgpack": "msgpack",
+}
+_MSGPACK_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+_JSON_WS = b" \t\r\n"
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as sent; `code` is machine-readable, the message says what to fix.
+
+    Codes: bad_request (structure: not an object, unknown or missing fields), bad_encoding (undecodable
+    bytes or unsupported Content-Type), oversize, bad_param (a field has the wrong type or range).
+    `request_id` and `format` are filled in when they were known before the error, so the error can be
+    answered in the request's own format and published on its results subject.
+    """
+
+    def __init__(self, code: str, message: str, *, request_id: str | None = None, fmt: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+        self.format = fmt
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One validated prompt; None for gamma/k/seed means "scheduler's choice"."""
+
+    prompt: str
+    id: str
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    mode: str = "auto"
+    gamma: int | None = None
+    k: int | None = None
+    stream: bool = False
+
+
+REQUEST_FIELDS = tuple(f.name for f in fields(PromptRequest))
+_NULLABLE = frozenset({"id", "seed", "mode", "gamma", "k"})  # JSON null = "not given" for these only
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+# --- parsing ----------------------------------------------------------------------------------------------
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """Header lookup that ignores case: NATS preserves whatever case the publisher used."""
+    if not headers:
+        return None
+    low = name.lower()
+    for k, v in headers.items():
+        if k.lower() == low:
+            return v
+    return None
+
+
+def format_from_headers(headers: Mapping[str, str] | None) -> str | None:
+    """The format a Content-Type header names, None without one; RequestError for an unsupported type."""
+    value = _header(headers, "Content-Type")
+    if value is None:
+        return None
+    media = value.split(";", 1)[0].strip().lower()
+    if media not in _MEDIA_FORMATS:
+        supported = ", ".join(_MEDIA_FORMATS)
+        raise RequestError("bad_encoding", f"unsupported Content-Type {value!r}; use one of {supported}")
+    return _MEDIA_FORMATS[media]
+
+
+def guess_format(data: bytes, headers: Mapping[str, str] | None = None) -> str:
+    """A cheap best guess of the reply format, without decoding (for errors such as `oversize`)."""
+    try:
+        if fmt := format_from_headers(headers):
+            return fmt
+    except RequestError:
+        pass
+    if data[:1] and data[0] in _MSGPACK_MAP_MARKERS:
+        return "msgpack"
+    return "json" if data.lstrip(_JSON_WS).startswith(b"{") else "text"
+
+
+def _try_msgpack_map(data: bytes) -> dict | None:
+    if not data or data[0] not in _MSGPACK_MAP_MARKERS:
+        return None
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - msgpack raises a zoo (ExtraData, FormatError, UnicodeDecodeError)
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            "bad_encoding",
+            f"{what} is not valid UTF-8 (byte {exc.start}); send UTF-8 text, a JSON object or a msgpack map",
+        ) from None
+
+
+def _decode_body(data: bytes, fmt: str | None) -> tuple[object, str]:
+    """(decoded payload, format): a str for text, anything for json/msgpack (checked by the caller)."""
+    if fmt == "msgpack":
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False), fmt
+        except Exception as exc:  # noqa: BLE001 - any msgpack failure is the sender's
+            raise RequestError("bad_encoding", f"body is not valid msgpack: {exc}", fmt=fmt) from None
+    if fmt == "json":
+        try:
+            return json.loads(_utf8(data, "JSON body")), fmt
+        except (ValueError, RecursionError) as exc:
+            if isinstance(exc, RequestError):
+                exc.format = fmt
+                raise
+            raise RequestError("bad_encoding", f"body is not valid JSON: {exc}", fmt=fmt) from None
+    if fmt == "text":
+        return _utf8(data, "text prompt"), fmt
+    if (obj := _try_msgpack_map(data)) is not None:
+        return obj, "msgpack"
+    if data.lstrip(_JSON_WS).startswith(b"{"):
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict):
+            return obj, "json"
+    return _utf8(data, "text prompt"), "text"
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_type(name: str, value: object, ok: bool, expected: str) -> None:
+    if not ok:
+        raise RequestError("bad_param", f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def _fields_from_object(obj: object, fmt: str) -> dict:
+    """Type-check a decoded JSON object / msgpack map into PromptRequest keyword arguments."""
+    kind = "JSON object" if fmt == "json" else "msgpack map"
+    if not isinstance(obj, dict):
+        raise RequestError("bad_request", f"a {fmt} request must be a {kind}, got {type(obj).__name__}")
+    bad_keys = [k for k in obj if not isinstance(k, str)]
+    if bad_keys:
+        raise RequestError("bad_request", f"field names must be strings, got {bad_keys[:3]!r}")
+    unknown = sorted(set(obj) - set(REQUEST_FIELDS))
+    if unknown:
+        raise RequestError(
+            "bad_request",
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(REQUEST_FIELDS)}",
+        )
+    out = {k: v for k, v in obj.items() if not (v is None and k in _NULLABLE)}
+    if "prompt" not in out:
+        raise RequestError("bad_request", "missing required field 'prompt'")
+    for name in ("max_new_tokens", "min_new_tokens", "seed", "gamma", "k"):
+        if name in out:
+            _check_type(name, out[name], _is_int(out[name]), "an integer")
+    for name in ("temperature", "top_p"):
+        if name in out:
+            v = out[name]
+            _check_type(name, v, isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+            try:
+                out[name] = float(v)
+            except OverflowError:
+                raise RequestError("bad_param", f"{name} is out of range: {v}") from None
+    for name in ("prompt", "id", "mode"):
+        if name in out:
+            _check_type(name, out[name], isinstance(out[name], str), "a string")
+    if "stream" in out:
+        _check_type("stream", out["stream"], isinstance(out["stream"], bool), "true or false")
+    return out
+
+
+def _check_encodable(name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("bad_encoding", f"{name} contains unpaired UTF-16 surrogates") from None
+
+
+def _validated(kw: dict, new_id: Callable[[], str]) -> PromptRequest:
+    rid = kw.get("id")
+    if rid is not None:
+        _check_encodable("id", rid)
+        try:
+            validate_token(rid, "id")
+        except ValueError as exc:
+            raise RequestError("bad_param", str(exc)) from None
+    prompt = kw["prompt"]
+    if not prompt:
+        raise RequestError("bad_param", "prompt must be a non-empty string")
+    _check_encodable("prompt", prompt)
+    if (size := len(prompt.encode("utf-8"))) > MAX_PROMPT_BYTES:
+        raise RequestError("oversize", f"prompt is {size} bytes; the limit is {MAX_PROMPT_BYTES} bytes")
+    mode = kw.get("mode", "auto")
+    if mode not in REQUEST_MODES:
+        raise RequestError("bad_param", f"mode must be one of {', '.join(REQUEST_MODES)}; got {mode!r}")
+    req = PromptRequest(**{**kw, "id": rid or new_id()})
+    try:  # ranges are SamplingParams'/SpecParams' business: one set of rules and messages everywhere
+        SamplingParams(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed or 0,
+            min_new_tokens=req.min_new_tokens,
+            max_new_tokens=req.max_new_tokens,
+        )
+        SpecParams(gamma=req.gamma if req.gamma is not None else 4, k=req.k if req.k is not None else 8)
+    except ParamError as exc:
+        raise RequestError("bad_param", str(exc)) from None
+    return req
+
+
+def parse_prompt(
+    data: bytes, headers: Mapping[str, str] | None = None, *, new_id: Callable[[], str] = new_request_id
+) -> tuple[PromptRequest, str]:
+    """Parse one `draftwire.prompts` payload into (request, format), format being "text"|"json"|"msgpack".
+
+    A Content-Type header decides the format; without one it is sniffed: a valid msgpack map, else a JSON
+    object (the body starts with `{` and parses), else UTF-8 text that is the prompt itself.
+    Raises RequestError (with `.format`, and `.request_id` once the id was read) on anything else.
+    """
+    data = bytes(data)
+    try:
+        return _parse(data, headers, new_id)
+    except RequestError as exc:
+        exc.format = exc.format or guess_format(data, headers)
+        raise
+    except Exception as exc:  # noqa: BLE001 - belt and braces: callers rely on "only RequestError"
+        message = f"unreadable request: {type(exc).__name__}: {exc}"
+        raise RequestError("bad_request", message, fmt=guess_format(data, headers)) from None
+
+
+def _parse(
+    data: bytes, headers: Mapping[str, str] | None, new_id: Callable[[], str]
+) -> tuple[PromptRequest, str]:
+    fmt = format_from_headers(headers)
+    limit = MAX_PROMPT_BYTES if fmt == "text" else MAX_REQUEST_BYTES
+    if len(data) > limit:
+        message = f"request is {len(data)} bytes; the limit is {limit} bytes"
+        raise RequestError("oversize", message, fmt=guess_format(data, headers))
+    obj, fmt = _decode_body(data, fmt)
+    rid = None
+    try:
+        if fmt == "text":
+            if len(data) > MAX_PROMPT_BYTES:
+                message = f"prompt is {len(data)} bytes; the limit is {MAX_PROMPT_BYTES} bytes"
+                raise RequestError("oversize", message)
+            kw = {"prompt": obj}
+        else:
+            kw = _fields_from_object(obj, fmt)
+            if isinstance(kw.get("id"), str) and _valid_token(kw["id"]):
+                rid = kw["id"]
+        return _validated(kw, new_id), fmt
+    except RequestError as exc:
+        exc.format = fmt
+        exc.request_id = exc.request_id or rid
+        raise
+
+
+def _valid_token(value: str) -> bool:
+    try:
+        validate_token(value)
+        value.encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
+# --- the scheduler -> draft job ---------------------------------------------------------------------------
+
+_JOB_KEYS = frozenset({"id", "prompt", "params", "spec", "stream", "format"})
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """What a draft instance needs to run one generation, with every scheduler default already resolved."""
+
+    id: str
+    prompt: str
+    params: SamplingParams
+    spec: SpecParams
+    stream: bool = False
+    format: str = "json"
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "id": self.id,
+                "prompt": self.prompt,
+                "params": asdict(self.params),
+                "spec": asdict(self.spec),
+                "stream": self.stream,
+                "format": self.format,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> GenerateJob:
+        """Strict decode; RequestError (never another exception type) on anything malformed."""
+        try:
+            return _decode_job(data)
+        except RequestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - belt and braces: the contract is "only RequestError"
+            raise RequestError("bad_request", f"malformed job: {type(exc).__name__}: {exc}") from None
+
+
+def _decode_job(data: bytes) -> GenerateJob:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RequestError("bad_request", f"a job must be bytes, got {type(data).__name__}")
+    if len(data) > MAX_REQUEST_BYTES:
+        raise RequestError("oversize", f"job is {len(data)} bytes; the limit is {MAX_REQUEST_BYTES}")
+    try:
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - any msgpack failure is the sender's
+        raise RequestError("bad_encoding", f"job is not valid msgpack: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise RequestError("bad_request", f"a job must be a msgpack map, got {type(obj).__name__}")
+    if set(obj) != _JOB_KEYS:
+        missing, extra = _JOB_KEYS - set(obj), set(obj) - _JOB_KEYS
+        message = f"job fields: missing {sorted(missing)}, unknown {sorted(map(str, extra))}"
+        raise RequestError("bad_request", message)
+    rid, prompt, stream, fmt = obj["id"], obj["prompt"], obj["stream"], obj["format"]
+    if not isinstance(rid, str) or not _valid_token(rid):
+        raise RequestError("bad_request", f"job id must be a valid NATS token, got {rid!r}")
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("bad_request", "job prompt must be a non-empty string", request_id=rid)
+    if not isinstance(stream, bool) or fmt not in FORMATS:
+        raise RequestError("bad_request", f"job stream/format invalid: {stream!r}, {fmt!r}", request_id=rid)
+    params, spec = _params(SamplingParams, obj["params"], rid), _params(SpecParams, obj["spec"], rid)
+    return GenerateJob(rid, prompt, params, spec, stream, fmt)
+
+
+def _params(cls, value: object, rid: str):
+    names = {f.name for f in fields(cls)}
+    if not isinstance(value, dict) or not set(value) <= names:
+        raise RequestError(
+            "bad_request", f"job {cls.__name__} must be a map with keys from {sorted(names)}", request_id=rid
+        )
+    try:
+        return cls(**value)
+    except ParamError as exc:
+        raise RequestError("bad_param", str(exc), request_id=rid) from None
+
+
+# --- replies ----------------------------------------------------------------------------------------------
+
+
+def error_body(code: str, message: str, request_id: str | None = None) -> dict:
+    """The one error shape every reply subject carries."""
+    body: dict = {"error": {"code": code, "message": message}}
+    if request_id is not None:
+        body["id"] = request_id
+    return body
+
+
+def _jsonable(obj: object) -> object:
+    """Make a draft result strict JSON: non-finite floats become null, bytes become text."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str) else str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj).decode("utf-8", "replace")
+    return obj
+
+
+def encode_reply(body: dict, fmt: str) -> bytes:
+    """A result or error in the request's own format: msgpack for msgpack requests, JSON otherwise."""
+    if fmt == "msgpack":
+        return msgpack.packb(body, unicode_errors="replace")
+    text = json.dumps(_jsonable(body), ensure_ascii=False, allow_nan=False, default=str)
+    return text.encode("utf-8", "replace")

@@ -1,0 +1,184 @@
+"""The thin async shell every service shares: configuration, NATS, tracing, discovery and shutdown.
+
+A service module only declares its flags and a `start(ctx)` coroutine that subscribes its handlers; this
+module parses flags (each with an environment-variable default, so compose files and `draftwire up`
+configure services the same way), connects to NATS, sets up OpenTelemetry, prints one ready line, and on
+SIGTERM/SIGINT stops the micro services, drains the connection and flushes spans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.micro import Service
+
+from shared.bus import connect, validate_token
+from shared.tracing import setup_tracing, shutdown_tracing
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+READY_PREFIX = "draftwire-ready"
+VERSION = "0.1.0"
+
+log = logging.getLogger("draftwire")
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """Read `DRAFTWIRE_<name>`; every service flag has one (listed by `--help`)."""
+    return os.environ.get(f"DRAFTWIRE_{name}", default)
+
+
+def env_int(name: str, default: int) -> int:
+    raw = env(name)
+    try:
+        return int(raw) if raw not in (None, "") else default
+    except ValueError:
+        raise SystemExit(f"draftwire: error: DRAFTWIRE_{name} must be an integer, got {raw!r}") from None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = env(name)
+    try:
+        return float(raw) if raw not in (None, "") else default
+    except ValueError:
+        raise SystemExit(f"draftwire: error: DRAFTWIRE_{name} must be a number, got {raw!r}") from None
+
+
+def default_instance(service: str) -> str:
+    return f"{service}-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+def service_parser(service: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m services.{service}", description=description)
+    p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL), help="NATS URL [DRAFTWIRE_NATS_URL]")
+    p.add_argument(
+        "--instance",
+        default=env("INSTANCE") or default_instance(service),
+        help="instance name, unique per process [DRAFTWIRE_INSTANCE]",
+    )
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[DRAFTWIRE_LOG_LEVEL]")
+    p.add_argument(
+        "--torch-threads", type=int, default=env_int("TORCH_THREADS", 0),
+        help="torch intra-op threads, 0 = torch's default; give each model service its own cores when "
+        "several share a machine, or they slow each other down many times over [DRAFTWIRE_TORCH_THREADS]",
+    )
+    return p
+
+
+def add_model_flags(p: argparse.ArgumentParser, role: str, default_dtype: str) -> None:
+    """`--<role>-model` / `--<role>-dtype` with `DRAFTWIRE_<ROLE>_MODEL|DTYPE` defaults (draft and verifier)."""
+    key = role.upper()
+    p.add_argument(f"--{role}-model", default=env(f"{key}_MODEL", "smollm2-135m"),
+                   help=f"catalog name, HF dir, .gguf file or hub id [DRAFTWIRE_{key}_MODEL]")
+    p.add_argument(f"--{role}-dtype", default=env(f"{key}_DTYPE", default_dtype), choices=("fp32", "bf16", "int8"),
+                   help=f"[DRAFTWIRE_{key}_DTYPE]")
+
+
+@dataclass
+class ServiceContext:
+    name: str
+    instance: str
+    args: argparse.Namespace
+    nc: Client
+    tracer: object
+    services: list[Service] = field(default_factory=list)
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    ready_info: dict[str, str] = field(default_factory=dict)  # extra `key=value`s for the ready line
+
+
+StartFn = Callable[[ServiceContext], Awaitable[None]]
+
+
+def run(name: str, parser: argparse.ArgumentParser, start: StartFn, argv: list[str] | None = None) -> None:
+    """Entry point of `python -m services.<name>`: never returns normally until a signal arrives."""
+    args = parser.parse_args(argv)
+    try:
+        validate_token(args.instance, "instance")
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s {name}[{args.instance}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(_serve(name, args, start))
+    except ConnectionError as exc:
+        print(f"draftwire-{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+async def _serve(name: str, args: argparse.Namespace, start: StartFn) -> None:
+    if getattr(args, "torch_threads", 0) > 0:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    tracer = setup_tracing(f"draftwire-{name}", args.instance)
+    nc = await connect(args.nats, name=f"draftwire-{name}-{args.instance}")
+    ctx = ServiceContext(name=name, instance=args.instance, args=args, nc=nc, tracer=tracer)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, ctx.stopping.set)
+    try:
+        await start(ctx)
+        await nc.flush()
+        extra = "".join(f" {k}={v}" for k, v in ctx.ready_info.items())
+        print(f"{READY_PREFIX} {name} instance={args.instance} nats={args.nats}{extra}", flush=True)
+        await ctx.stopping.wait()
+        log.info("stopping")
+    finally:
+        for cleanup in reversed(ctx.cleanups):
+            try:
+                await cleanup()
+            except Exception:
+                log.exception("cleanup failed")
+        for svc in ctx.services:
+            try:
+                await svc.stop()
+            except Exception:
+                log.exception("stopping micro service failed")
+        if not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), 5)
+            except Exception:  # noqa: BLE001 - already disconnected: nothing left to flush
+                with contextlib.suppress(Exception):
+                    await nc.close()
+        await asyncio.to_thread(shutdown_tracing)
+
+
+Endpoint = tuple[str, Callable, str]  # (subject, handler, queue group)
+
+
+async def register(
+    ctx: ServiceContext,
+    name: str,
+    description: str,
+    endpoints: list[Endpoint],
+    metadata: dict[str, str] | None = None,
+) -> Service:
+    """Register a nats.micro service (so `$SRV.PING|INFO|STATS` find it) with per-endpoint queue groups."""
+    from nats.micro import add_service
+
+    from shared.bus import endpoint_name
+
+    svc = await add_service(
+        ctx.nc,
+        name=name,
+        version=VERSION,
+        description=description,
+        metadata={"instance": ctx.instance, **(metadata or {})},
+    )
+    for subject, handler, queue in endpoints:
+        await svc.add_endpoint(name=endpoint_name(subject), subject=subject, handler=handler, queue_group=queue)
+    ctx.services.append(svc)
+    return svc
