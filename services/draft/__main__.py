@@ -1,0 +1,3 @@
+from services.draft.service import main
+
+main()

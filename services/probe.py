@@ -1,0 +1,42 @@
+"""`python -m services.probe NAME`: exit 0 if the draftwire service NAME answers `$SRV.PING` on NATS.
+
+Container health checks use it, so "healthy" means the service is registered and its event loop answers,
+not merely that the process exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from shared.bus import connect
+from shared.service import DEFAULT_NATS_URL, env
+
+
+async def _ping(url: str, name: str, timeout: float) -> bool:
+    nc = await connect(url, f"draftwire-probe-{name}", initial_timeout=timeout)
+    try:
+        msg = await nc.request(f"$SRV.PING.draftwire-{name}", b"", timeout=timeout)
+        return json.loads(msg.data).get("name") == f"draftwire-{name}"
+    finally:
+        await nc.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m services.probe", description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=("scheduler", "draft", "verifier", "telemetry"))
+    p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL))
+    p.add_argument("--timeout", type=float, default=3.0)
+    args = p.parse_args(argv)
+    try:
+        ok = asyncio.run(_ping(args.nats, args.name, args.timeout))
+    except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+        print(f"draftwire-probe: {args.name}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

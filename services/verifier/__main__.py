@@ -1,0 +1,3 @@
+from services.verifier.service import main
+
+main()

@@ -1,0 +1,82 @@
+"""Verifier (edge): holds the target model and one KV cache per session, answers verify requests.
+
+First contact arrives on `draftwire.verify` in the `verifiers` queue group, so any instance can take a new
+session; every reply carries this instance's name in the `Draftwire-Instance` header and the device then
+sticks to `draftwire.verify.<instance>` (session affinity keeps the KV cache warm). Whatever arrives is
+handled by `shared.engine.verify_bytes`, the same function the in-process engine calls; a bad message gets an
+`ErrorReply`, never an exception that could stop the service. Model work runs in one worker thread so the
+event loop keeps answering pings and other sessions' messages while the target computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from nats.micro import Request
+from opentelemetry import trace
+
+from shared.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
+from shared.engine import verify_bytes
+from shared.models.runtime import load_model
+from shared.protocol import MAX_MESSAGE_BYTES, ErrorReply
+from shared.service import ServiceContext, add_model_flags, env_int, register, run, service_parser
+from shared.verifying import VerifierCore
+
+log = logging.getLogger("draftwire.verifier")
+
+
+def build_parser():
+    p = service_parser("verifier", __doc__.splitlines()[0])
+    add_model_flags(p, "target", "fp32")
+    p.add_argument("--max-sessions", type=int, default=env_int("MAX_SESSIONS", 64), help="[DRAFTWIRE_MAX_SESSIONS]")
+    p.add_argument(
+        "--max-cached-tokens", type=int, default=env_int("MAX_CACHED_TOKENS", 262_144),
+        help="KV cache budget over all sessions, in tokens [DRAFTWIRE_MAX_CACHED_TOKENS]",
+    )
+    return p
+
+
+async def start(ctx: ServiceContext) -> None:
+    args = ctx.args
+    model = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False)
+    core = VerifierCore(model, max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+    ctx.cleanups.append(lambda: asyncio.to_thread(worker.shutdown, True))
+    headers = {INSTANCE_HEADER: ctx.instance}
+    loop = asyncio.get_running_loop()
+
+    async def handle(req: Request) -> None:
+        with ctx.tracer.start_as_current_span(
+            "verify", context=extract_context(req.headers), kind=trace.SpanKind.SERVER
+        ) as span:
+            span.set_attribute("draftwire.verifier_instance", ctx.instance)
+            data = req.data
+            if len(data) > MAX_MESSAGE_BYTES:
+                reply = ErrorReply(code="oversize", message=f"{len(data)} bytes > {MAX_MESSAGE_BYTES}").encode()
+            else:
+                try:
+                    reply = await loop.run_in_executor(worker, verify_bytes, core, data)
+                except Exception as exc:  # a bug must not take the edge down for every other session
+                    log.exception("verification failed")
+                    reply = ErrorReply(code="internal", message=f"{type(exc).__name__}: {exc}").encode()
+            span.set_attribute("draftwire.downlink_bytes", len(reply))
+            await req.respond(reply, headers=headers)
+
+    await register(
+        ctx,
+        "draftwire-verifier",
+        "target model verification (edge)",
+        [
+            (SUBJECTS.verify, handle, VERIFY_QUEUE),
+            (SUBJECTS.verify_instance(ctx.instance), handle, ctx.instance),
+        ],
+        metadata={"model": args.target_model, "dtype": args.target_dtype},
+    )
+    log.info("serving %s (%s) on %s and %s", model.name, model.dtype, SUBJECTS.verify,
+             SUBJECTS.verify_instance(ctx.instance))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run("verifier", build_parser(), start, argv)

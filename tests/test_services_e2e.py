@@ -1,0 +1,244 @@
+"""The whole system on a real nats-server with real SmolLM2 weights: the four services as processes.
+
+The stack is started with the same code as `draftwire up`. Clients here use only nats-py and the documented
+contract. Covers: greedy output equal to the in-process engine and to transformers' generate, failover when
+the verifier is killed mid-generation, error replies for malformed input on every subject, and one trace
+across the services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import msgpack
+import nats.errors
+import numpy as np
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client
+
+from services.cli.stack import start_stack
+from shared.bus import SUBJECTS
+from shared.engine import LocalEngine
+from shared.models.runtime import load_model
+from shared.params import SamplingParams, SpecParams
+from shared.protocol import ErrorReply, ProposalBlock, VerifyRequest, decode_any
+from tests.otlp_receiver import OtlpReceiver
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PROMPT = "def fibonacci(n):"
+
+
+def stack_args() -> argparse.Namespace:
+    return argparse.Namespace(
+        nats=None, nats_port=0, telemetry_port=0, draft_model="smollm2-135m", draft_dtype="int8",
+        target_model="smollm2-135m", target_dtype="fp32", mode="tkslt", gamma=4, k=8,
+    )
+
+
+def _otel_env(otlp) -> dict:
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def otlp():
+    rx = OtlpReceiver()
+    await rx.start()
+    yield rx
+    await rx.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory, otlp):
+    st = await start_stack(stack_args(), quiet=True, store_dir=str(tmp_path_factory.mktemp("js")),
+                           env=_otel_env(otlp))
+    yield st
+    await st.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(stack):
+    nc = Client()
+    await nc.connect(stack.url)
+    yield nc
+    await nc.close()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy tokens from the in-process engine and from transformers' generate, computed once."""
+    from services.cli.selfcheck import hf_greedy
+
+    target = load_model("smollm2-135m", "fp32", progress=False)
+    draft = load_model("smollm2-135m", "int8", progress=False)
+    ids = target.encode(PROMPT)
+    engine = LocalEngine(target, draft).generate(ids, SamplingParams(max_new_tokens=64, min_new_tokens=64),
+                                                 SpecParams())
+    return {"hf": hf_greedy(target, ids, 64), "engine": engine.token_ids, "vocab": target.vocab_size}
+
+
+async def test_plain_text_prompt_gets_json_result_equal_to_engine_and_hf(client, reference):
+    msg = await client.request("draftwire.prompts", PROMPT.encode(), timeout=120)
+    result = json.loads(msg.data)
+    assert "error" not in result, result
+    assert set(result) >= {"id", "text", "token_ids", "finish_reason", "stats"}
+    n = len(result["token_ids"])
+    assert n >= 64 or result["finish_reason"] == "stop"
+    m = min(n, 64)
+    assert result["token_ids"][:m] == reference["engine"][:m] == reference["hf"][:m]
+    stats = result["stats"]
+    for key in ("rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_per_round", "uplink_bytes",
+                "downlink_bytes", "wall_s", "tokens_per_s", "mode", "gamma", "k", "draft_instance",
+                "verifier_instances"):
+        assert key in stats, key
+    assert stats["mode"] == "tkslt" and stats["uplink_bytes"] > 0 and stats["verifier_instances"]
+
+
+async def test_msgpack_request_gets_msgpack_reply_and_stream(client, reference):
+    chunks: list[dict] = []
+    sub = await client.subscribe(SUBJECTS.stream("mp1"), cb=functools.partial(_append, chunks))
+    body = {"id": "mp1", "prompt": PROMPT, "max_new_tokens": 32, "min_new_tokens": 32, "stream": True}
+    msg = await client.request("draftwire.prompts", msgpack.packb(body), timeout=120)
+    await asyncio.sleep(0.2)
+    await sub.unsubscribe()
+    result = msgpack.unpackb(msg.data)
+    assert result["token_ids"] == reference["engine"][:32]
+    assert chunks and chunks[-1]["done"] is True
+    assert "".join(c["text"] for c in chunks[:-1]) == result["text"]
+
+
+async def _append(chunks, msg):
+    chunks.append(msgpack.unpackb(msg.data))
+
+
+async def test_verifier_killed_mid_generation_request_still_completes(stack, client, reference, otlp):
+    first_chunk = asyncio.Event()
+    sub = await client.subscribe(SUBJECTS.stream("failover"), cb=functools.partial(_set, first_chunk))
+    body = {"id": "failover", "prompt": PROMPT, "max_new_tokens": 64, "min_new_tokens": 64, "stream": True}
+    pending = asyncio.ensure_future(client.request("draftwire.prompts", json.dumps(body).encode(), timeout=180))
+    await asyncio.wait_for(first_chunk.wait(), 60)
+    old = stack.procs["verifier"]
+    old.send_signal(signal.SIGKILL)
+    await old.wait()
+    stack.procs["verifier"] = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.verifier", "--nats", stack.url, "--instance", "verifier-replacement",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **_otel_env(otlp)},
+    )
+    try:
+        result = json.loads((await pending).data)
+        assert "error" not in result, result
+        assert result["token_ids"] == reference["engine"]
+        assert "verifier-replacement" in result["stats"]["verifier_instances"]
+    finally:
+        await sub.unsubscribe()
+
+
+async def _set(event, _msg):
+    event.set()
+
+
+def _verify_request(reference, session="nosuch") -> bytes:
+    block = ProposalBlock.from_rows([(np.array([5, 6]), np.array([0.5, 0.5], np.float16))], reference["vocab"], "f16")
+    return VerifyRequest(session=session, round=0, base=3, last_token=9, tokens=np.array([5]), proposals=block,
+                         vocab_size=reference["vocab"]).encode()
+
+
+@pytest.mark.parametrize("subject", ["draftwire.verify", "draftwire.draft.start", "draftwire.prompts"])
+async def test_garbage_on_every_request_subject_gets_error_reply(client, subject):
+    for payload in (b"\xc1\xff garbage", msgpack.packb({"v": 1, "t": "vr", "s": 5}), msgpack.packb([1, 2, 3])):
+        msg = await client.request(subject, payload, timeout=30)
+        assert _is_error(msg.data), (subject, payload, msg.data[:200])
+
+
+async def test_huge_payloads_get_error_replies(client):
+    huge = os.urandom(2 * 1024 * 1024)
+    for subject in ("draftwire.verify", "draftwire.draft.start", "draftwire.prompts"):
+        msg = await client.request(subject, huge, timeout=30)
+        assert _is_error(msg.data), subject
+
+
+async def test_unknown_session_and_instance_subject(stack, client, reference):
+    msg = await client.request("draftwire.verify", _verify_request(reference), timeout=30)
+    err = decode_any(msg.data)
+    assert isinstance(err, ErrorReply) and err.code == "unknown_session"
+    instance = msg.headers["Draftwire-Instance"]
+    msg = await client.request(f"draftwire.verify.{instance}", b"\x00\x01", timeout=30)
+    assert isinstance(decode_any(msg.data), ErrorReply)
+
+
+async def test_telemetry_events_subject_rejects_garbage(client):
+    msg = await client.request(SUBJECTS.events_round, b"not msgpack", timeout=10)
+    assert _is_error(msg.data)
+
+
+async def test_services_keep_serving_after_bad_input(client, reference):
+    body = {"prompt": PROMPT, "max_new_tokens": 16, "min_new_tokens": 16}
+    msg = await client.request("draftwire.prompts", json.dumps(body).encode(), timeout=120)
+    assert json.loads(msg.data)["token_ids"] == reference["engine"][:16]
+    bad = await client.request("draftwire.prompts", json.dumps({"prompt": "x", "top_p": 7}).encode(), timeout=30)
+    assert json.loads(bad.data)["error"]["code"]
+
+
+async def test_services_answer_nats_discovery(client):
+    names = set()
+    inbox = client.new_inbox()
+    sub = await client.subscribe(inbox)
+    await client.publish("$SRV.PING", b"", reply=inbox)
+    with contextlib.suppress(nats.errors.TimeoutError):
+        while True:
+            names.add(json.loads((await sub.next_msg(timeout=1)).data)["name"])
+    assert {"draftwire-scheduler", "draftwire-draft", "draftwire-verifier", "draftwire-telemetry"} <= names
+
+
+async def test_one_request_one_trace_across_services(client, otlp):
+    body = {"id": "traced", "prompt": PROMPT, "max_new_tokens": 8, "min_new_tokens": 8}
+    await client.request("draftwire.prompts", json.dumps(body).encode(), timeout=120)
+
+    def complete(spans):
+        roots = [s for s in spans if s.name == "scheduler.request"
+                 and s.attributes.get("draftwire.request_id") == "traced"]
+        if not roots:
+            return False
+        # Services export in independent batches, so wait until every parent has arrived too.
+        trace = [s for s in spans if s.trace_id == roots[0].trace_id]
+        ids = {s.span_id for s in trace}
+        return (len({s.service_name for s in trace}) >= 3
+                and {"verify", "draft.generate"} <= {s.name for s in trace}
+                and all(s.parent_span_id in ids for s in trace if s is not roots[0]))
+
+    await otlp.wait_for(complete, timeout=30)
+    root = next(s for s in otlp.spans if s.name == "scheduler.request"
+                and s.attributes.get("draftwire.request_id") == "traced")
+    trace = [s for s in otlp.spans if s.trace_id == root.trace_id]
+    by_id = {s.span_id: s for s in trace}
+    assert {s.service_name for s in trace} >= {"draftwire-scheduler", "draftwire-draft", "draftwire-verifier"}
+    for s in trace:
+        if s is not root:
+            assert s.parent_span_id in by_id, f"{s.name} ({s.service_name}) has a dangling parent"
+    verify = next(s for s in trace if s.name == "verify")
+    assert by_id[verify.parent_span_id].name == "verify_rpc"
+    assert by_id[verify.parent_span_id].service_name == "draftwire-draft"
+    gen = next(s for s in trace if s.name == "draft.generate")
+    assert by_id[gen.parent_span_id].service_name == "draftwire-scheduler"
+
+
+def _is_error(data: bytes) -> bool:
+    for decode in (json.loads, msgpack.unpackb):
+        with contextlib.suppress(ValueError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException):
+            obj = decode(data)
+            if isinstance(obj, dict) and "error" in obj:
+                return True
+    try:
+        return isinstance(decode_any(data), ErrorReply)
+    except ValueError:
+        return False
+
