@@ -1,0 +1,205 @@
+"""`draftwire` command line: generate (in-process or over NATS), models, and the service stack.
+
+Flags are shared between subcommands through small argument-group builders so `generate`, `up` and `bench`
+accept the same model and sampling flags with the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+
+from shared.params import MODES, QUANTS, ParamError, SamplingParams, SpecParams
+
+DEFAULT_DRAFT = ("smollm2-135m", "int8")
+DEFAULT_TARGET = ("smollm2-135m", "fp32")
+DTYPES = ("fp32", "bf16", "int8")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--draft-model", default=DEFAULT_DRAFT[0], help="catalog name, HF dir, .gguf file or hub id")
+    g.add_argument("--draft-dtype", default=DEFAULT_DRAFT[1], choices=DTYPES)
+    g.add_argument("--target-model", default=DEFAULT_TARGET[0], help="catalog name, HF dir, .gguf file or hub id")
+    g.add_argument("--target-dtype", default=DEFAULT_TARGET[1], choices=DTYPES)
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--mode", default="tkslt", choices=MODES, help="ar = target alone; full; tkslt (default)")
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    g.add_argument("--k", type=int, default=8, help="top-K entries sent per draft position (tkslt)")
+    g.add_argument("--quant", default="f16", choices=QUANTS, help="wire quantization of probabilities")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, reported)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--min-new-tokens", type=int, default=0, help="mask end-of-sequence until this many tokens")
+
+
+def params_from_args(args: argparse.Namespace) -> tuple[SamplingParams, SpecParams]:
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**63)
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=seed,
+        min_new_tokens=args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens,
+    )
+    return sampling, SpecParams(mode=args.mode, gamma=args.gamma, k=args.k, quant=args.quant)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    sampling, spec = params_from_args(args)
+    if not args.local:
+        from services.cli.remote import generate_remote
+
+        return generate_remote(args, sampling, spec)
+    from shared.engine import LocalEngine
+    from shared.models.runtime import load_model
+
+    target = load_model(args.target_model, args.target_dtype)
+    draft = load_model(args.draft_model, args.draft_dtype) if spec.mode != "ar" else None
+    result = LocalEngine(target, draft).generate(args.prompt, sampling, spec)
+    if args.json:
+        out = result.to_dict()
+        out["stats"]["seed"] = sampling.seed
+        print(json.dumps(out))
+    else:
+        print(result.text)
+        s = result.stats.summary()
+        print(
+            f"[{s['mode']}] {s['new_tokens']} tokens in {s['wall_s']:.2f}s ({s['tokens_per_s']:.1f} tok/s), "
+            f"acceptance {s['acceptance_rate']:.2f}, {s['mean_tokens_per_round']:.2f} tokens/round, "
+            f"uplink {s['uplink_bytes_per_token']:.0f} B/token, finish={result.finish_reason}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def add_stack_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("stack")
+    g.add_argument("--nats", default=None, help="use this NATS server instead of starting an embedded one")
+    g.add_argument("--nats-port", type=int, default=4222, help="port of the embedded NATS server (0 = any)")
+    g.add_argument("--telemetry-port", type=int, default=9464, help="HTTP port of /metrics (0 = any)")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.cli.stack import run_up
+
+    params_from_args(args)  # validate the scheduler defaults before starting anything
+    return asyncio.run(run_up(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.cli.remote import run_demo
+
+    params_from_args(args)
+    return run_demo(args)
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from services.cli.selfcheck import cmd_selfcheck as run
+
+    return run(args)
+
+
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from services.cli.overhead import cmd_overhead as run
+
+    return run(args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from shared.models import store
+
+    if args.models_cmd == "pull":
+        for name in args.names:
+            path = store.pull(name, progress=True)
+            print(f"{name}: {path}")
+        return 0
+    rows = store.list_models()
+    for r in rows:
+        print(f"{r['name']:<22} {'cached' if r.get('cached') else '-':<7} {r.get('description', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftwire", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--local", action="store_true", help="run in-process instead of through the NATS services")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, stats")
+    gen.add_argument("--nats", default=None, help="NATS URL of a running stack (default nats://127.0.0.1:4222)")
+    gen.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the result")
+    add_model_flags(gen)
+    add_generation_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    up = sub.add_parser("up", help="start NATS (embedded unless --nats) and the four services")
+    add_stack_flags(up)
+    add_model_flags(up)
+    add_generation_flags(up)
+    up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="bring the stack up, run bench prompts per mode, print a summary")
+    add_model_flags(demo)
+    add_generation_flags(demo)
+    demo.add_argument("--modes", default="ar,full,tkslt", help="comma-separated modes to compare")
+    demo.add_argument("--num-prompts", type=int, default=3)
+    demo.add_argument("--prompts", default=None, help="JSONL prompt file (default: the bench set)")
+    demo.add_argument("--verbose", action="store_true", help="show the services' logs")
+    demo.set_defaults(func=cmd_demo, nats=None, nats_port=0, telemetry_port=0, max_new_tokens=48)
+
+    check = sub.add_parser("selfcheck", help="greedy speculative output vs the target's transformers generate")
+    add_model_flags(check)
+    check.add_argument("--draft-dtypes", default="int8,bf16", help="comma-separated draft dtypes to check")
+    check.add_argument("--modes", default="full,tkslt")
+    check.add_argument("--gamma", type=int, default=4)
+    check.add_argument("--k", type=int, default=8)
+    check.add_argument("--max-new-tokens", type=int, default=48)
+    check.add_argument("--num-prompts", type=int, default=1000)
+    check.add_argument("--prompts", default=None, help="JSONL prompt file (default: the bench set)")
+    check.add_argument("--out", default=None, help="write the JSON report here")
+    check.set_defaults(func=cmd_selfcheck)
+
+    over = sub.add_parser("overhead", help="benchmark: NATS + codec cost of one round on loopback (p50/p99)")
+    over.add_argument("--rounds", type=int, default=2000)
+    over.add_argument("--gamma", type=int, default=4)
+    over.add_argument("--k-values", type=lambda s: [int(x) for x in s.split(",")], default=[8, 256, 49152],
+                      help="comma-separated K values (K = vocab is the full mode)")
+    over.add_argument("--vocab", type=int, default=49152)
+    over.add_argument("--out", default="bench-out/overhead")
+    over.set_defaults(func=cmd_overhead)
+
+    models = sub.add_parser("models", help="list or pull the model catalog")
+    msub = models.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="catalog names and whether they are cached")
+    pull = msub.add_parser("pull", help="download and convert catalog models into the cache")
+    pull.add_argument("names", nargs="+")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from shared.models.errors import ModelError
+
+    try:
+        return args.func(args)
+    except (ParamError, ModelError, ValueError, ConnectionError, RuntimeError) as exc:
+        print(f"draftwire: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

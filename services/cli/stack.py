@@ -1,0 +1,156 @@
+"""`draftwire up`: an embedded nats-server (unless one is reachable) and the four services as child processes.
+
+The children are started exactly as compose starts them (`python -m services.<name>` configured by flags),
+so `up` is the compose file without Docker. Ready means every service printed its ready line; Ctrl-C or
+SIGTERM stops the children first, then NATS, and Linux's parent-death signal covers a `kill -9` of `up`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from shared.bus import connect, ensure_prompt_stream
+from shared.models.cache import cache_root
+from shared.natsserver import EmbeddedNats, _die_with_parent, is_reachable
+from shared.service import READY_PREFIX
+
+SERVICES = ("telemetry", "verifier", "draft", "scheduler")
+READY_TIMEOUT_S = 600.0  # first start may pull and convert models
+
+
+@dataclass
+class Stack:
+    """A running stack; `url` is where clients connect."""
+
+    url: str
+    nats: EmbeddedNats | None = None
+    procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    telemetry_url: str | None = None
+    _drains: list[asyncio.Task] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in self.procs.items():
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                print(f"draftwire: {name} did not stop in 15s; killing it", file=sys.stderr)
+                proc.kill()
+                await proc.wait()
+        for task in self._drains:
+            task.cancel()
+        if self.nats is not None:
+            await self.nats.stop()
+
+    def dead(self) -> list[str]:
+        return [f"{n} (exit {p.returncode})" for n, p in self.procs.items() if p.returncode is not None]
+
+
+def service_args(name: str, args) -> list[str]:
+    """Each service's own flags, taken from the shared model/sampling flags of `up`."""
+    # device and edge get a core each, as on real hardware (and so they do not oversubscribe a small machine)
+    threads = ["--torch-threads", str(getattr(args, "torch_threads", 1))]
+    if name == "verifier":
+        return ["--target-model", args.target_model, "--target-dtype", args.target_dtype, *threads]
+    if name == "draft":
+        return ["--draft-model", args.draft_model, "--draft-dtype", args.draft_dtype, *threads]
+    if name == "scheduler":
+        return ["--default-mode", args.mode, "--default-gamma", str(args.gamma), "--default-k", str(args.k)]
+    if name == "telemetry":
+        return ["--http-port", str(args.telemetry_port)]
+    raise ValueError(name)
+
+
+async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None, env: dict | None = None) -> Stack:
+    """Bring everything up and return once every service is ready (or raise with the failing one's log)."""
+    from shared.models.store import resolve
+
+    for source in {args.draft_model, args.target_model}:  # pull once here, not racing in two children
+        await asyncio.to_thread(resolve, source, not quiet)
+    nats = None
+    url = args.nats
+    if url is not None:
+        if not await is_reachable(url):
+            raise ConnectionError(f"no NATS server reachable at {url} (leave out --nats to embed one)")
+    else:  # JetStream state is kept per port, so prompts queued while `up` was down are served next time
+        store = store_dir or os.path.join(cache_root(), "nats", str(args.nats_port or "any"))
+        nats = EmbeddedNats(port=args.nats_port or None, store_dir=store)
+        await nats.start()
+        url = nats.url
+    stack = Stack(url=url, nats=nats)
+    try:
+        nc = await connect(url, "draftwire-up")
+        try:
+            await ensure_prompt_stream(nc.jetstream(), create_consumer=False)  # capture prompts before the scheduler
+        finally:
+            await nc.close()
+        env = {**os.environ, **(env or {}), "DRAFTWIRE_NATS_URL": url}
+        ready: dict[str, asyncio.Future] = {}
+        for name in SERVICES:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", f"services.{name}", "--nats", url, *service_args(name, args),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL if quiet else None,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+            stack.procs[name] = proc
+            ready[name] = asyncio.ensure_future(_wait_ready(proc, stack, name, quiet))
+        done, _ = await asyncio.wait(ready.values(), timeout=READY_TIMEOUT_S)
+        failed = [n for n, f in ready.items() if f not in done or not f.result()]
+        if failed:
+            raise RuntimeError(f"services did not become ready: {', '.join(failed)}; {', '.join(stack.dead())}")
+    except BaseException:
+        await stack.stop()
+        raise
+    return stack
+
+
+async def _wait_ready(proc: asyncio.subprocess.Process, stack: Stack, name: str, quiet: bool) -> bool:
+    """Read the child's stdout until its ready line; keep draining it afterwards so it never blocks."""
+    while line := (await proc.stdout.readline()).decode(errors="replace"):
+        if line.startswith(READY_PREFIX):
+            if name == "telemetry" and "http=" in line:
+                stack.telemetry_url = line.rsplit("http=", 1)[1].split()[0]
+            stack._drains.append(asyncio.create_task(_drain(proc, quiet)))
+            return True
+        if not quiet:
+            sys.stdout.write(line)
+    return False
+
+
+async def _drain(proc: asyncio.subprocess.Process, quiet: bool) -> None:
+    while line := await proc.stdout.readline():
+        if not quiet:
+            sys.stdout.write(line.decode(errors="replace"))
+
+
+async def run_up(args) -> int:
+    stack = await start_stack(args)
+    print(f"draftwire: NATS at {stack.url}", flush=True)
+    if stack.telemetry_url:
+        print(f"draftwire: telemetry at {stack.telemetry_url}/metrics", flush=True)
+    print(f"draftwire: ready ({', '.join(SERVICES)}); publish prompts to draftwire.prompts", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if dead := stack.dead():
+                print(f"draftwire: error: service exited: {', '.join(dead)}; stopping", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        print("draftwire: stopping", file=sys.stderr, flush=True)
+        await stack.stop()
