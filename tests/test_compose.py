@@ -1,0 +1,96 @@
+"""compose.yaml and the Dockerfile, checked without a Docker engine.
+
+Every command is a real entry point (it imports and answers --help), every DRAFTWIRE_* variable set in the
+file is one the code reads, and the ports and URLs agree with each other.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+SERVICES = COMPOSE["services"]
+DRAFTWIRE = ("scheduler", "verifier", "draft", "telemetry")
+
+
+def _env(name: str) -> dict:
+    return {k: str(v) for k, v in SERVICES[name].get("environment", {}).items()}
+
+
+def test_compose_has_the_whole_system() -> None:
+    assert set(SERVICES) >= {"nats", *DRAFTWIRE, "jaeger"}
+    for name in (*DRAFTWIRE, "nats"):
+        assert "healthcheck" in SERVICES[name], name
+
+
+@pytest.mark.parametrize("name", DRAFTWIRE)
+def test_service_command_is_a_real_entry_point(name: str) -> None:
+    cmd = SERVICES[name]["command"]
+    assert cmd[:3] == ["python", "-m", f"services.{name}"]
+    out = subprocess.run([sys.executable, *cmd[1:], "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    probe = SERVICES[name]["healthcheck"]["test"]
+    assert probe[1:] == ["python", "-m", "services.probe", name]
+    out = subprocess.run([sys.executable, *probe[2:-1], "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and name in out.stdout
+
+
+_OTHER_CHOICE = {"tkslt": "full", "fp32": "bf16", "int8": "fp32"}
+
+
+def _sentinel(value: str) -> str:
+    if value.isdigit():
+        return str(int(value) + 1)
+    return _OTHER_CHOICE.get(value, f"sentinel-{value.replace('/', '_')}")
+
+
+@pytest.mark.parametrize("name", DRAFTWIRE)
+def test_every_environment_variable_is_read_by_the_code(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting each variable the compose file sets changes what the service's own parser ends up with."""
+    build_parser = importlib.import_module(f"services.{name}.service").build_parser
+    for var, value in _env(name).items():
+        if var == "DRAFTWIRE_CACHE":
+            from shared.models.cache import cache_root
+
+            monkeypatch.setenv(var, value)
+            assert str(cache_root()) == value
+            continue
+        if not var.startswith("DRAFTWIRE_"):
+            assert var.startswith("OTEL_"), var  # read by the OpenTelemetry SDK (shared/tracing.py)
+            continue
+        sentinel = _sentinel(value)
+        monkeypatch.setenv(var, sentinel)
+        parsed = {str(v) for v in vars(build_parser().parse_args([])).values()}
+        monkeypatch.delenv(var)
+        assert sentinel in parsed or str(float(sentinel)) in parsed, f"{name} ignores {var}"
+
+
+def test_ports_and_urls_agree() -> None:
+    nats_ports = {p.split(":")[1] for p in SERVICES["nats"]["ports"]}
+    jaeger_ports = {p.split(":")[1] for p in SERVICES["jaeger"]["ports"]}
+    assert "16686" in jaeger_ports and "4318" in jaeger_ports
+    conf = (ROOT / "deploy" / "nats.conf").read_text()
+    assert "jetstream" in conf and re.search(r"^port: 4222$", conf, re.MULTILINE) and re.search(r"http_port: 8222", conf)
+    assert "8222" in SERVICES["nats"]["healthcheck"]["test"][-1]
+    for name in DRAFTWIRE:
+        env = _env(name)
+        assert env["DRAFTWIRE_NATS_URL"] == "nats://nats:4222" and "4222" in nats_ports
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+        assert SERVICES[name]["volumes"] == ["models:/cache"] and env["DRAFTWIRE_CACHE"] == "/cache"
+    telemetry_port = _env("telemetry")["DRAFTWIRE_TELEMETRY_PORT"]
+    assert SERVICES["telemetry"]["ports"] == [f"{telemetry_port}:{telemetry_port}"]
+
+
+def test_dockerfile_installs_pinned_cpu_torch_and_the_package() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "torch==2.13.0" in text and "whl/cpu" in text
+    assert re.search(r"COPY shared", text) and re.search(r"COPY services", text)
+    assert SERVICES["scheduler"]["build"]["dockerfile"] == "deploy/Dockerfile"
