@@ -11,6 +11,8 @@ its cache, so no transport-specific code decides anything about speculation.
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,7 +21,8 @@ from typing import Protocol
 
 from opentelemetry import trace
 
-from shared.drafting import DraftSession
+from shared.draft_length import DraftLengthPolicy, RoundObservation, make_policy
+from shared.drafting import DraftSession, Prefetch
 from shared.models.runtime import LoadedModel
 from shared.params import ParamError, SamplingParams, SpecParams
 from shared.protocol import ErrorReply, ProtocolError, Verdict, VerifyRequest, decode_any
@@ -78,19 +81,40 @@ async def speculate(
     compute: Compute = _inline,
     on_round: RoundHook | None = None,
     tracer: trace.Tracer | None = None,
+    policy: DraftLengthPolicy | None = None,
 ) -> GenerationResult:
-    """Run `session` to completion. `compute` runs model work (a thread in services); `on_round` streams."""
+    """Run `session` to completion. `compute` runs model work (a thread in services); `on_round` streams.
+
+    The draft-length `policy` (default: the one `session.spec` names) picks each round's gamma and learns from
+    its outcome. With `spec.pipeline` the device drafts ahead while the round is in flight (PEARL); that only
+    overlaps when `compute` runs off the event loop and the link really waits, as in the draft service.
+    """
     tracer = tracer or trace.get_tracer("draftwire")
-    stats = GenerationStats(mode=session.spec.mode, gamma=session.spec.gamma, k=session.k)
+    spec = session.spec
+    policy = policy or make_policy(spec.policy, spec.gamma)
+    stats = GenerationStats(mode=spec.mode, gamma=spec.gamma, k=session.k, policy=spec.policy,
+                            pipeline=spec.pipeline)
+    pipelined = spec.pipeline and spec.mode != "ar"
+    prefetch: Prefetch | None = None
     t_start = time.perf_counter()
     while not session.done:
         t0 = time.perf_counter()
         with tracer.start_as_current_span("round") as span:
+            gamma = policy.next_gamma()
+            reused = len(prefetch.tokens) if prefetch is not None else 0
             with tracer.start_as_current_span("draft"):
-                req, draft_s = await compute(session.next_request)
+                req, draft_s = await compute(functools.partial(session.next_request, gamma, prefetch))
             span.set_attributes({"draftwire.round": req.round, "draftwire.gamma": len(req.tokens)})
-            verdict, up, down = await _exchange(session, link, req)
+            in_flight = asyncio.ensure_future(_exchange(session, link, req))
+            ahead = None
+            if pipelined:
+                arrived = threading.Event()
+                in_flight.add_done_callback(lambda _f, ev=arrived: ev.set())
+                with tracer.start_as_current_span("predraft"):
+                    ahead = await compute(functools.partial(session.predraft, req, gamma, arrived.is_set))
+            verdict, up, down = await in_flight
             new = session.apply(req, verdict)
+            prefetch = ahead if ahead is not None and ahead.matches(session.committed) else None
             span.set_attributes({"draftwire.accepted": verdict.n_accepted, "draftwire.uplink_bytes": up})
         rs = RoundStats(
             round=req.round,
@@ -102,8 +126,12 @@ async def speculate(
             draft_s=draft_s,
             verify_s=verdict.verify_s,
             round_s=time.perf_counter() - t0,
+            gamma=gamma,
+            prefetched=min(reused, len(req.tokens)),
         )
         stats.rounds.append(rs)
+        if rs.drafted:
+            policy.observe(RoundObservation(rs.drafted, rs.accepted, rs.draft_s, rs.round_s, rs.uplink_bytes))
         if on_round is not None:
             await on_round(rs, new)
     stats.wall_s = time.perf_counter() - t_start

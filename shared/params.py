@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-MODES = ("ar", "full", "tkslt")
-QUANTS = ("f16", "u8")
+MODES = ("ar", "full", "tkslt", "dssd")
+POLICIES = ("fixed", "adaptive", "confidence")
+QUANTS = ("f16", "u8", "f32")
 
 
 class ParamError(ValueError):
@@ -47,12 +48,19 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SpecParams:
-    """How the speculation is run: mode, draft length gamma, sparsity K and the wire quantization."""
+    """How the speculation is run: mode, draft length gamma, sparsity K and the wire quantization.
+
+    `dssd` (split verification) sends only the draft tokens and their own probabilities uplink; K and quant
+    do not apply to it.
+    """
 
     mode: str = "tkslt"
-    gamma: int = 4
+    gamma: int = 4  # fixed: every round; adaptive: the first round; confidence: the most per round
     k: int = 8
     quant: str = "f16"
+    policy: str = "fixed"  # how gamma is chosen each round, see shared.draft_length
+    confidence: float = 0.5  # policy `confidence`: stop drafting when the draft's top probability is below
+    pipeline: bool = False  # keep drafting while a verify request is in flight (PEARL)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -61,6 +69,13 @@ class SpecParams:
         _check_int("k", self.k, 1, 1 << 24)
         if self.quant not in QUANTS:
             raise ParamError(f"quant must be one of {', '.join(QUANTS)}; got {self.quant!r}")
+        if self.policy not in POLICIES:
+            raise ParamError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        c = self.confidence
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1:
+            raise ParamError(f"confidence must be a number in [0, 1], got {c!r}")
+        if not isinstance(self.pipeline, bool):
+            raise ParamError(f"pipeline must be true or false, got {self.pipeline!r}")
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:

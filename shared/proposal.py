@@ -23,7 +23,9 @@ def quantize(values: np.ndarray, quant: str) -> np.ndarray:
         return (values / values.sum()).astype(np.float16)
     if quant == "u8":
         return np.rint(values / values.max() * _U8_SCALE).astype(np.uint8)
-    raise ValueError(f"unknown quantization {quant!r}; expected 'f16' or 'u8'")
+    if quant == "f32":
+        return (values / values.sum()).astype(np.float32)
+    raise ValueError(f"unknown quantization {quant!r}; expected 'f16', 'u8' or 'f32'")
 
 
 def dequantize(raw: np.ndarray) -> np.ndarray:
@@ -100,7 +102,7 @@ class ProposalBlock:
 
 
 def _empty(quant: str) -> np.ndarray:
-    return np.zeros(0, np.float16 if quant == "f16" else np.uint8)
+    return np.zeros(0, {"f16": np.float16, "u8": np.uint8, "f32": np.float32}[quant])
 
 
 def sparse_row(probs: np.ndarray, k: int, quant: str) -> tuple[np.ndarray | None, np.ndarray]:
@@ -119,3 +121,17 @@ def sparse_row(probs: np.ndarray, k: int, quant: str) -> tuple[np.ndarray | None
     raw = quantize(probs[top], quant)
     keep = raw > 0
     return top[keep].astype(np.int64), raw[keep]
+
+
+def support_row(probs: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """A target row for the downlink, as float32: its nonzero support when that is smaller than dense.
+
+    DSSD's edge tests acceptance against `dequantize` of exactly these values (see `verification.split_verify`),
+    so the device's correction from the same bytes is exact, whatever the row's size. Greedy rows are one entry.
+    """
+    support = np.flatnonzero(probs > 0)
+    if 2 * len(support) >= len(probs):  # an id costs as much as a value: dense is smaller
+        return None, quantize(probs, "f32")
+    raw = quantize(probs[support], "f32")
+    keep = raw > 0
+    return support[keep].astype(np.int64), raw[keep]

@@ -19,8 +19,8 @@ Key table (every message is one map):
     Verdict       s  session    r  round    b  base    a  n_accepted (int)    k  token (int)
                   vs verify_s (float)   rs residual (block map)   n  residual's vocab_size (iff rs)   ts sent_at
     ErrorReply    c  code (str)    m  message (str)    s  session (str)    id request_id (str)
-    block map     q  quant ("f16" | "u8")   cw counts item size (1, 2 or 4)   c  counts (bin <u{cw})
-                  i  indices (bin, ids; absent = dense rows)   d  values (bin <f2 for f16, u1 for u8)
+    block map     q  quant ("f16" | "u8" | "f32")   cw counts item size (1, 2 or 4)   c  counts (bin <u{cw})
+                  i  indices (bin, ids; absent = dense rows)   d  values (bin <f2 f16, u1 u8, <f4 f32)
     params map    te temperature   tp top_p   sd seed   mn min_new_tokens   mx max_new_tokens
 
 "ids" are `<u2` when vocab_size <= 65536, else `<u4`. Decoded integer arrays are int64, values float16/uint8.
@@ -48,8 +48,8 @@ MAX_HISTORY = 1 << 20
 MAX_VOCAB = 1 << 32
 _INT_MAX = 2**63 - 1
 _MAX_STR = 1 << 20
-_NATIVE_VALUES = {"f16": np.dtype(np.float16), "u8": np.dtype(np.uint8)}
-_WIRE_VALUES = {"f16": "<f2", "u8": "u1"}
+_NATIVE_VALUES = {"f16": np.dtype(np.float16), "u8": np.dtype(np.uint8), "f32": np.dtype(np.float32)}
+_WIRE_VALUES = {"f16": "<f2", "u8": "u1", "f32": "<f4"}
 _PARAM_KEYS = {"temperature": "te", "top_p": "tp", "seed": "sd", "min_new_tokens": "mn", "max_new_tokens": "mx"}
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 DRAFT_SIDE = 0
 VERIFY_SIDE = 1
+CORRECTION_SIDE = 2  # DSSD: the device draws the correction from the residual
 
 
 def round_rng(seed: int, side: int, position: int) -> np.random.Generator:

@@ -20,6 +20,8 @@ class RoundStats:
     draft_s: float  # device compute
     verify_s: float  # edge compute (target forward + verification)
     round_s: float  # wall time of the whole round as the device saw it
+    gamma: int = 0  # the draft length the policy chose (drafted may be less: EOS, confidence stop, the end)
+    prefetched: int = 0  # draft tokens reused from the previous round's pipelined drafting
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -32,6 +34,8 @@ class GenerationStats:
     mode: str
     gamma: int
     k: int
+    policy: str = "fixed"
+    pipeline: bool = False
     rounds: list[RoundStats] = field(default_factory=list)
     wall_s: float = 0.0
     new_tokens: int = 0
@@ -42,10 +46,18 @@ class GenerationStats:
         accepted = sum(x.accepted for x in r)
         up, down = sum(x.uplink_bytes for x in r), sum(x.downlink_bytes for x in r)
         n = max(self.new_tokens, 1)
+        spec_rounds = [x for x in r if x.drafted]
+        rejections = sum(1 for x in r if x.accepted < x.drafted)
         return {
             "mode": self.mode,
             "gamma": self.gamma,
             "k": self.k,
+            "policy": self.policy,
+            "pipeline": self.pipeline,
+            "mean_gamma": sum(x.gamma for x in spec_rounds) / len(spec_rounds) if spec_rounds else 0.0,
+            # per-token acceptance alpha (censored geometric): what the speedup model S(gamma) takes
+            "token_acceptance": accepted / (accepted + rejections) if accepted + rejections else 0.0,
+            "prefetched": sum(x.prefetched for x in r),
             "rounds": len(r),
             "new_tokens": self.new_tokens,
             "drafted": drafted,

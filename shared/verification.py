@@ -46,6 +46,29 @@ def residual(p: np.ndarray, q_dense: np.ndarray) -> np.ndarray:
     return r / total if total > 0 else p
 
 
+def count_accepted(
+    target_probs: np.ndarray, draft_tokens: Sequence[int], draft_token_probs: Sequence[float], rng: np.random.Generator
+) -> int:
+    """The accept tests in order: how many draft tokens survive (one uniform drawn per test, stopping at the
+    first rejection). Needs only q(x_i) of each drafted token, which is why DSSD can send just that uplink."""
+    for i, (x, q_x) in enumerate(zip(draft_tokens, draft_token_probs, strict=True)):
+        if not q_x > 0.0:
+            raise VerificationError(f"draft token {int(x)} at position {i} has zero probability in its proposal")
+        if rng.random() >= acceptance_probability(float(target_probs[i, x]), float(q_x)):
+            return i
+    return len(draft_tokens)
+
+
+def correction(p: np.ndarray, q_dense: np.ndarray, u: float) -> int:
+    """The token that replaces a rejected draft: a sample of norm(max(0, p - q)) with the uniform u."""
+    return sample_index(residual(p, q_dense), u)
+
+
+def _check_rows(target_probs: np.ndarray, gamma: int) -> None:
+    if target_probs.shape[0] != gamma + 1:
+        raise ValueError(f"need {gamma + 1} target rows for {gamma} draft tokens, got {target_probs.shape[0]}")
+
+
 def verify_block(
     target_probs: np.ndarray,
     draft_tokens: Sequence[int],
@@ -57,13 +80,36 @@ def verify_block(
     `target_probs` is [gamma+1, V] float64 (already warped); row i scores draft token i, the last row the bonus.
     """
     gamma = len(draft_tokens)
-    if target_probs.shape[0] != gamma + 1:
-        raise ValueError(f"need {gamma + 1} target rows for {gamma} draft tokens, got {target_probs.shape[0]}")
-    for i, x in enumerate(draft_tokens):
-        q_x = proposals.prob_of(i, int(x))
-        if q_x <= 0.0:
-            raise VerificationError(f"draft token {int(x)} at position {i} has zero probability in its proposal")
-        if rng.random() >= acceptance_probability(float(target_probs[i, x]), q_x):
-            token = sample_index(residual(target_probs[i], proposals.dense_row(i)), rng.random())
-            return Outcome(i, token, corrected=True)
+    _check_rows(target_probs, gamma)
+    q_x = [proposals.prob_of(i, int(x)) for i, x in enumerate(draft_tokens)]
+    n = count_accepted(target_probs, draft_tokens, q_x, rng)
+    if n < gamma:
+        return Outcome(n, correction(target_probs[n], proposals.dense_row(n), rng.random()), corrected=True)
     return Outcome(gamma, sample_index(target_probs[gamma], rng.random()))
+
+
+@dataclass(frozen=True)
+class SplitOutcome:
+    """DSSD's edge half: accepted count, and either the bonus token or the target row p_j of the rejection."""
+
+    n_accepted: int
+    token: int | None  # the bonus after full acceptance; None after a rejection
+    rejected_row: int | None  # j, the row of target_probs the device needs for its correction
+
+
+def split_verify(
+    target_probs: np.ndarray, draft_tokens: Sequence[int], draft_token_probs: Sequence[float], rng: np.random.Generator
+) -> SplitOutcome:
+    """DSSD at the edge: the same accept tests as `verify_block`, knowing only q_i(x_i) of each draft token.
+
+    At a rejection at j the edge cannot form max(0, p_j - q_j) (it never saw q_j), so it returns j and the
+    caller sends p_j downlink; the device draws the correction with `correction(p_j, q_j, u)`. That is exactly
+    the residual `verify_block` would sample, so the output is distributed as p. The p_j that crosses the
+    wire must be the very p_j the accept tests used: callers pass rows already rounded to their wire form.
+    """
+    gamma = len(draft_tokens)
+    _check_rows(target_probs, gamma)
+    n = count_accepted(target_probs, draft_tokens, draft_token_probs, rng)
+    if n < gamma:
+        return SplitOutcome(n, None, n)
+    return SplitOutcome(gamma, sample_index(target_probs[gamma], rng.random()), None)

@@ -14,11 +14,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from shared.models.runtime import KVSequence, LoadedModel
 from shared.params import SamplingParams
+from shared.proposal import ProposalBlock, support_row
 from shared.protocol import ProtocolError, Verdict, VerifyRequest
 from shared.rng import VERIFY_SIDE, round_rng
-from shared.verification import verify_block
+from shared.verification import split_verify, verify_block
 from shared.warpers import mask_eos, warp
 
 
@@ -70,17 +73,31 @@ class VerifierCore:
         p = sess.params
         logits = mask_eos(logits, self.model.eos_token_ids, req.base - sess.prompt_len, p.min_new_tokens)
         probs = warp(logits, p.temperature, p.top_p)
-        outcome = verify_block(probs, tokens, req.proposals, round_rng(p.seed, VERIFY_SIDE, req.base))
-        sess.committed.extend(tokens[: outcome.n_accepted] + [outcome.token])
+        rng = round_rng(p.seed, VERIFY_SIDE, req.base)
+        residual = None
+        if req.draft_probs is not None:  # DSSD: accept tests here, the correction on the device
+            rows = [ProposalBlock.from_rows([support_row(row)], self.model.vocab_size, "f32") for row in probs]
+            p_hat = np.stack([row.dense_row(0) for row in rows])  # exactly what the device would receive
+            split = split_verify(p_hat, tokens, req.draft_probs, rng)
+            n_accepted, token = split.n_accepted, -1 if split.token is None else split.token
+            if split.rejected_row is not None:
+                residual = rows[split.rejected_row]
+            emitted = tokens[:n_accepted] + ([] if split.token is None else [split.token])
+        else:
+            outcome = verify_block(probs, tokens, req.proposals, rng)
+            n_accepted, token = outcome.n_accepted, outcome.token
+            emitted = tokens[:n_accepted] + [token]
+        sess.committed.extend(emitted)  # after a DSSD rejection the device's correction arrives next round
         sess.last_used = time.monotonic()
         self._evict()
         return Verdict(
             session=req.session,
             round=req.round,
             base=req.base,
-            n_accepted=outcome.n_accepted,
-            token=outcome.token,
+            n_accepted=n_accepted,
+            token=token,
             verify_s=time.perf_counter() - t0,
+            residual=residual,
             sent_at=time.time(),
         )
 

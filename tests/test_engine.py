@@ -30,7 +30,8 @@ def _expected_first_two(target: BigramModel, temperature: float, top_p: float) -
 
 @pytest.mark.parametrize(
     "mode,temperature,top_p,quant",
-    [("tkslt", 1.0, 1.0, "f16"), ("tkslt", 0.7, 0.9, "u8"), ("full", 1.3, 1.0, "f16")],
+    [("tkslt", 1.0, 1.0, "f16"), ("tkslt", 0.7, 0.9, "u8"), ("full", 1.3, 1.0, "f16"), ("dssd", 1.0, 1.0, "f16"),
+     ("dssd", 0.8, 0.7, "u8")],
 )
 def test_engine_is_lossless(mode: str, temperature: float, top_p: float, quant: str) -> None:
     target, draft = bigram_pair(V, seed=5)
@@ -54,7 +55,7 @@ def test_greedy_matches_target_argmax_chain() -> None:
     for _ in range(20):
         t = int(np.argmax(target.log_table[t]))
         want.append(t)
-    for mode in ("ar", "full", "tkslt"):
+    for mode in ("ar", "full", "tkslt", "dssd"):
         out = engine.generate([3], params, SpecParams(mode=mode, gamma=4, k=2))
         assert out.token_ids == want, mode
         assert out.finish_reason == "length"
@@ -112,6 +113,22 @@ def test_bad_spec_params(kwargs: dict) -> None:
         SpecParams(**kwargs)
 
 
+def test_dssd_uplink_is_tokens_and_their_probabilities_only() -> None:
+    """DSSD sends ~10 bytes per drafted token up and a target row down only when it rejects."""
+    target, draft = bigram_pair(512, seed=3)
+    engine = LocalEngine(target, draft)
+    params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=40)
+    dssd = engine.generate([1], params, SpecParams(mode="dssd", gamma=4))
+    full = engine.generate([1], params, SpecParams(mode="full", gamma=4))
+    per_token = [r.uplink_bytes / 4 for r in dssd.stats.rounds[1:] if r.drafted == 4]
+    per_token_full = [r.uplink_bytes / 4 for r in full.stats.rounds[1:] if r.drafted == 4]
+    assert max(per_token) < min(per_token_full) / 20
+    rejected = [r for r in dssd.stats.rounds if r.accepted < r.drafted]
+    accepted = [r for r in dssd.stats.rounds if r.accepted == r.drafted]
+    assert rejected and accepted
+    assert min(r.downlink_bytes for r in rejected) > max(r.downlink_bytes for r in accepted)
+
+
 def test_vocab_mismatch_is_refused() -> None:
     target, _ = bigram_pair(4, seed=1)
     _, other = bigram_pair(5, seed=1)
@@ -119,7 +136,8 @@ def test_vocab_mismatch_is_refused() -> None:
         LocalEngine(target, other)
 
 
-def test_evicted_sessions_are_rebuilt_from_history_with_identical_output() -> None:
+@pytest.mark.parametrize("mode", ["tkslt", "dssd"])
+def test_evicted_sessions_are_rebuilt_from_history_with_identical_output(mode: str) -> None:
     """A verifier holding one session serves two interleaved generations: every round evicts the other one,
     which then comes back as `unknown_session`, is resent with its history, and rebuilt. Same tokens."""
     import asyncio
@@ -129,7 +147,7 @@ def test_evicted_sessions_are_rebuilt_from_history_with_identical_output() -> No
 
     target, draft = bigram_pair(16, seed=4)
     params = SamplingParams(temperature=1.0, seed=77, max_new_tokens=40)
-    spec = SpecParams(mode="tkslt", gamma=3, k=4)
+    spec = SpecParams(mode=mode, gamma=3, k=4)
     want = LocalEngine(target, draft).generate([2], params, spec).token_ids
 
     class YieldingLink(LocalLink):

@@ -37,7 +37,7 @@ def smollm2():
 def test_greedy_exact_smollm2_subset(smollm2) -> None:
     target, drafts = smollm2
     prompts = [p for p in load_prompts(None, 1000) if p["id"] in SUBSET] or load_prompts(None, 3)
-    report = run_selfcheck(prompts, target, drafts, ["full", "tkslt"], 48)
+    report = run_selfcheck(prompts, target, drafts, ["full", "tkslt", "dssd"], 48)
     _check(report, len(prompts))
 
 
@@ -45,7 +45,7 @@ def test_greedy_exact_smollm2_subset(smollm2) -> None:
 def test_greedy_exact_smollm2_all_prompts(smollm2) -> None:
     target, drafts = smollm2
     prompts = load_prompts(None, 1000)
-    _check(run_selfcheck(prompts, target, drafts, ["full", "tkslt"], 48), len(prompts))
+    _check(run_selfcheck(prompts, target, drafts, ["full", "tkslt", "dssd"], 48), len(prompts))
 
 
 @pytest.mark.qwen

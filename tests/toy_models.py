@@ -50,8 +50,13 @@ class BigramModel:
         return BigramSequence(self.log_table)
 
 
-def bigram_pair(vocab: int, seed: int) -> tuple[BigramModel, BigramModel]:
+def bigram_pair(vocab: int, seed: int, agreement: float | None = None) -> tuple[BigramModel, BigramModel]:
+    """An unrelated draft by default; with `agreement` a peaked target and a draft mixed from it (high alpha)."""
     rng = np.random.default_rng(seed)
-    target = BigramModel(rng.dirichlet(np.ones(vocab), size=vocab), "target")
-    draft = BigramModel(rng.dirichlet(np.full(vocab, 0.5), size=vocab), "draft")
-    return target, draft
+    if agreement is None:
+        target = BigramModel(rng.dirichlet(np.ones(vocab), size=vocab), "target")
+        draft = BigramModel(rng.dirichlet(np.full(vocab, 0.5), size=vocab), "draft")
+        return target, draft
+    table = rng.dirichlet(np.full(vocab, 0.2), size=vocab)
+    noise = rng.dirichlet(np.ones(vocab), size=vocab)
+    return BigramModel(table, "target"), BigramModel(agreement * table + (1 - agreement) * noise, "draft")

@@ -1,0 +1,208 @@
+"""How many tokens to draft per round: the analytical optimum, and policies that re-choose it every round.
+
+With per-token acceptance rate alpha, one round of gamma draft tokens yields (1 - alpha^(gamma+1)) / (1 - alpha)
+tokens on average and costs c*gamma + b seconds: c per draft token (draft compute + its uplink bytes / rate),
+b per round (verify + RTT + downlink). Against a baseline that makes one token per t_ref seconds the speedup is
+
+    S(gamma) = (1 - alpha^(gamma+1)) / ((1 - alpha) * (c' gamma + B)),   c' = c / t_ref,  B = b / t_ref.
+
+Setting dS/dgamma = 0 and substituting z = gamma + B/c', w = 1 - z ln(alpha) gives w e^(-w) = e^(-1 - ln(alpha)
+(1 - B/c')), so gamma* = (1 - w)/ln(alpha) - B/c' with w = -W_{-1}(-e^(-1 - ln(alpha)(1 - B/c'))) on the lower
+branch of the Lambert W function (w >= 1). Pure functions, no I/O: the engine, the services and `bench` all
+call these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shared.params import POLICIES
+
+ADAPTIVE_MAX_GAMMA = 16
+_ALPHA_EPS = 1e-6
+
+
+def expected_tokens(alpha: float, gamma: float) -> float:
+    """Mean tokens a round emits: accepted drafts plus the target's one token."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def speedup(alpha: float, gamma: float, c_rel: float, b_rel: float) -> float:
+    """S(gamma), with c' and B relative to the baseline's time per token."""
+    return expected_tokens(alpha, gamma) / (c_rel * gamma + b_rel)
+
+
+def lambert_w_lower(x: float) -> float:
+    """W_{-1}(x) for x in [-1/e, 0): the solution w <= -1 of w e^w = x (Halley's iteration)."""
+    if not -1.0 / math.e <= x < 0.0:
+        raise ValueError(f"W_-1 is defined on [-1/e, 0), got {x}")
+    if x + 1.0 / math.e < 1e-15:
+        return -1.0
+    # start near the branch point with its series, elsewhere with the asymptotic form
+    if x < -0.25:
+        w = -1.0 - math.sqrt(2.0 * (1.0 + math.e * x))
+    else:
+        lx = math.log(-x)
+        w = lx - math.log(-lx)
+    for _ in range(64):
+        ew = math.exp(w)
+        f = w * ew - x
+        step = f / (ew * (w + 1.0) - (w + 2.0) * f / (2.0 * w + 2.0))
+        w -= step
+        if abs(step) <= 1e-15 * (1.0 + abs(w)):
+            break
+    return w
+
+
+def optimal_gamma_real(alpha: float, c: float, b: float) -> float:
+    """The real-valued maximiser of S (any unit for c and b: only their ratio matters); inf if S keeps rising."""
+    if c <= 0:
+        return math.inf
+    alpha = min(max(alpha, _ALPHA_EPS), 1.0 - _ALPHA_EPS)
+    log_a = math.log(alpha)
+    ratio = b / c
+    arg = -math.exp(-1.0 - log_a * (1.0 - ratio))
+    if arg < -1.0 / math.e:  # b < c: no interior maximum on z > 0, S falls from gamma = 0 on
+        return 0.0
+    w = -lambert_w_lower(arg)
+    return max((1.0 - w) / log_a - ratio, 0.0)
+
+
+def optimal_gamma(alpha: float, c: float, b: float, max_gamma: int = ADAPTIVE_MAX_GAMMA) -> int:
+    """The best integer draft length in [1, max_gamma]: the closed form's two neighbours, whichever is better."""
+    g = optimal_gamma_real(alpha, c, b)
+    if math.isinf(g):
+        return max_gamma
+    candidates = {min(max(math.floor(g), 1), max_gamma), min(max(math.ceil(g), 1), max_gamma)}
+    c_rel, b_rel = max(c, 1e-12), max(b, 1e-12)
+    return max(sorted(candidates), key=lambda n: speedup(alpha, n, c_rel, b_rel))
+
+
+# --- online estimation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundObservation:
+    """What one finished round tells the policy (all measured on the device)."""
+
+    drafted: int
+    accepted: int
+    draft_s: float  # draft compute for the round
+    round_s: float  # from the start of drafting to the verdict applied
+    uplink_bytes: int
+
+
+@dataclass
+class CostModel:
+    """Running estimates of alpha, c and b from finished rounds, exponentially forgetting old ones.
+
+    alpha is the censored-geometric estimate accepted / (accepted + rejections). The time a round spends
+    outside draft compute, round_s - draft_s, is regressed on the round's uplink bytes (recursive least squares
+    with forgetting): the slope is the link's seconds per byte, the intercept the fixed per-round cost b
+    (verify + RTT + downlink). So the link rate is learnt from the traffic itself; `seconds_per_byte` seeds it
+    (e.g. from a declared link profile) until the rounds say otherwise.
+    """
+
+    decay: float = 0.9
+    alpha_prior: float = 0.7
+    prior_weight: float = 2.0
+    seconds_per_byte: float = 0.0
+    _acc: float = 0.0
+    _tests: float = 0.0
+    _draft_per_token: float | None = None
+    _bytes_per_token: float | None = None
+    _fixed: float | None = None
+    # least-squares sufficient statistics over (1, bytes) -> seconds
+    _s: list[float] = field(default_factory=lambda: [0.0] * 5)
+
+    @property
+    def rounds_seen(self) -> bool:
+        return self._fixed is not None
+
+    @property
+    def alpha(self) -> float:
+        return (self._acc + self.alpha_prior * self.prior_weight) / (self._tests + self.prior_weight)
+
+    def observe(self, r: RoundObservation) -> None:
+        d = self.decay
+        rejected = 1 if r.accepted < r.drafted else 0
+        self._acc = d * self._acc + r.accepted
+        self._tests = d * self._tests + r.accepted + rejected
+        if r.drafted:
+            self._draft_per_token = _ewma(self._draft_per_token, r.draft_s / r.drafted, 1 - d)
+            self._bytes_per_token = _ewma(self._bytes_per_token, r.uplink_bytes / r.drafted, 1 - d)
+        wait = max(r.round_s - r.draft_s, 0.0)
+        x = float(r.uplink_bytes)
+        s = self._s
+        for i, v in enumerate((1.0, x, x * x, wait, x * wait)):
+            s[i] = d * s[i] + v
+        n, sx, sxx, sy, sxy = s
+        det = n * sxx - sx * sx
+        if det > 1e-9 * max(n * sxx, 1e-30):  # bytes varied enough to separate the slope from the intercept
+            slope = (n * sxy - sx * sy) / det
+            self.seconds_per_byte = max(slope, 0.0)
+        self._fixed = max((sy - self.seconds_per_byte * sx) / n, 0.0)
+
+    def costs(self) -> tuple[float, float]:
+        """(c, b) in seconds: per draft token and per round."""
+        c = (self._draft_per_token or 0.0) + (self._bytes_per_token or 0.0) * self.seconds_per_byte
+        return c, self._fixed or 0.0
+
+
+def _ewma(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+# --- policies -----------------------------------------------------------------------------------------
+
+
+class DraftLengthPolicy(Protocol):
+    """Chooses each round's gamma and learns from the round's outcome (one instance per session)."""
+
+    def next_gamma(self) -> int: ...
+
+    def observe(self, r: RoundObservation) -> None: ...
+
+
+@dataclass
+class FixedGamma:
+    gamma: int
+
+    def next_gamma(self) -> int:
+        return self.gamma
+
+    def observe(self, r: RoundObservation) -> None:
+        pass
+
+
+@dataclass
+class AdaptiveGamma:
+    """gamma* re-chosen every round from the session's running alpha, c and b (starting at `gamma`)."""
+
+    gamma: int
+    max_gamma: int = ADAPTIVE_MAX_GAMMA
+    model: CostModel = field(default_factory=CostModel)
+
+    def next_gamma(self) -> int:
+        if not self.model.rounds_seen:
+            return self.gamma
+        c, b = self.model.costs()
+        if c <= 0 and b <= 0:
+            return self.gamma
+        return optimal_gamma(self.model.alpha, c, b, self.max_gamma)
+
+    def observe(self, r: RoundObservation) -> None:
+        self.model.observe(r)
+
+
+def make_policy(name: str, gamma: int, seconds_per_byte: float = 0.0) -> DraftLengthPolicy:
+    """`confidence` drafts up to gamma and lets the session stop early (see DraftSession); it is fixed here."""
+    if name == "adaptive":
+        return AdaptiveGamma(gamma, max(gamma, ADAPTIVE_MAX_GAMMA), CostModel(seconds_per_byte=seconds_per_byte))
+    if name in ("fixed", "confidence"):
+        return FixedGamma(gamma)
+    raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {name!r}")
