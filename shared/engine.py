@@ -23,6 +23,7 @@ from opentelemetry import trace
 
 from shared.draft_length import DraftLengthPolicy, RoundObservation, make_policy
 from shared.drafting import DraftSession, Prefetch
+from shared.link import LinkProfile
 from shared.models.runtime import LoadedModel
 from shared.params import ParamError, SamplingParams, SpecParams
 from shared.protocol import ErrorReply, ProtocolError, Verdict, VerifyRequest, decode_any
@@ -233,19 +234,27 @@ class LocalEngine:
         self.verifier = VerifierCore(target, max_sessions=4)
 
     async def agenerate(
-        self, prompt: str | list[int], params: SamplingParams, spec: SpecParams
+        self, prompt: str | list[int], params: SamplingParams, spec: SpecParams, link: LinkProfile | None = None
     ) -> GenerationResult:
+        """`link` emulates the device-edge link in-process (waits computed by its shapers)."""
         tokenizer = self.draft if self.draft is not None else self.target
         session = new_session(
             self.draft, tokenizer, self.target.eos_token_ids, self.target.vocab_size, prompt, params, spec
         )
+        edge: Link = LocalLink(self.verifier)
+        if link is not None:
+            from shared.linkproxy import ShapedLink
+
+            edge = ShapedLink(edge, link)
         try:
-            return await speculate(session, LocalLink(self.verifier), decode=tokenizer.decode)
+            return await speculate(session, edge, decode=tokenizer.decode)
         finally:
             self.verifier.close(session.session)
 
-    def generate(self, prompt: str | list[int], params: SamplingParams, spec: SpecParams) -> GenerationResult:
-        return asyncio.run(self.agenerate(prompt, params, spec))
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, spec: SpecParams, link: LinkProfile | None = None
+    ) -> GenerationResult:
+        return asyncio.run(self.agenerate(prompt, params, spec, link))
 
 
 __all__ = [

@@ -69,10 +69,13 @@ class PromptRequest:
     gamma: int | None = None
     k: int | None = None
     stream: bool = False
+    policy: str | None = None  # fixed | adaptive | confidence
+    confidence: float | None = None
+    pipeline: bool | None = None
 
 
 REQUEST_FIELDS = tuple(f.name for f in fields(PromptRequest))
-_NULLABLE = frozenset({"id", "seed", "mode", "gamma", "k"})  # JSON null = "not given" for these only
+_NULLABLE = frozenset({"id", "seed", "mode", "gamma", "k", "policy", "confidence", "pipeline"})  # JSON null = "not given" for these only
 
 
 def new_request_id() -> str:
@@ -196,7 +199,7 @@ def _fields_from_object(obj: object, fmt: str) -> dict:
     for name in ("max_new_tokens", "min_new_tokens", "seed", "gamma", "k"):
         if name in out:
             _check_type(name, out[name], _is_int(out[name]), "an integer")
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "confidence"):
         if name in out:
             v = out[name]
             _check_type(name, v, isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
@@ -204,11 +207,12 @@ def _fields_from_object(obj: object, fmt: str) -> dict:
                 out[name] = float(v)
             except OverflowError:
                 raise RequestError("bad_param", f"{name} is out of range: {v}") from None
-    for name in ("prompt", "id", "mode"):
+    for name in ("prompt", "id", "mode", "policy"):
         if name in out:
             _check_type(name, out[name], isinstance(out[name], str), "a string")
-    if "stream" in out:
-        _check_type("stream", out["stream"], isinstance(out["stream"], bool), "true or false")
+    for name in ("stream", "pipeline"):
+        if name in out:
+            _check_type(name, out[name], isinstance(out[name], bool), "true or false")
     return out
 
 
@@ -245,7 +249,12 @@ def _validated(kw: dict, new_id: Callable[[], str]) -> PromptRequest:
             min_new_tokens=req.min_new_tokens,
             max_new_tokens=req.max_new_tokens,
         )
-        SpecParams(gamma=req.gamma if req.gamma is not None else 4, k=req.k if req.k is not None else 8)
+        SpecParams(
+            gamma=req.gamma if req.gamma is not None else 4,
+            k=req.k if req.k is not None else 8,
+            policy=req.policy or "fixed",
+            confidence=req.confidence if req.confidence is not None else 0.5,
+        )
     except ParamError as exc:
         raise RequestError("bad_param", str(exc)) from None
     return req

@@ -11,7 +11,7 @@ import json
 import secrets
 import sys
 
-from shared.params import MODES, QUANTS, ParamError, SamplingParams, SpecParams
+from shared.params import MODES, POLICIES, QUANTS, ParamError, SamplingParams, SpecParams
 
 DEFAULT_DRAFT = ("smollm2-135m", "int8")
 DEFAULT_TARGET = ("smollm2-135m", "fp32")
@@ -28,8 +28,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--mode", default="tkslt", choices=MODES, help="ar = target alone; full; tkslt (default)")
-    g.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    g.add_argument("--mode", default="tkslt", choices=MODES,
+                   help="ar = target alone; full; tkslt (default); dssd = split verification")
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens per round (adaptive: the first round's)")
+    g.add_argument("--policy", default="fixed", choices=POLICIES,
+                   help="draft length: fixed gamma; adaptive (gamma* re-chosen every round); confidence stop")
+    g.add_argument("--confidence", type=float, default=0.5,
+                   help="policy confidence: stop drafting below this draft top probability")
+    g.add_argument("--pipeline", action="store_true", help="keep drafting while a round is verified (PEARL)")
     g.add_argument("--k", type=int, default=8, help="top-K entries sent per draft position (tkslt)")
     g.add_argument("--quant", default="f16", choices=QUANTS, help="wire quantization of probabilities")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -48,11 +54,17 @@ def params_from_args(args: argparse.Namespace) -> tuple[SamplingParams, SpecPara
         min_new_tokens=args.min_new_tokens,
         max_new_tokens=args.max_new_tokens,
     )
-    return sampling, SpecParams(mode=args.mode, gamma=args.gamma, k=args.k, quant=args.quant)
+    return sampling, SpecParams(
+        mode=args.mode, gamma=args.gamma, k=args.k, quant=args.quant, policy=args.policy,
+        confidence=args.confidence, pipeline=args.pipeline,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     sampling, spec = params_from_args(args)
+    if args.link is not None and not args.local:
+        raise ParamError("--link shapes the device-edge link of the stack: pass it to `draftwire up` "
+                         "(or use `generate --local --link ...` to emulate it in-process)")
     if not args.local:
         from services.cli.remote import generate_remote
 
@@ -62,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     target = load_model(args.target_model, args.target_dtype)
     draft = load_model(args.draft_model, args.draft_dtype) if spec.mode != "ar" else None
-    result = LocalEngine(target, draft).generate(args.prompt, sampling, spec)
+    result = LocalEngine(target, draft).generate(args.prompt, sampling, spec, link=args.link)
     if args.json:
         out = result.to_dict()
         out["stats"]["seed"] = sampling.seed
@@ -84,6 +96,22 @@ def add_stack_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nats", default=None, help="use this NATS server instead of starting an embedded one")
     g.add_argument("--nats-port", type=int, default=4222, help="port of the embedded NATS server (0 = any)")
     g.add_argument("--telemetry-port", type=int, default=9464, help="HTTP port of /metrics (0 = any)")
+    add_link_flag(g)
+
+
+def add_link_flag(g) -> None:
+    g.add_argument("--link", type=_link, default=None,
+                   help="emulate the device-edge link: a profile (lan, 5g, cell-edge) and/or "
+                        "up=RATE,down=RATE,rtt=TIME[,jitter=TIME][,outage=TIME/PERIOD], e.g. cell-edge,rtt=80ms")
+
+
+def _link(text: str):
+    from shared.link import LinkError, parse_link
+
+    try:
+        return parse_link(text)
+    except LinkError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -138,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, stats")
     gen.add_argument("--nats", default=None, help="NATS URL of a running stack (default nats://127.0.0.1:4222)")
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the result")
+    add_link_flag(gen)
     add_model_flags(gen)
     add_generation_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -155,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-prompts", type=int, default=3)
     demo.add_argument("--prompts", default=None, help="JSONL prompt file (default: the bench set)")
     demo.add_argument("--verbose", action="store_true", help="show the services' logs")
+    add_link_flag(demo)
     demo.set_defaults(func=cmd_demo, nats=None, nats_port=0, telemetry_port=0, max_new_tokens=48)
 
     check = sub.add_parser("selfcheck", help="greedy speculative output vs the target's transformers generate")

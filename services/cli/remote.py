@@ -36,6 +36,9 @@ def request_body(prompt: str, sampling: SamplingParams, spec: SpecParams, stream
         "mode": spec.mode,
         "gamma": spec.gamma,
         "k": spec.k,
+        "policy": spec.policy,
+        "confidence": spec.confidence,
+        "pipeline": spec.pipeline,
         "stream": stream,
     }
 

@@ -14,8 +14,11 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 from shared.bus import connect, ensure_prompt_stream
+from shared.link import LinkProfile, parse_link
+from shared.linkproxy import LinkProxy
 from shared.models.cache import cache_root
 from shared.natsserver import EmbeddedNats, _die_with_parent, is_reachable
 from shared.service import READY_PREFIX
@@ -32,6 +35,7 @@ class Stack:
     nats: EmbeddedNats | None = None
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     telemetry_url: str | None = None
+    link: LinkProxy | None = None  # between the device side (draft) and NATS, when --link is given
     _drains: list[asyncio.Task] = field(default_factory=list)
 
     async def stop(self) -> None:
@@ -47,6 +51,8 @@ class Stack:
                 await proc.wait()
         for task in self._drains:
             task.cancel()
+        if self.link is not None:
+            await self.link.stop()
         if self.nats is not None:
             await self.nats.stop()
 
@@ -63,7 +69,9 @@ def service_args(name: str, args) -> list[str]:
     if name == "draft":
         return ["--draft-model", args.draft_model, "--draft-dtype", args.draft_dtype, *threads]
     if name == "scheduler":
-        return ["--default-mode", args.mode, "--default-gamma", str(args.gamma), "--default-k", str(args.k)]
+        return ["--default-mode", args.mode, "--default-gamma", str(args.gamma), "--default-k", str(args.k),
+                "--default-policy", getattr(args, "policy", "fixed"),
+                "--default-pipeline" if getattr(args, "pipeline", False) else "--no-default-pipeline"]
     if name == "telemetry":
         return ["--http-port", str(args.telemetry_port)]
     raise ValueError(name)
@@ -87,6 +95,10 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         url = nats.url
     stack = Stack(url=url, nats=nats)
     try:
+        if (link := getattr(args, "link", None)) is not None:
+            target = urlparse(url)
+            profile = link if isinstance(link, LinkProfile) else parse_link(link)
+            stack.link = await LinkProxy(target.hostname, target.port or 4222, profile).start()
         nc = await connect(url, "draftwire-up")
         try:
             await ensure_prompt_stream(nc.jetstream(), create_consumer=False)  # capture prompts before the scheduler
@@ -95,8 +107,9 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         env = {**os.environ, **(env or {}), "DRAFTWIRE_NATS_URL": url}
         ready: dict[str, asyncio.Future] = {}
         for name in SERVICES:
+            service_url = stack.link.url if stack.link is not None and name == "draft" else url
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", f"services.{name}", "--nats", url, *service_args(name, args),
+                sys.executable, "-m", f"services.{name}", "--nats", service_url, *service_args(name, args),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL if quiet else None,
                 env=env,
@@ -136,6 +149,9 @@ async def _drain(proc: asyncio.subprocess.Process, quiet: bool) -> None:
 async def run_up(args) -> int:
     stack = await start_stack(args)
     print(f"draftwire: NATS at {stack.url}", flush=True)
+    if stack.link is not None:
+        print(f"draftwire: draft service behind an emulated link ({stack.link.profile.describe()}) "
+              f"at {stack.link.url}", flush=True)
     if stack.telemetry_url:
         print(f"draftwire: telemetry at {stack.telemetry_url}/metrics", flush=True)
     print(f"draftwire: ready ({', '.join(SERVICES)}); publish prompts to draftwire.prompts", flush=True)

@@ -19,6 +19,7 @@ On shutdown, unfinished prompts are nak'd so another scheduler (or the next star
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -47,7 +48,7 @@ from shared.bus import (
     prompt_subscription,
     validate_token,
 )
-from shared.params import MODES, ParamError, SamplingParams, SpecParams
+from shared.params import MODES, POLICIES, ParamError, SamplingParams, SpecParams
 from shared.requests import (
     REPLY_CONTENT_TYPES,
     GenerateJob,
@@ -94,6 +95,18 @@ def build_parser():
         help="top-K per draft position unless the request sets k [DRAFTWIRE_DEFAULT_K]",
     )
     p.add_argument(
+        "--default-policy",
+        default=env("DEFAULT_POLICY", "fixed"),
+        choices=POLICIES,
+        help="draft-length policy unless the request sets policy [DRAFTWIRE_DEFAULT_POLICY]",
+    )
+    p.add_argument(
+        "--default-pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=env("DEFAULT_PIPELINE", "0") not in ("0", "false", "no", ""),
+        help="pipelined (PEARL) drafting unless the request sets pipeline [DRAFTWIRE_DEFAULT_PIPELINE]",
+    )
+    p.add_argument(
         "--request-timeout",
         type=float,
         default=env_float("REQUEST_TIMEOUT", 600.0),
@@ -113,12 +126,15 @@ def build_parser():
 
 
 def resolve_spec(req: PromptRequest, defaults: SpecParams) -> SpecParams:
-    """Mode `auto` and unset gamma/k take the scheduler's defaults; explicit request values win."""
+    """Mode `auto` and unset gamma/k/policy/pipeline take the scheduler's defaults; request values win."""
     return SpecParams(
         mode=defaults.mode if req.mode == "auto" else req.mode,
         gamma=defaults.gamma if req.gamma is None else req.gamma,
         k=defaults.k if req.k is None else req.k,
         quant=defaults.quant,
+        policy=defaults.policy if req.policy is None else req.policy,
+        confidence=defaults.confidence if req.confidence is None else req.confidence,
+        pipeline=defaults.pipeline if req.pipeline is None else req.pipeline,
     )
 
 
@@ -508,7 +524,8 @@ async def _quietly(aw) -> None:
 
 def defaults_from_args(args) -> SpecParams:
     try:
-        defaults = SpecParams(mode=args.default_mode, gamma=args.default_gamma, k=args.default_k)
+        defaults = SpecParams(mode=args.default_mode, gamma=args.default_gamma, k=args.default_k,
+                              policy=args.default_policy, pipeline=args.default_pipeline)
     except ParamError as exc:
         raise SystemExit(f"draftwire-scheduler: error: {exc}") from None
     if not args.request_timeout > 0:
@@ -537,6 +554,8 @@ async def start(ctx: ServiceContext) -> Scheduler:
             "default_mode": defaults.mode,
             "default_gamma": str(defaults.gamma),
             "default_k": str(defaults.k),
+            "default_policy": defaults.policy,
+            "default_pipeline": str(defaults.pipeline).lower(),
         },
     )
     ctx.ready_info["mode"] = defaults.mode
