@@ -101,22 +101,23 @@ class CostModel:
     """Running estimates of alpha, c and b from finished rounds, exponentially forgetting old ones.
 
     alpha is the censored-geometric estimate accepted / (accepted + rejections). The time a round spends
-    outside draft compute, round_s - draft_s, is regressed on the round's uplink bytes (recursive least squares
-    with forgetting): the slope is the link's seconds per byte, the intercept the fixed per-round cost b
-    (verify + RTT + downlink). So the link rate is learnt from the traffic itself; `seconds_per_byte` seeds it
-    (e.g. from a declared link profile) until the rounds say otherwise.
+    outside draft compute, round_s - draft_s, is regressed on the number of drafted tokens (recursive least
+    squares with forgetting): the slope is what each draft token adds on the way (its uplink bytes at the link's
+    rate, its share of the verify forward), the intercept the fixed per-round cost b (RTT, downlink, the rest
+    of verification). So the link is learnt from the traffic itself, in any mode; `wait_per_token` seeds the
+    slope until rounds of different lengths have been seen.
     """
 
     decay: float = 0.9
     alpha_prior: float = 0.7
     prior_weight: float = 2.0
-    seconds_per_byte: float = 0.0
+    wait_per_token: float = 0.0
+    rounds: int = 0
     _acc: float = 0.0
     _tests: float = 0.0
     _draft_per_token: float | None = None
-    _bytes_per_token: float | None = None
     _fixed: float | None = None
-    # least-squares sufficient statistics over (1, bytes) -> seconds
+    # least-squares sufficient statistics of wait = b + slope * drafted
     _s: list[float] = field(default_factory=lambda: [0.0] * 5)
 
     @property
@@ -128,29 +129,27 @@ class CostModel:
         return (self._acc + self.alpha_prior * self.prior_weight) / (self._tests + self.prior_weight)
 
     def observe(self, r: RoundObservation) -> None:
+        self.rounds += 1
         d = self.decay
         rejected = 1 if r.accepted < r.drafted else 0
         self._acc = d * self._acc + r.accepted
         self._tests = d * self._tests + r.accepted + rejected
         if r.drafted:
             self._draft_per_token = _ewma(self._draft_per_token, r.draft_s / r.drafted, 1 - d)
-            self._bytes_per_token = _ewma(self._bytes_per_token, r.uplink_bytes / r.drafted, 1 - d)
         wait = max(r.round_s - r.draft_s, 0.0)
-        x = float(r.uplink_bytes)
+        x = float(r.drafted)
         s = self._s
         for i, v in enumerate((1.0, x, x * x, wait, x * wait)):
             s[i] = d * s[i] + v
         n, sx, sxx, sy, sxy = s
         det = n * sxx - sx * sx
-        if det > 1e-9 * max(n * sxx, 1e-30):  # bytes varied enough to separate the slope from the intercept
-            slope = (n * sxy - sx * sy) / det
-            self.seconds_per_byte = max(slope, 0.0)
-        self._fixed = max((sy - self.seconds_per_byte * sx) / n, 0.0)
+        if det > 1e-6 * n * sxx:  # draft lengths varied enough to separate the slope from the intercept
+            self.wait_per_token = max((n * sxy - sx * sy) / det, 0.0)
+        self._fixed = max((sy - self.wait_per_token * sx) / n, 0.0)
 
     def costs(self) -> tuple[float, float]:
         """(c, b) in seconds: per draft token and per round."""
-        c = (self._draft_per_token or 0.0) + (self._bytes_per_token or 0.0) * self.seconds_per_byte
-        return c, self._fixed or 0.0
+        return (self._draft_per_token or 0.0) + self.wait_per_token, self._fixed or 0.0
 
 
 def _ewma(old: float | None, new: float, weight: float) -> float:
@@ -187,22 +186,28 @@ class AdaptiveGamma:
     max_gamma: int = ADAPTIVE_MAX_GAMMA
     model: CostModel = field(default_factory=CostModel)
 
+    probe_every: int = 8
+
     def next_gamma(self) -> int:
-        if not self.model.rounds_seen:
-            return self.gamma
+        # Rounds of one length cannot tell per-token from per-round cost: the first two rounds try gamma and
+        # gamma/2, and every `probe_every` rounds one round tries a neighbour of the current optimum.
+        n = self.model.rounds
+        if n < 2:
+            return self.gamma if n == 0 else max(1, self.gamma // 2)
         c, b = self.model.costs()
-        if c <= 0 and b <= 0:
-            return self.gamma
-        return optimal_gamma(self.model.alpha, c, b, self.max_gamma)
+        best = self.gamma if c <= 0 and b <= 0 else optimal_gamma(self.model.alpha, c, b, self.max_gamma)
+        if n % self.probe_every == 0:
+            return best + 1 if best < self.max_gamma else best - 1
+        return best
 
     def observe(self, r: RoundObservation) -> None:
         self.model.observe(r)
 
 
-def make_policy(name: str, gamma: int, seconds_per_byte: float = 0.0) -> DraftLengthPolicy:
+def make_policy(name: str, gamma: int) -> DraftLengthPolicy:
     """`confidence` drafts up to gamma and lets the session stop early (see DraftSession); it is fixed here."""
     if name == "adaptive":
-        return AdaptiveGamma(gamma, max(gamma, ADAPTIVE_MAX_GAMMA), CostModel(seconds_per_byte=seconds_per_byte))
+        return AdaptiveGamma(gamma, max(gamma, ADAPTIVE_MAX_GAMMA))
     if name in ("fixed", "confidence"):
         return FixedGamma(gamma)
     raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {name!r}")

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, fields
 import msgpack
 
 from shared.bus import validate_token
-from shared.params import ParamError, SamplingParams, SpecParams
+from shared.params import MODES, ParamError, SamplingParams, SpecParams
 
 MAX_PROMPT_BYTES = 256 * 1024
 MAX_REQUEST_BYTES = MAX_PROMPT_BYTES + 16 * 1024  # room for the other fields of a JSON/msgpack request
 FORMATS = ("text", "json", "msgpack")
-REQUEST_MODES = ("auto", "ar", "full", "tkslt")
+REQUEST_MODES = ("auto", *MODES)
 REPLY_CONTENT_TYPES = {
     "text": "application/json",
     "json": "application/json",

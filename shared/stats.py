@@ -57,6 +57,7 @@ class GenerationStats:
             "mean_gamma": sum(x.gamma for x in spec_rounds) / len(spec_rounds) if spec_rounds else 0.0,
             # per-token acceptance alpha (censored geometric): what the speedup model S(gamma) takes
             "token_acceptance": accepted / (accepted + rejections) if accepted + rejections else 0.0,
+            "rejections": rejections,
             "prefetched": sum(x.prefetched for x in r),
             "rounds": len(r),
             "new_tokens": self.new_tokens,

@@ -52,7 +52,7 @@ def test_optimum_moves_the_right_way() -> None:
     assert dl.optimal_gamma(0.8, 0.0, 1.0, 12) == 12  # free drafting: as long as allowed
 
 
-def test_cost_model_learns_alpha_link_rate_and_fixed_cost() -> None:
+def test_cost_model_learns_alpha_per_token_and_fixed_costs() -> None:
     rng = np.random.default_rng(0)
     model = dl.CostModel(decay=0.98)
     spb, fixed, per_tok = 4e-6, 0.050, 0.010  # 250 kB/s uplink, 50 ms per round, 10 ms per draft token
@@ -64,7 +64,7 @@ def test_cost_model_learns_alpha_link_rate_and_fixed_cost() -> None:
         model.observe(dl.RoundObservation(g, acc, draft, draft + fixed + spb * up, up))
     c, b = model.costs()
     assert model.alpha == pytest.approx(0.75, abs=0.06)
-    assert model.seconds_per_byte == pytest.approx(spb, rel=0.02)
+    assert model.wait_per_token == pytest.approx(1000 * spb, rel=0.02)
     assert c == pytest.approx(per_tok + 1000 * spb, rel=0.03)
     assert b == pytest.approx(fixed + 200 * spb, rel=0.05)
 

@@ -142,6 +142,12 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from services.cli.bench import cmd_bench as run
+
+    return run(args)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from shared.models import store
 
@@ -207,6 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--vocab", type=int, default=49152)
     over.add_argument("--out", default="bench-out/overhead")
     over.set_defaults(func=cmd_overhead)
+
+    bench = sub.add_parser("bench", help="benchmark: modes x links x draft-length policies through the services")
+    add_model_flags(bench)
+    bench.add_argument("--pair", choices=("smollm2", "qwen"), default=None,
+                       help="model pair: smollm2 (int8 -> fp32, default flags) or qwen (int8 -> bf16)")
+    bench.add_argument("--modes", default="ar,full,tkslt,dssd")
+    bench.add_argument("--links", default="lan,5g,cell-edge",
+                       help="profile names, or ';'-separated --link specs (e.g. 'cell-edge;up=1M,down=5M,rtt=80ms')")
+    bench.add_argument("--policies", default="fixed,adaptive,pipelined",
+                       help="fixed, sweep, analytic, adaptive, confidence, pipelined, adaptive+pipelined")
+    bench.add_argument("--gamma", type=int, default=4, help="the fixed gamma (and adaptive's first)")
+    bench.add_argument("--gammas", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4, 6, 8],
+                       help="gammas of the sweep policy")
+    bench.add_argument("--k", type=int, default=8)
+    bench.add_argument("--confidence", type=float, default=0.5)
+    bench.add_argument("--max-prompts", type=int, default=4)
+    bench.add_argument("--max-new-tokens", type=int, default=32, help="every prompt makes exactly this many tokens")
+    bench.add_argument("--prompts", default=None, help="JSONL prompt file (default: the bench set)")
+    bench.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
+    bench.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                       help="also run transformers' generate(assistant_model=...) on the same pair")
+    bench.add_argument("--out", default="bench-out/bench")
+    bench.add_argument("--verbose", action="store_true", help="show the services' logs")
+    bench.set_defaults(func=cmd_bench, nats=None, nats_port=0, telemetry_port=0, mode="tkslt", policy="fixed",
+                       pipeline=False)
 
     models = sub.add_parser("models", help="list or pull the model catalog")
     msub = models.add_subparsers(dest="models_cmd", required=True)
