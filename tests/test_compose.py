@@ -22,7 +22,9 @@ DRAFTWIRE = ("scheduler", "verifier", "draft", "telemetry")
 
 
 def _env(name: str) -> dict:
-    return {k: str(v) for k, v in SERVICES[name].get("environment", {}).items()}
+    """The service's environment as compose resolves it when no override is set (`${VAR:-default}`)."""
+    return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v))
+            for k, v in SERVICES[name].get("environment", {}).items()}
 
 
 def test_compose_has_the_whole_system() -> None:
@@ -52,7 +54,19 @@ def _sentinel(value: str) -> str:
     return _OTHER_CHOICE.get(value, f"sentinel-{value.replace('/', '_')}")
 
 
-@pytest.mark.parametrize("name", DRAFTWIRE)
+def test_link_service_is_a_real_entry_point_behind_a_profile() -> None:
+    link = SERVICES["link"]
+    assert link["profiles"] == ["radio"] and link["command"] == ["python", "-m", "services.link"]
+    out = subprocess.run([sys.executable, "-m", "services.link", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0 and "--link" in out.stdout
+    env = _env("link")
+    assert env["DRAFTWIRE_NATS_URL"] == "nats://nats:4222" and env["DRAFTWIRE_LINK_LISTEN"].endswith(":4223")
+    assert "4223" in str(link["healthcheck"]["test"])
+    assert "nats://link:4223" in (ROOT / "compose.yaml").read_text()  # how the draft is put behind it
+
+
+@pytest.mark.parametrize("name", [*DRAFTWIRE, "link"])
 def test_every_environment_variable_is_read_by_the_code(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Setting each variable the compose file sets changes what the service's own parser ends up with."""
     build_parser = importlib.import_module(f"services.{name}.service").build_parser
@@ -66,7 +80,7 @@ def test_every_environment_variable_is_read_by_the_code(name: str, monkeypatch: 
         if not var.startswith("DRAFTWIRE_"):
             assert var.startswith("OTEL_"), var  # read by the OpenTelemetry SDK (shared/tracing.py)
             continue
-        sentinel = _sentinel(value)
+        sentinel = "lan" if var == "DRAFTWIRE_LINK" else _sentinel(value)
         monkeypatch.setenv(var, sentinel)
         parsed = {str(v) for v in vars(build_parser().parse_args([])).values()}
         monkeypatch.delenv(var)
