@@ -32,13 +32,33 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--min-new-tokens", "9", "--max-new-tokens", "8"], "min_new_tokens"),
         (["--target-model", "no-such-model"], "unknown model name"),
         (["--target-model", "/nonexistent/model.gguf"], "no such file"),
+        (["--policy", "magic"], "invalid choice"),
+        (["--confidence", "2"], "confidence must be"),
+        (["--link", "wifi7"], "unknown link profile"),
+        (["--link", "up=2M"], "needs up=, down= and rtt="),
+        (["--link", "lan,rtt=soon"], "bad duration"),
     ],
 )
 def test_generate_bad_input_is_a_clear_error(flags: list[str], message: str) -> None:
     out = run_cli("generate", "--local", "hello", *TINY, *flags)
     assert out.returncode == 2, out.stderr
-    assert "draftwire: error:" in out.stderr and message in out.stderr
+    assert "error:" in out.stderr and message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_link_belongs_to_the_stack_not_to_a_remote_generate() -> None:
+    out = run_cli("generate", "hello", "--link", "cell-edge")
+    assert out.returncode == 2 and "draftwire up" in out.stderr
+
+
+def test_generate_local_json_over_an_emulated_link_with_policies() -> None:
+    out = run_cli("generate", "--local", "hello", *TINY, "--draft-dtype", "fp32", "--json", "--link",
+                  "up=1M,down=4M,rtt=20ms", "--mode", "dssd", "--policy", "adaptive", "--pipeline",
+                  "--max-new-tokens", "8", "--min-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert len(res["token_ids"]) == 8 and res["stats"]["policy"] == "adaptive" and res["stats"]["pipeline"]
+    assert res["stats"]["wall_s"] >= 0.02 * res["stats"]["rounds"]  # every round paid the emulated RTT
 
 
 def test_generate_local_json() -> None:
