@@ -14,6 +14,7 @@ call these.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -204,10 +205,15 @@ class AdaptiveGamma:
         self.model.observe(r)
 
 
-def make_policy(name: str, gamma: int) -> DraftLengthPolicy:
-    """`confidence` drafts up to gamma and lets the session stop early (see DraftSession); it is fixed here."""
+def make_policy(name: str, gamma: int, warm: CostModel | None = None) -> DraftLengthPolicy:
+    """`confidence` drafts up to gamma and lets the session stop early (see DraftSession); it is fixed here.
+
+    `warm` (adaptive) starts the session from what earlier sessions learnt (a copy: alpha, costs, the link),
+    instead of from scratch; short generations otherwise spend most of their rounds estimating.
+    """
     if name == "adaptive":
-        return AdaptiveGamma(gamma, max(gamma, ADAPTIVE_MAX_GAMMA))
+        model = copy.deepcopy(warm) if warm is not None else CostModel()
+        return AdaptiveGamma(gamma, max(gamma, ADAPTIVE_MAX_GAMMA), model)
     if name in ("fixed", "confidence"):
         return FixedGamma(gamma)
     raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {name!r}")

@@ -133,3 +133,15 @@ def test_pipelining_never_changes_tokens(mode: str, temperature: float) -> None:
     assert piped.token_ids == plain.token_ids
     s = piped.stats.summary()
     assert s["pipeline"] and s["prefetched"] > 0
+
+
+def test_adaptive_sessions_start_from_what_earlier_ones_learnt() -> None:
+    first = dl.make_policy("adaptive", 4)
+    for g in (4, 2, 3, 5, 6, 4, 3) * 4:
+        first.observe(dl.RoundObservation(g, g, 0.01 * g, 0.01 * g + 0.300, 10 * g))  # all accepted, dear rounds
+    learnt = first.next_gamma()
+    assert learnt > 4
+    second = dl.make_policy("adaptive", 4, warm=first.model)
+    assert second.next_gamma() == learnt  # no probing from scratch
+    second.observe(dl.RoundObservation(1, 0, 0.01, 0.02, 10))
+    assert first.model.rounds == 28  # the warm model is copied, never shared

@@ -159,8 +159,8 @@ async def bench_services(args, prompts, links: list[LinkProfile], modes: list[st
                                           confidence=args.confidence, pipeline=run.pipeline)
                         res, wall = await _run_prompts(nc, prompts, spec, n, f"{mode}-{run.policy}", args.timeout)
                         agg = summarize(res, wall)
-                        if run.policy == "fixed":
-                            fixed_agg = agg
+                        if run.spec_policy == "fixed" and not run.pipeline and run.gamma == args.gamma:
+                            fixed_agg = agg  # the analytic policy's measurements (fixed or sweep at --gamma)
                         records.append(_record(args, mode, run.policy, link, agg, ar["tokens_per_s"],
                                                predicted_speedup(agg, link, t_ar), gamma=run.gamma))
                         log(_line(records[-1]))
@@ -250,14 +250,16 @@ def bench_hf_peer(args, prompts, log) -> list[dict]:
     return out
 
 
-def plot(records: list[dict], out_dir: Path) -> list[str]:
+def plot(records: list[dict], out_dir: Path, gamma: int) -> list[str]:
+    """Runs at the fixed gamma (or the sweep's run at it): speedup per uplink rate, and bytes per token."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    served = [r for r in records if r.get("link_up_bps") and r["policy"] == "fixed" and r["mode"] != "ar"]
+    served = [r for r in records if r.get("link_up_bps") and r["mode"] != "ar"
+              and r["policy"] in ("fixed", f"fixed-{gamma}")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode in sorted({r["mode"] for r in served}):
         pts = sorted((r["link_up_bps"], r["speedup_vs_ar"]) for r in served if r["mode"] == mode)
@@ -361,6 +363,6 @@ def cmd_bench(args) -> int:
     }
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     (out_dir / "table.md").write_text(table(records))
-    plots = plot(records, out_dir)
+    plots = plot(records, out_dir, args.gamma)
     log(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'table.md'} and {', '.join(plots)}")
     return 0

@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from shared import bus
 from shared.bus import INSTANCE_HEADER, SUBJECTS, extract_context
+from shared.draft_length import AdaptiveGamma, CostModel, make_policy
 from shared.engine import RemoteError, new_session, speculate
 from shared.models.runtime import load_model
 from shared.params import ParamError
@@ -139,6 +140,7 @@ async def start(ctx: ServiceContext) -> None:
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
     slots = asyncio.Semaphore(args.max_concurrent)
     tasks: set[asyncio.Task] = set()
+    warm: dict[tuple[str, int], CostModel] = {}  # adaptive draft length: per (mode, K), across sessions
     loop = asyncio.get_running_loop()
 
     async def compute(fn):
@@ -165,9 +167,14 @@ async def start(ctx: ServiceContext) -> None:
                 await publish(SUBJECTS.stream(job.id),
                               {"id": job.id, "text": text.push(new), "token_ids": new, "done": False}, job.format)
 
+        key = (job.spec.mode, job.spec.k)
+        policy = make_policy(job.spec.policy, job.spec.gamma, warm.get(key))
         result = await speculate(
-            session, link, decode=model.decode, compute=compute, on_round=on_round, tracer=ctx.tracer
+            session, link, decode=model.decode, compute=compute, on_round=on_round, tracer=ctx.tracer,
+            policy=policy,
         )
+        if isinstance(policy, AdaptiveGamma):  # the next session on this device starts from what this one learnt
+            warm[key] = policy.model
         body = {"id": job.id, **{k: v for k, v in result.to_dict().items() if k != "rounds"}}
         body["stats"].update(draft_instance=ctx.instance, verifier_instances=link.instances,
                              seed=job.params.seed)
