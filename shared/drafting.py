@@ -30,7 +30,6 @@ class Prefetch:
     base: int  # the committed length they continue from (-1: nothing usable)
     tokens: list[int]
     rows: list
-    draft_s: float
     guess: int | None = None  # the draft's guess of the in-flight round's target token
     stopped: bool = False  # the confidence stop ended it: do not draft on after these
 
@@ -95,10 +94,10 @@ class DraftSession:
             more, more_rows, _ = self._draft(tokens, gamma - len(tokens))
             tokens, rows = tokens + more, rows + more_rows
         reopen = not self.verifier_knows_session
-        split = self.spec.mode == "dssd" and bool(tokens)
+        block = ProposalBlock.from_rows(rows, self.vocab_size, self.spec.quant) if tokens else None
+        split = self.spec.mode == "dssd" and block is not None
         if split:  # uplink: tokens and q_i(x_i) only; q itself stays here for the correction
             self._rows[self.round] = rows
-            block = ProposalBlock.from_rows(rows, self.vocab_size, self.spec.quant)
             draft_probs = np.array([block.prob_of(i, t) for i, t in enumerate(tokens)], dtype=np.float64)
         req = VerifyRequest(
             session=self.session,
@@ -106,7 +105,7 @@ class DraftSession:
             base=len(self.committed),
             last_token=self.committed[-1],
             tokens=np.asarray(tokens, dtype=np.int64),
-            proposals=ProposalBlock.from_rows(rows, self.vocab_size, self.spec.quant) if tokens and not split else None,
+            proposals=None if split else block,
             draft_probs=draft_probs if split else None,
             vocab_size=self.vocab_size,
             history=np.asarray(self.committed, dtype=np.int64) if reopen else None,
@@ -124,15 +123,14 @@ class DraftSession:
         position draws its own seeded uniform, so a kept prefetch is bit-identical to drafting afresh after the
         verdict: pipelining changes timing, never tokens. Stops early once `cancelled()` (the verdict arrived).
         """
-        t0 = time.perf_counter()
         remaining = self.params.max_new_tokens - len(self.generated) - len(req.tokens) - 1
         tokens = [int(t) for t in req.tokens]
         if self._seq is None or (tokens and tokens[-1] in self.eos_ids) or remaining < 1:
-            return Prefetch(base=-1, tokens=[], rows=[], draft_s=0.0)
+            return Prefetch(base=-1, tokens=[], rows=[])
         guess, rows, stopped = self._draft(tokens, n + 1, cancelled)
         return Prefetch(
-            base=req.base + len(tokens) + 1, tokens=guess[1:], rows=rows[1:], draft_s=time.perf_counter() - t0,
-            guess=guess[0] if guess else None, stopped=stopped,
+            base=req.base + len(tokens) + 1, tokens=guess[1:], rows=rows[1:], guess=guess[0] if guess else None,
+            stopped=stopped,
         )
 
     def _draft(
