@@ -47,7 +47,9 @@ ip -n $EDGE link set dw-e up
 ip -n $DEV link set dw-d up
 tc -n $DEV qdisc add dev dw-d root tbf rate "$UP" burst 32kb latency 2s
 tc -n $EDGE qdisc add dev dw-e root tbf rate "$DOWN" burst 32kb latency 2s
-echo "netns-tbf: uplink $UP, downlink $DOWN (tc tbf); $(ip netns exec $DEV ping -c 3 -q $EDGE_IP | tail -1)"
+rtt="no ping binary to measure the veth RTT"
+command -v ping >/dev/null && rtt=$(ip netns exec $DEV ping -c 3 -q $EDGE_IP | tail -1)
+echo "netns-tbf: uplink $UP, downlink $DOWN (tc tbf); $rtt"
 
 nats_bin=$($PY -c 'from shared.natsserver import nats_server_binary; print(nats_server_binary())')
 printf 'max_payload: 8MB\n' > "$work/nats.conf"

@@ -21,6 +21,7 @@ from shared.models import ModelError, catalog, list_models, load_model, pull, re
 from shared.models import store as store_module
 from shared.models.byte_tokenizer import ByteTokenizer
 from shared.models.kv_sequence import KVSequence
+from shared.models.runtime import WeightOnlyInt8Linear
 from shared.models.wheels import fetch_wheels
 
 SMOL = "smollm2-135m"
@@ -142,6 +143,23 @@ def test_tiny_kv_n_out_covers_cached_tokens_and_validates(tiny):
     torch.testing.assert_close(
         seq.next_logits(tokens[:3]), full_logits(tiny.model, tokens[:3], 1), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize("in_features", [128, 37])  # the kernel's block width, and the fallback's
+def test_weight_only_int8_linear_matches_its_dequantized_weight(in_features):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, 24)
+    layer = WeightOnlyInt8Linear(linear)
+    assert layer.qweight.dtype == torch.int8 and layer.qweight.abs().max() <= 127
+    # one scale per output channel; every weight rounds to within half a step of it, none is clipped
+    step = layer.scales.float()[:, None]
+    assert ((layer.dequantized_weight() - linear.weight.detach()).abs() <= step * 0.5 + 1e-6).all()
+    x = torch.randn(2, 5, in_features)
+    got = layer(x)
+    assert got.dtype == x.dtype and got.shape == (2, 5, 24)
+    expected = torch.nn.functional.linear(x, layer.dequantized_weight(), linear.bias)
+    # the only further error is bfloat16 activations (8 mantissa bits)
+    torch.testing.assert_close(got, expected, atol=0.02 * expected.abs().max().item(), rtol=0)
 
 
 def test_tiny_bf16_and_int8(tiny):
@@ -281,7 +299,9 @@ def test_smollm2_bf16_and_int8(smol):
             for module in (model.model.lm_head, layer.self_attn.q_proj, layer.mlp.up_proj):
                 assert type(module).__module__ == "torch.ao.nn.quantized.dynamic.modules.linear"
                 assert module.weight().dtype == torch.qint8
-            assert type(layer.mlp.down_proj) is torch.nn.Linear  # kept float on purpose (INT8_FLOAT_MODULES)
+            # weight-only on purpose (INT8_WEIGHT_ONLY_MODULES): int8 weights, activations not quantized
+            assert type(layer.mlp.down_proj) is WeightOnlyInt8Linear
+            assert layer.mlp.down_proj.qweight.dtype == torch.int8
         else:
             assert model.model.dtype == torch.bfloat16
         got = model.new_sequence().next_logits(tokens, n_out=len(tokens))
