@@ -95,13 +95,17 @@ class RoundObservation:
     draft_s: float  # draft compute for the round
     round_s: float  # from the start of drafting to the verdict applied
     uplink_bytes: int
+    # The round also (re)built a KV cache from the whole history: a session's first round (the prompt's
+    # prefill on both sides) or a resync. Its times are one-off costs, not per-round or per-token ones.
+    prefill: bool = False
 
 
 @dataclass
 class CostModel:
     """Running estimates of alpha, c and b from finished rounds, exponentially forgetting old ones.
 
-    alpha is the censored-geometric estimate accepted / (accepted + rejections). The time a round spends
+    alpha is the censored-geometric estimate accepted / (accepted + rejections). Prefill rounds count for
+    alpha but not for the costs (see RoundObservation.prefill). The time a round spends
     outside draft compute, round_s - draft_s, is regressed on the number of drafted tokens (recursive least
     squares with forgetting): the slope is what each draft token adds on the way (its uplink bytes at the link's
     rate, its share of the verify forward), the intercept the fixed per-round cost b (RTT, downlink, the rest
@@ -114,6 +118,7 @@ class CostModel:
     prior_weight: float = 2.0
     wait_per_token: float = 0.0
     rounds: int = 0
+    timed_rounds: int = 0  # rounds whose times fed the costs (not prefill rounds)
     _acc: float = 0.0
     _tests: float = 0.0
     _draft_per_token: float | None = None
@@ -135,6 +140,13 @@ class CostModel:
         rejected = 1 if r.accepted < r.drafted else 0
         self._acc = d * self._acc + r.accepted
         self._tests = d * self._tests + r.accepted + rejected
+        if r.prefill:
+            # Counting the prompt's prefill as round cost inflates whichever of slope and intercept the first
+            # round's length happens to load it on: measured on the Qwen pair, a first round of gamma 4 with
+            # ~60 ms of extra wait followed by the gamma/2 probe read as +30 ms per draft token, and the
+            # policy under-drafted (mean gamma 3.4 where the best fixed gamma was 6).
+            return
+        self.timed_rounds += 1
         if r.drafted:
             self._draft_per_token = _ewma(self._draft_per_token, r.draft_s / r.drafted, 1 - d)
         wait = max(r.round_s - r.draft_s, 0.0)
@@ -190,9 +202,10 @@ class AdaptiveGamma:
     probe_every: int = 8
 
     def next_gamma(self) -> int:
-        # Rounds of one length cannot tell per-token from per-round cost: the first two rounds try gamma and
-        # gamma/2, and every `probe_every` rounds one round tries a neighbour of the current optimum.
-        n = self.model.rounds
+        # Rounds of one length cannot tell per-token from per-round cost: the first two timed rounds (after
+        # the prefill round) try gamma and gamma/2, and every `probe_every` rounds one round tries a neighbour
+        # of the current optimum.
+        n = self.model.timed_rounds
         if n < 2:
             return self.gamma if n == 0 else max(1, self.gamma // 2)
         c, b = self.model.costs()

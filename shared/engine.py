@@ -132,7 +132,8 @@ async def speculate(
         )
         stats.rounds.append(rs)
         if rs.drafted:
-            policy.observe(RoundObservation(rs.drafted, rs.accepted, rs.draft_s, rs.round_s, rs.uplink_bytes))
+            policy.observe(RoundObservation(rs.drafted, rs.accepted, rs.draft_s, rs.round_s, rs.uplink_bytes,
+                                            prefill=req.history is not None))
         if on_round is not None:
             await on_round(rs, new)
     stats.wall_s = time.perf_counter() - t_start

@@ -63,6 +63,7 @@ def test_bench_end_to_end_on_tiny_models(tmp_path) -> None:
         assert r["speedup_vs_ar"] > 0
         if r["mode"] != "ar":
             assert r["predicted_speedup"] > 0 and r["mean_gamma"] >= 1
+            assert r["draft_s_per_drafted"] > 0 and r["verify_s_per_round"] > 0  # the costs behind it
     assert {r["mode"] for r in recs if r["link"] == "in-process"} == {"hf-ar", "hf-assisted"}
     slow = next(r for r in served if r["link"] != "lan" and r["mode"] == "ar")
     fast = next(r for r in served if r["link"] == "lan" and r["mode"] == "ar")

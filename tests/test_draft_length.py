@@ -78,6 +78,44 @@ def test_adaptive_policy_follows_the_costs() -> None:
     assert dear_rounds.next_gamma() > cheap_rounds.next_gamma() >= 1
 
 
+def test_prefill_rounds_teach_alpha_but_not_costs() -> None:
+    """A session's first round carries the prompt's prefill: a one-off cost that must not read as per-token."""
+    per_tok, fixed, prefill = 0.07, 0.25, 0.06
+    flagged, unflagged = dl.AdaptiveGamma(4), dl.AdaptiveGamma(4)
+    for policy, mark in ((flagged, True), (unflagged, False)):
+        g = policy.next_gamma()
+        policy.observe(dl.RoundObservation(g, g, (per_tok + 0.02) * g, (per_tok + 0.02) * g + fixed + prefill,
+                                           40 * g, prefill=mark))
+        for _ in range(3):  # then what the rounds really cost: no per-token wait at all
+            g = policy.next_gamma()
+            policy.observe(dl.RoundObservation(g, g - 1, per_tok * g, per_tok * g + fixed, 40 * g))
+    assert flagged.model.rounds == 4 and flagged.model.timed_rounds == 3
+    only_prefill = dl.CostModel()
+    only_prefill.observe(dl.RoundObservation(4, 4, 0.3, 0.6, 160, prefill=True))
+    assert only_prefill.alpha > dl.CostModel().alpha  # acceptance counts...
+    assert only_prefill.costs() == (0.0, 0.0) and not only_prefill.rounds_seen  # ...the times do not
+    c, b = flagged.model.costs()
+    assert c == pytest.approx(per_tok) and b == pytest.approx(fixed)
+    c_biased, _ = unflagged.model.costs()
+    assert c_biased > per_tok + 0.01  # the prefill read as a dearer draft token...
+    assert flagged.next_gamma() > unflagged.next_gamma()  # ...and made the policy draft less
+
+
+def test_engine_marks_the_first_round_as_prefill() -> None:
+    target, draft = bigram_pair(32, seed=6)
+    seen: list[dl.RoundObservation] = []
+
+    class Recording(dl.FixedGamma):
+        def observe(self, r: dl.RoundObservation) -> None:
+            seen.append(r)
+
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    session = new_session(draft, draft, target.eos_token_ids, target.vocab_size, [1], params,
+                          SpecParams(mode="tkslt", gamma=3, k=4))
+    asyncio.run(speculate(session, LocalLink(VerifierCore(target)), decode=draft.decode, policy=Recording(3)))
+    assert len(seen) > 2 and seen[0].prefill and not any(r.prefill for r in seen[1:])
+
+
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="policy"):
         dl.make_policy("magic", 4)

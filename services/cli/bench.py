@@ -204,6 +204,8 @@ def _record(args, mode, policy, link: LinkProfile, agg: dict, ar_tps: float, pre
         "predicted_speedup": predicted,
         "measured_over_predicted": speed / predicted if speed and predicted else None,
         "prefetched_tokens": agg["prefetched"],
+        "draft_s_per_drafted": agg["draft_s_per_drafted"],
+        "verify_s_per_round": agg["verify_s_per_round"],
         "tokens": agg["tokens"],
         "wall_s": agg["wall_s"],
     }
