@@ -52,9 +52,9 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any, extra_tokens: Sequence[str]
 # Linear layers that "int8" quantizes weight-only. The MLP output projections read the activations with the
 # largest outliers; the dynamic int8 kernels quantize activations per tensor (with 7-bit range on x86/fbgemm),
 # which wipes out the rest of the values, so these keep their activations in bfloat16 and only their weights
-# in int8. Measured on this CPU (one thread, greedy argmax agreement with the target over 6 bench prompts x 48
-# tokens, draft step time): Qwen2.5-Coder-1.5B all-dynamic 0.80 / 50 ms, down_proj kept fp32 0.92 / 97 ms,
-# down_proj weight-only 0.90 / 62 ms; SmolLM2-135M 0.52 / 12.2 ms, 0.71 / 16.7 ms, 0.76 / 12.9 ms.
+# in int8. docs/bench/int8/measure.py (agreement with the target's greedy choice / draft step time, one thread):
+# Qwen2.5-Coder-1.5B all-dynamic 0.80 / 52 ms, down_proj kept fp32 0.92 / 107 ms, down_proj weight-only
+# 0.90 / 68 ms; SmolLM2-135M 0.52 / 12.9 ms, 0.71 / 17.5 ms, 0.71 / 13.8 ms.
 INT8_WEIGHT_ONLY_MODULES = ("down_proj",)
 
 
