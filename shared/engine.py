@@ -113,7 +113,7 @@ async def speculate(
                 in_flight.add_done_callback(lambda _f, ev=arrived: ev.set())
                 with tracer.start_as_current_span("predraft"):
                     ahead = await compute(functools.partial(session.predraft, req, gamma, arrived.is_set))
-            verdict, up, down = await in_flight
+            verdict, up, down, rebuilt = await in_flight
             new = session.apply(req, verdict)
             prefetch = ahead if ahead is not None and ahead.matches(session.committed) else None
             span.set_attributes({"draftwire.accepted": verdict.n_accepted, "draftwire.uplink_bytes": up})
@@ -133,7 +133,7 @@ async def speculate(
         stats.rounds.append(rs)
         if rs.drafted:
             policy.observe(RoundObservation(rs.drafted, rs.accepted, rs.draft_s, rs.round_s, rs.uplink_bytes,
-                                            prefill=req.history is not None))
+                                            prefill=rebuilt))
         if on_round is not None:
             await on_round(rs, new)
     stats.wall_s = time.perf_counter() - t_start
@@ -146,8 +146,14 @@ async def speculate(
     )
 
 
-async def _exchange(session: DraftSession, link: Link, req: VerifyRequest) -> tuple[Verdict, int, int]:
-    """One round trip, resending with history when the verifier does not hold the session."""
+async def _exchange(
+    session: DraftSession, link: Link, req: VerifyRequest
+) -> tuple[Verdict, int, int, bool]:
+    """One round trip, resending with history when the verifier does not hold the session.
+
+    Returns the verdict, the bytes up and down, and whether the verifier had to build the session's KV cache
+    from the whole history (the first round, or a resync): such a round's times include a prefill.
+    """
     up_total = down_total = 0
     for _ in range(MAX_RESYNCS_PER_ROUND + 1):
         uplink = req.encode()
@@ -156,7 +162,7 @@ async def _exchange(session: DraftSession, link: Link, req: VerifyRequest) -> tu
         down_total += len(downlink)
         reply = decode_any(downlink)
         if isinstance(reply, Verdict):
-            return reply, up_total, down_total
+            return reply, up_total, down_total, req.history is not None
         if isinstance(reply, ErrorReply) and reply.code == SessionUnknown.code:
             req = session.reopen(req)
             continue

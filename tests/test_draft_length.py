@@ -101,19 +101,23 @@ def test_prefill_rounds_teach_alpha_but_not_costs() -> None:
     assert flagged.next_gamma() > unflagged.next_gamma()  # ...and made the policy draft less
 
 
-def test_engine_marks_the_first_round_as_prefill() -> None:
+def test_engine_marks_first_and_resync_rounds_as_prefill() -> None:
     target, draft = bigram_pair(32, seed=6)
     seen: list[dl.RoundObservation] = []
+    core = VerifierCore(target)
 
     class Recording(dl.FixedGamma):
         def observe(self, r: dl.RoundObservation) -> None:
             seen.append(r)
+            if len(seen) == 3:
+                core.close(session.session)  # the verifier forgets it: round 4 must resend the history
 
-    params = SamplingParams(temperature=0, max_new_tokens=20)
+    params = SamplingParams(temperature=0, max_new_tokens=40)
     session = new_session(draft, draft, target.eos_token_ids, target.vocab_size, [1], params,
                           SpecParams(mode="tkslt", gamma=3, k=4))
-    asyncio.run(speculate(session, LocalLink(VerifierCore(target)), decode=draft.decode, policy=Recording(3)))
-    assert len(seen) > 2 and seen[0].prefill and not any(r.prefill for r in seen[1:])
+    asyncio.run(speculate(session, LocalLink(core), decode=draft.decode, policy=Recording(3)))
+    assert len(seen) > 5
+    assert [i for i, r in enumerate(seen) if r.prefill] == [0, 3]
 
 
 def test_unknown_policy_is_refused() -> None:
