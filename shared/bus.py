@@ -18,7 +18,16 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
 from nats.micro import Request, Service
 from nats.micro import add_service as _micro_add_service
 from opentelemetry import propagate
@@ -32,6 +41,7 @@ log = logging.getLogger(__name__)
 ROOT = "draftwire"
 PROMPT_STREAM = "DRAFTWIRE_PROMPTS"
 PROMPT_CONSUMER = "DRAFTWIRE_SCHEDULER"
+REPLY_CLAIMS_BUCKET = "DRAFTWIRE_REPLY_CLAIMS"
 VERIFY_QUEUE = "verifiers"
 INSTANCE_HEADER = "Draftwire-Instance"  # verifier replies name their instance: the device sticks to it
 _RESERVED_DRAFT_TOKENS = frozenset({"start"})
@@ -238,6 +248,27 @@ async def ensure_prompt_stream(
     return await ensure_prompt_consumer(
         js, ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=max_ack_pending
     )
+
+
+async def ensure_reply_claims(js: JetStreamContext, *, ttl: float) -> KeyValue:
+    """The KV bucket in which schedulers claim reply subjects, one winner each (see the scheduler's docs).
+
+    In memory with a TTL: a claim only has to outlive the requests it arbitrates. If the bucket exists with
+    other settings (another scheduler chose another TTL), it is used as it is.
+    """
+    config = KeyValueConfig(
+        bucket=REPLY_CLAIMS_BUCKET,
+        description="draftwire: which scheduler answers which reply subject",
+        history=1,
+        ttl=ttl,
+        storage=StorageType.MEMORY,
+    )
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != 10058:  # "stream name already in use with a different configuration"
+            raise
+        return await js.key_value(REPLY_CLAIMS_BUCKET)
 
 
 async def ensure_prompt_consumer(

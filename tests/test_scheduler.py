@@ -22,7 +22,9 @@ from opentelemetry.trace import NoOpTracer, SpanKind
 
 from services.scheduler.service import (
     SESSIONS_SUBJECT,
+    Captured,
     ReplyBook,
+    Scheduler,
     build_job,
     build_parser,
     defaults_from_args,
@@ -33,7 +35,14 @@ from services.scheduler.service import (
     sessions_snapshot,
     start,
 )
-from shared.bus import PROMPT_STREAM, SUBJECTS, connect, ensure_prompt_stream
+from shared.bus import (
+    PROMPT_STREAM,
+    REPLY_CLAIMS_BUCKET,
+    SUBJECTS,
+    connect,
+    ensure_prompt_stream,
+    ensure_reply_claims,
+)
 from shared.params import SpecParams
 from shared.requests import GenerateJob, PromptRequest
 from shared.service import READY_PREFIX, ServiceContext
@@ -493,6 +502,45 @@ def test_reply_book_matches_identical_prompts_by_arrival_order():
     )
     books[0].release(13)
     assert books[0].claim(b"other", seq=13, stored_at=100.0, now=100.1) is None
+
+
+def test_reply_books_that_saw_different_orders_still_answer_each_requester_once():
+    # NATS may hand two subscribers copies from different connections in different orders. Each book then
+    # ranks the candidates differently; with a shared claim (the KV bucket, here a set) each requester wins
+    # exactly one stream message.
+    books = [ReplyBook(ttl=10, first_seq=11), ReplyBook(ttl=10, first_seq=11)]
+    for book, order in zip(books, (["r1", "r2"], ["r2", "r1"])):
+        book.calibrate(11)
+        for i, reply in enumerate(order):
+            book.record(b"k", reply, now=100.0 + i * 1e-4)
+    claimed: dict[str, int] = {}
+
+    def answer(book: ReplyBook, seq: int) -> str:
+        for entry in book.candidates(b"k", seq, stored_at=100.0, now=100.1):
+            if claimed.setdefault(entry.reply, seq) == seq:
+                book.take(b"k", entry, seq, stored_at=100.0)
+                return entry.reply
+            book.drop(b"k", entry)
+        raise AssertionError("no reply subject left")
+
+    assert [e.reply for e in books[1].candidates(b"k", 12, 100.0, 100.1)] == ["r1", "r2"]  # it would pick r1
+    first = answer(books[0], 11)
+    second = answer(books[1], 12)
+    assert first == "r1" and second == "r2"
+    assert answer(books[1], 12) == "r2"  # a redelivery finds its entry again
+
+
+async def test_reply_claims_are_exclusive_across_schedulers(nats_server, nc):
+    js = nc.jetstream()
+    claims = await ensure_reply_claims(js, ttl=60)
+    assert (await (await ensure_reply_claims(js, ttl=30)).status()).bucket == REPLY_CLAIMS_BUCKET  # as it is
+    a, b = (Scheduler(nc, NoOpTracer(), name, SpecParams(), 60.0, 2) for name in ("a", "b"))
+    a._claims = b._claims = claims
+    entry = Captured("_INBOX.requester.1", 0.0, 60.0, 0)
+    assert await a._exclusive(entry, seq=7)
+    assert not await b._exclusive(entry, seq=8)  # someone else's message: b must pick another requester
+    assert await b._exclusive(entry, seq=7)  # the same message redelivered to b: still that requester
+    assert await b._exclusive(Captured(None, 0.0, 60.0, 1), seq=9)  # nothing to claim without a reply
 
 
 def test_reply_book_calibrates_on_unique_prompts_and_falls_back_to_time():

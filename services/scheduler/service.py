@@ -7,7 +7,8 @@ seconds. When the consumer hands this scheduler a prompt, it claims the matching
 a second for it because the two copies of a fresh message race. A prompt published while no scheduler ran
 has no known reply subject (its requester is gone anyway): its result goes to `draftwire.results.<id>` only.
 Every result and error is published there too, for fire-and-forget publishers. Identical prompts share a
-digest; `ReplyBook` explains how schedulers still give each requester its own reply.
+digest; `ReplyBook` ranks the candidates and the JetStream KV bucket `DRAFTWIRE_REPLY_CLAIMS` makes each
+claim exclusive (`Scheduler._exclusive`), so schedulers still give each requester exactly one reply.
 
 Acknowledgement. A prompt is acked only after its result or error was published, so delivery is
 at-least-once; a malformed prompt is answered and acked at once, never redelivered. While no draft instance
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.micro import Request
@@ -44,6 +46,7 @@ from shared.bus import (
     ROOT,
     SUBJECTS,
     ensure_prompt_stream,
+    ensure_reply_claims,
     extract_context,
     prompt_subscription,
     validate_token,
@@ -71,6 +74,7 @@ REPLY_WAIT_S = 1.0  # how long a fresh prompt waits for its core-NATS copy (the 
 FRESH_S = 5.0  # a prompt stored longer ago than this had its core copy recorded already, or never will
 CALIBRATE_WINDOW_S = 0.5  # a lone candidate recorded this close to the stored time is surely the one
 MAX_DRAFT_BACKOFF_S = 1.0
+REPLY_CLAIM_MARGIN_S = 60.0  # a claim outlives the book entries it arbitrates (they expire after the timeout)
 SERVICE_ERROR_HEADER = "Nats-Service-Error"
 
 
@@ -204,12 +208,14 @@ class ReplyBook:
     """Reply subjects seen on core NATS, matched to JetStream deliveries by digest. Time is passed in.
 
     Identical prompts share a digest, and every scheduler records every copy, so the schedulers must agree
-    on which entry belongs to which stream message without talking to each other. They use arrival order:
+    on which entry belongs to which stream message. Each ranks the candidates by arrival order:
     the stream numbers the prompts in (practically) the order the core copies arrive, so the entry whose
     index is closest to `seq - offset` wins. The offset is calibrated from the stream's last sequence at
     start and refined by every delivery whose digest has a single candidate. Without an offset, the entry
-    recorded closest in time to when the stream stored the message wins. A claim is remembered per stream
-    sequence, so a redelivery to this instance finds the same reply subject again.
+    recorded closest in time to when the stream stored the message wins. Arrival order can differ between
+    schedulers (NATS does not order copies from different connections across subscribers), so the shell
+    confirms each pick in the claims bucket and moves to the next candidate when another scheduler holds it
+    (`drop`). A pick is remembered per stream sequence, so a redelivery finds the same reply subject again.
     """
 
     def __init__(self, ttl: float, first_seq: int = 1, *, max_entries: int = 100_000):
@@ -234,26 +240,40 @@ class ReplyBook:
         self._order.append((key, entry))
         self.prune(now)
 
-    def claim(self, key: bytes, seq: int, stored_at: float, now: float) -> Captured | None:
+    def candidates(self, key: bytes, seq: int, stored_at: float, now: float) -> list[Captured]:
+        """The entries that may hold this stream message's reply subject, most likely first.
+
+        A message this book already took an entry for gets that entry alone (a redelivery).
+        """
         if (entry := self._claimed.get(seq)) is not None:
-            return entry
+            return [entry]
         if seq < self.first_seq:
-            return None  # stored before we listened: nobody recorded its reply subject
+            return []  # stored before we listened: nobody recorded its reply subject
         live = [e for e in self._pending.get(key, ()) if e.expires_at > now]
-        if not live:
-            return None
-        if len(live) == 1:
-            entry = live[0]
-            if abs(entry.recorded_at - stored_at) <= CALIBRATE_WINDOW_S:
-                self.offset = seq - entry.index
-        elif self.offset is not None:
+        if len(live) > 1 and self.offset is not None:
             expected = seq - self.offset
-            entry = min(live, key=lambda e: (abs(e.index - expected), abs(e.recorded_at - stored_at)))
-        else:
-            entry = min(live, key=lambda e: abs(e.recorded_at - stored_at))
+            return sorted(live, key=lambda e: (abs(e.index - expected), abs(e.recorded_at - stored_at)))
+        return sorted(live, key=lambda e: abs(e.recorded_at - stored_at))
+
+    def take(self, key: bytes, entry: Captured, seq: int, stored_at: float) -> None:
+        """`entry` answers stream message `seq`; a lone, timely candidate also calibrates the offset."""
+        if self._claimed.get(seq) is entry:
+            return
+        if self._pending.get(key) == [entry] and abs(entry.recorded_at - stored_at) <= CALIBRATE_WINDOW_S:
+            self.offset = seq - entry.index
         self._discard(key, entry)
         self._claimed[seq] = entry
-        return entry
+
+    def drop(self, key: bytes, entry: Captured) -> None:
+        """Another scheduler answers this entry's requester: it is no candidate here any more."""
+        self._discard(key, entry)
+
+    def claim(self, key: bytes, seq: int, stored_at: float, now: float) -> Captured | None:
+        """The most likely entry, taken (what one scheduler alone does; several also check `ReplyClaims`)."""
+        found = self.candidates(key, seq, stored_at, now)
+        if found:
+            self.take(key, found[0], seq, stored_at)
+        return found[0] if found else None
 
     def may_arrive(self, seq: int, stored_at: float, now: float) -> bool:
         """Whether waiting can still bring this prompt's core copy (the two copies race by milliseconds)."""
@@ -317,10 +337,12 @@ class Scheduler:
         self._loop_task: asyncio.Task | None = None
         self._capture = None
         self._psub = None
+        self._claims = None
 
     async def start(self) -> None:
         js = self.nc.jetstream()
         await ensure_prompt_stream(js, ack_wait=ACK_WAIT_S, max_deliver=MAX_DELIVER)
+        self._claims = await ensure_reply_claims(js, ttl=self.timeout + REPLY_CLAIM_MARGIN_S)
         # Listen before pulling, so every prompt stored from now on has its reply subject recorded; those
         # stored before (up to first_seq) never will, and need not be waited for.
         self.book.first_seq = (await js.stream_info(PROMPT_STREAM)).state.last_seq + 1
@@ -357,13 +379,40 @@ class Scheduler:
         deadline = time.monotonic() + REPLY_WAIT_S
         while True:
             recorded = self._recorded
-            if (entry := self.book.claim(key, s.seq, stored_at, time.time())) is not None:
-                return entry.reply
+            for entry in self.book.candidates(key, s.seq, stored_at, time.time()):
+                if await self._exclusive(entry, s.seq):
+                    self.book.take(key, entry, s.seq, stored_at)
+                    return entry.reply
+                self.book.drop(key, entry)
             left = deadline - time.monotonic()
             if left <= 0 or not self.book.may_arrive(s.seq, stored_at, time.time()):
                 return None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(recorded.wait(), left)
+
+    async def _exclusive(self, entry: Captured, seq: int) -> bool:
+        """Whether this reply subject is ours to answer for stream message `seq`, across all schedulers.
+
+        Each scheduler orders identical prompts by the arrival order it saw, and NATS may deliver copies
+        from different connections to two subscribers in different orders; so two schedulers could both
+        pick one requester's reply subject and leave another requester with none. The first to create the
+        subject's key in the claims bucket wins it; the other moves on to its next candidate.
+        """
+        if entry.reply is None or self._claims is None:
+            return True
+        name = "r" + hashlib.blake2b(entry.reply.encode(), digest_size=16).hexdigest()
+        mine = str(seq).encode()
+        try:
+            await self._claims.create(name, mine)
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                held = await self._claims.get(name)
+                return held.value == mine  # ours already (a redelivery of the same message)
+            return False
+        except Exception:  # the bucket is unreachable: answer on our own guess rather than not at all
+            log.warning("reply claim for stream message %d failed; answering without it", seq, exc_info=True)
+            return True
 
     # JetStream copy: the durable work queue
     async def _pull_loop(self) -> None:
