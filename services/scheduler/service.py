@@ -342,7 +342,11 @@ class Scheduler:
     async def start(self) -> None:
         js = self.nc.jetstream()
         await ensure_prompt_stream(js, ack_wait=ACK_WAIT_S, max_deliver=MAX_DELIVER)
-        self._claims = await ensure_reply_claims(js, ttl=self.timeout + REPLY_CLAIM_MARGIN_S)
+        try:
+            self._claims = await ensure_reply_claims(js, ttl=self.timeout + REPLY_CLAIM_MARGIN_S)
+        except Exception:  # e.g. a server with no JetStream memory store: fine for a lone scheduler
+            log.warning("no reply-claims bucket; several schedulers may disagree on identical prompts",
+                        exc_info=True)
         # Listen before pulling, so every prompt stored from now on has its reply subject recorded; those
         # stored before (up to first_seq) never will, and need not be waited for.
         self.book.first_seq = (await js.stream_info(PROMPT_STREAM)).state.last_seq + 1
