@@ -269,7 +269,7 @@ class ReplyBook:
         self._discard(key, entry)
 
     def claim(self, key: bytes, seq: int, stored_at: float, now: float) -> Captured | None:
-        """The most likely entry, taken (what one scheduler alone does; several also check `ReplyClaims`)."""
+        """The most likely entry, taken: a lone scheduler's pick (the service confirms each in `_exclusive`)."""
         found = self.candidates(key, seq, stored_at, now)
         if found:
             self.take(key, found[0], seq, stored_at)
