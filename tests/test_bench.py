@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,11 @@ def test_bench_refuses_bad_flags() -> None:
         proc = subprocess.run([sys.executable, "-m", "services.cli", "bench", *extra], capture_output=True,
                               text=True, timeout=60, check=False)
         assert proc.returncode == 2 and "error" in proc.stderr, extra
+
+
+@pytest.mark.parametrize("args", [[], ["smollm2-135m"]])
+def test_int8_measurement_script_refuses_unpaired_arguments(args) -> None:
+    script = Path(__file__).resolve().parents[1] / "docs" / "bench" / "int8" / "measure.py"
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 2 and "usage:" in proc.stderr and "pairs" in proc.stderr

@@ -102,9 +102,11 @@ class WeightOnlyInt8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=int8, x={self.compute_dtype}"
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+def quantize_int8(
+    model: torch.nn.Module, weight_only: Sequence[str] = INT8_WEIGHT_ONLY_MODULES
+) -> torch.nn.Module:
     """int8 weights for every nn.Linear (lm_head included): dynamic int8 where activations tolerate it,
-    weight-only int8 for INT8_WEIGHT_ONLY_MODULES.
+    weight-only int8 for the layers named in `weight_only` (by their last name component).
 
     Lets a device draft with a smaller, faster copy of a model. The dynamic layers' activation scale is per
     forward call, so logits depend slightly on which tokens share a call (a cached and a from-scratch forward
@@ -115,7 +117,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     spec = {}
     for name, module in linears:
-        if name.rsplit(".", 1)[-1] in INT8_WEIGHT_ONLY_MODULES:
+        if name.rsplit(".", 1)[-1] in weight_only:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, WeightOnlyInt8Linear(module))
         else:

@@ -18,31 +18,27 @@ import warnings
 import torch
 
 from services.cli.remote import load_prompts
-from shared.models import runtime
-from shared.models.runtime import load_model
+from shared.models.runtime import load_model, quantize_int8
 
-VARIANTS = {"dynamic": (), "fp32": ("down_proj",), "weight-only": ("down_proj",)}
+VARIANTS = ("dynamic", "fp32", "weight-only")
+USAGE = "usage: python docs/bench/int8/measure.py MODEL TARGET_DTYPE [MODEL TARGET_DTYPE ...]"
 
 
 def build(name: str, variant: str):
     model = load_model(name, "fp32", progress=False)
-    keep = [n for n, m in model.model.named_modules() if n.endswith("down_proj")] if variant == "fp32" else []
-    saved = runtime.INT8_WEIGHT_ONLY_MODULES
-    runtime.INT8_WEIGHT_ONLY_MODULES = () if variant == "dynamic" else ("down_proj",)
-    try:
-        if variant == "fp32":  # hide down_proj from the quantizer, then put it back untouched
-            originals = {n: model.model.get_submodule(n) for n in keep}
-            for n in keep:
-                parent, _, attr = n.rpartition(".")
-                setattr(model.model.get_submodule(parent), attr, torch.nn.Identity())
-            runtime.quantize_int8(model.model)
-            for n, m in originals.items():
-                parent, _, attr = n.rpartition(".")
-                setattr(model.model.get_submodule(parent), attr, m)
-        else:
-            runtime.quantize_int8(model.model)
-    finally:
-        runtime.INT8_WEIGHT_ONLY_MODULES = saved
+    if variant == "dynamic":
+        quantize_int8(model.model, weight_only=())
+    elif variant == "weight-only":
+        quantize_int8(model.model)
+    else:  # fp32: hide down_proj from the quantizer, then put it back untouched
+        originals = {n: m for n, m in model.model.named_modules() if n.endswith("down_proj")}
+        for n in originals:
+            parent, _, attr = n.rpartition(".")
+            setattr(model.model.get_submodule(parent), attr, torch.nn.Identity())
+        quantize_int8(model.model)
+        for n, m in originals.items():
+            parent, _, attr = n.rpartition(".")
+            setattr(model.model.get_submodule(parent), attr, m)
     return model
 
 
@@ -69,7 +65,10 @@ def step_ms(model, prompt: str, n: int = 24) -> float:
     return (time.perf_counter() - t0) / n * 1000
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
+    if not argv or len(argv) % 2:
+        print(f"{USAGE}\nerror: expected model and target dtype pairs, got {argv}", file=sys.stderr)
+        return 2
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     prompts = [row["prompt"] for row in load_prompts(None, 6)]
@@ -90,7 +89,8 @@ def main(argv: list[str]) -> None:
         print(json.dumps(row), file=sys.stderr, flush=True)
         out.append(row)
     print(json.dumps(out, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
