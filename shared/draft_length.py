@@ -142,9 +142,9 @@ class CostModel:
         self._tests = d * self._tests + r.accepted + rejected
         if r.prefill:
             # Counting the prompt's prefill as round cost inflates whichever of slope and intercept the first
-            # round's length happens to load it on: measured on the Qwen pair, a first round of gamma 4 with
-            # ~60 ms of extra wait followed by the gamma/2 probe read as +30 ms per draft token, and the
-            # policy under-drafted (mean gamma 3.4 where the best fixed gamma was 6).
+            # round's length happens to load it on: a first round of gamma 4 with the prefill's extra wait,
+            # then the gamma/2 probe, reads as a dearer draft token, and the policy under-drafted
+            # (docs/bench/qwen-gamma-before-prefill-fix: mean gamma 3.4 where fixed gamma 6 was faster).
             return
         self.timed_rounds += 1
         if r.drafted:
