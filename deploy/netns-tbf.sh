@@ -51,7 +51,7 @@ rtt="no ping binary to measure the veth RTT"
 command -v ping >/dev/null && rtt=$(ip netns exec $DEV ping -c 3 -q $EDGE_IP | tail -1)
 echo "netns-tbf: uplink $UP, downlink $DOWN (tc tbf); $rtt"
 
-nats_bin=$($PY -c 'from shared.natsserver import nats_server_binary; print(nats_server_binary())')
+nats_bin=$($PY -c 'from shared.io.nats_server import nats_server_binary; print(nats_server_binary())')
 printf 'max_payload: 8MB\n' > "$work/nats.conf"
 ip netns exec $EDGE "$nats_bin" -c "$work/nats.conf" -a $EDGE_IP -p 4222 -js -sd "$work/js" >"$work/nats.log" 2>&1 &
 pids+=($!)
@@ -74,8 +74,8 @@ ip netns exec $EDGE $PY - "$url" "$MODES" "$PROMPTS" "$TOKENS" "$UP" "$DOWN" "$D
 """Runs the prompts per mode against the stack in the namespaces and writes results.json."""
 import asyncio, json, sys, time
 from services.cli.remote import ask, load_prompts, request_body
-from shared.bus import connect
-from shared.params import SamplingParams, SpecParams
+from shared.io.bus import connect
+from shared.core.params import SamplingParams, SpecParams
 
 url, modes, n_prompts, n, up, down, draft, target, out = sys.argv[1:]
 n, prompts = int(n), load_prompts(None, int(n_prompts))

@@ -11,8 +11,8 @@ import asyncio
 import json
 import sys
 
-from shared.bus import connect
-from shared.service import DEFAULT_NATS_URL, env
+from shared.io.bus import connect
+from shared.io.service_shell import DEFAULT_NATS_URL, env
 
 
 async def _ping(url: str, name: str, timeout: float) -> bool:

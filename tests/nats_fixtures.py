@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest_asyncio
 
-from shared.bus import connect
-from shared.natsserver import EmbeddedNats
+from shared.io.bus import connect
+from shared.io.nats_server import EmbeddedNats
 
 __all__ = ["nats_server", "nc"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from services.cli.bench import costs, parse_links, predicted_speedup, summarize, table
-from shared.draft_length import expected_tokens
-from shared.link import LinkError, LinkProfile
+from shared.core.draft_length_policy import expected_tokens
+from shared.core.link_profile import LinkError, LinkProfile
 
 
 def test_parse_links() -> None:

@@ -56,8 +56,8 @@ def _sentinel(value: str) -> str:
 
 def test_link_service_is_a_real_entry_point_behind_a_profile() -> None:
     link = SERVICES["link"]
-    assert link["profiles"] == ["radio"] and link["command"] == ["python", "-m", "services.link"]
-    out = subprocess.run([sys.executable, "-m", "services.link", "--help"], cwd=ROOT, capture_output=True,
+    assert link["profiles"] == ["radio"] and link["command"] == ["python", "-m", "services.link_emulator"]
+    out = subprocess.run([sys.executable, "-m", "services.link_emulator", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=False)
     assert out.returncode == 0 and "--link" in out.stdout
     env = _env("link")
@@ -69,7 +69,8 @@ def test_link_service_is_a_real_entry_point_behind_a_profile() -> None:
 @pytest.mark.parametrize("name", [*DRAFTWIRE, "link"])
 def test_every_environment_variable_is_read_by_the_code(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Setting each variable the compose file sets changes what the service's own parser ends up with."""
-    build_parser = importlib.import_module(f"services.{name}.service").build_parser
+    module = "link_emulator" if name == "link" else name
+    build_parser = importlib.import_module(f"services.{module}.service").build_parser
     for var, value in _env(name).items():
         if var == "DRAFTWIRE_CACHE":
             from shared.models.cache import cache_root

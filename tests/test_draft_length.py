@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import special
 
-from shared import draft_length as dl
-from shared.engine import LocalEngine, LocalLink, new_session, speculate
-from shared.params import ParamError, SamplingParams, SpecParams
-from shared.verifying import VerifierCore
+from shared.core import draft_length_policy as dl
+from shared.core.params import ParamError, SamplingParams, SpecParams
+from shared.core.speculation import InProcessEdge, LocalEngine, new_session, speculate
+from shared.core.verifier_sessions import VerifierCore
 from tests.toy_models import bigram_pair
 
 
@@ -115,7 +115,7 @@ def test_engine_marks_first_and_resync_rounds_as_prefill() -> None:
     params = SamplingParams(temperature=0, max_new_tokens=40)
     session = new_session(draft, draft, target.eos_token_ids, target.vocab_size, [1], params,
                           SpecParams(mode="tkslt", gamma=3, k=4))
-    asyncio.run(speculate(session, LocalLink(core), decode=draft.decode, policy=Recording(3)))
+    asyncio.run(speculate(session, InProcessEdge(core), decode=draft.decode, policy=Recording(3)))
     assert len(seen) > 5
     assert [i for i, r in enumerate(seen) if r.prefill] == [0, 3]
 
@@ -152,7 +152,7 @@ def test_confidence_stop_drafts_less_when_unsure() -> None:
     assert conf["acceptance_rate"] > fixed["acceptance_rate"]
 
 
-class _SlowLink(LocalLink):
+class _SlowLink(InProcessEdge):
     """The edge in this process behind a 20 ms round trip."""
 
     async def exchange(self, uplink, req):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from shared.engine import LocalEngine
-from shared.params import ParamError, SamplingParams, SpecParams
-from shared.warpers import warp
+from shared.core.params import ParamError, SamplingParams, SpecParams
+from shared.core.speculation import LocalEngine
+from shared.core.warpers import warp
 from tests.toy_models import BigramModel, bigram_pair
 
 V = 4
@@ -142,15 +142,15 @@ def test_evicted_sessions_are_rebuilt_from_history_with_identical_output(mode: s
     which then comes back as `unknown_session`, is resent with its history, and rebuilt. Same tokens."""
     import asyncio
 
-    from shared.engine import LocalLink, new_session, speculate
-    from shared.verifying import VerifierCore
+    from shared.core.speculation import InProcessEdge, new_session, speculate
+    from shared.core.verifier_sessions import VerifierCore
 
     target, draft = bigram_pair(16, seed=4)
     params = SamplingParams(temperature=1.0, seed=77, max_new_tokens=40)
     spec = SpecParams(mode=mode, gamma=3, k=4)
     want = LocalEngine(target, draft).generate([2], params, spec).token_ids
 
-    class YieldingLink(LocalLink):
+    class YieldingLink(InProcessEdge):
         async def exchange(self, uplink, req):
             await asyncio.sleep(0)  # let the other generation run a round in between
             return await super().exchange(uplink, req)

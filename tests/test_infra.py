@@ -15,24 +15,21 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NoOpTracer, SpanKind
 
-from shared import tracing
-from shared.bus import (
+from shared.io import tracing
+from shared.io.bus import (
     PROMPT_CONSUMER,
     PROMPT_STREAM,
     SUBJECTS,
-    add_service,
     connect,
-    draft_instance_subject,
     ensure_prompt_stream,
     extract_context,
     inject_headers,
     prompt_subscription,
     request,
-    stream_subject,
     validate_token,
-    verify_instance_subject,
 )
-from shared.natsserver import DEFAULT_MAX_PAYLOAD, EmbeddedNats, is_reachable, nats_server_binary
+from shared.io.nats_server import DEFAULT_MAX_PAYLOAD, EmbeddedNats, is_reachable, nats_server_binary
+from shared.io.service_shell import ServiceContext, register
 from tests.nats_fixtures import *
 from tests.otlp_receiver import *
 
@@ -113,7 +110,7 @@ async def test_server_dies_with_its_parent(tmp_path):
     """kill -9 of the parent (no stop(), no atexit) must not leave an orphan nats-server."""
     script = (
         "import asyncio, sys\n"
-        "from shared.natsserver import EmbeddedNats\n"
+        "from shared.io.nats_server import EmbeddedNats\n"
         "async def main():\n"
         "    s = await EmbeddedNats().start()\n"
         "    print(s.pid, flush=True)\n"
@@ -208,7 +205,8 @@ async def test_micro_service_answers_srv_ping_info_stats(nc):
     async def echo(req):
         await req.respond(b"echo:" + req.data)
 
-    svc = await add_service(nc, "dw-verifier", "0.1.0", "test verifier", {SUBJECTS.verify: echo}, "verifiers")
+    ctx = ServiceContext(name="verifier", instance="v1", args=None, nc=nc, tracer=None)
+    svc = await register(ctx, "dw-verifier", "test verifier", [(SUBJECTS.verify, echo, "verifiers")])
     try:
         reply = await nc.request(SUBJECTS.verify, b"hi", timeout=2)
         assert reply.data == b"echo:hi"
@@ -233,8 +231,9 @@ async def test_micro_service_answers_srv_ping_info_stats(nc):
 _RESPONDER = """
 import asyncio, sys
 from opentelemetry.trace import SpanKind
-from shared.bus import add_service, connect, extract_context
-from shared.tracing import setup_tracing, shutdown_tracing
+from shared.io.bus import connect, extract_context
+from shared.io.service_shell import ServiceContext, register
+from shared.io.tracing import setup_tracing, shutdown_tracing
 
 async def main(url):
     tracer = setup_tracing("dw-test-responder", instance="r1")
@@ -246,7 +245,8 @@ async def main(url):
             await req.respond(b"pong:" + req.data)
         done.set()
 
-    await add_service(nc, "dw-test-responder", "0.1.0", "test", {"draftwire.test.ping": handle})
+    ctx = ServiceContext(name="responder", instance="r1", args=None, nc=nc, tracer=tracer)
+    await register(ctx, "dw-test-responder", "test", [("draftwire.test.ping", handle, "q")])
     print("READY", flush=True)
     await asyncio.wait_for(done.wait(), 20)
     await nc.drain()
@@ -320,18 +320,15 @@ def test_tracing_disabled_without_endpoint(monkeypatch):
 
 def test_subjects_are_built_and_validated():
     assert SUBJECTS.prompts == "draftwire.prompts" and SUBJECTS.verify == "draftwire.verify"
-    assert stream_subject("r-42") == "draftwire.stream.r-42"
-    assert verify_instance_subject("gpu_0") == "draftwire.verify.gpu_0"
-    assert draft_instance_subject("phone-1") == "draftwire.draft.phone-1"
+    assert SUBJECTS.stream("r-42") == "draftwire.stream.r-42"
+    assert SUBJECTS.verify_instance("gpu_0") == "draftwire.verify.gpu_0"
     assert SUBJECTS.draft_start == "draftwire.draft.start"
     assert SUBJECTS.events_round == "draftwire.events.round"
     assert SUBJECTS.events_request == "draftwire.events.request"
     for bad in ("", "a.b", "a b", "a*", "x>", "tab\there", "x" * 300):
         with pytest.raises(ValueError, match="id|token|long"):
-            stream_subject(bad)
+            SUBJECTS.stream(bad)
     with pytest.raises(ValueError, match="verifier instance 'v.1'.*'\\.'"):
-        verify_instance_subject("v.1")
-    with pytest.raises(ValueError, match="reserved"):
-        draft_instance_subject("start")
+        SUBJECTS.verify_instance("v.1")
     with pytest.raises(ValueError):
         validate_token(None)  # type: ignore[arg-type]

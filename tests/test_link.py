@@ -7,8 +7,16 @@ import time
 
 import pytest
 
-from shared.link import PROFILES, LinkError, LinkProfile, Shaper, parse_link, parse_rate, parse_time
-from shared.linkproxy import LinkProxy, ShapedLink
+from shared.core.link_profile import (
+    PROFILES,
+    LinkError,
+    LinkProfile,
+    Shaper,
+    parse_link,
+    parse_rate,
+    parse_time,
+)
+from shared.io.link_emulator import LinkProxy, ShapedEdge
 
 
 def test_profiles_and_overrides() -> None:
@@ -94,7 +102,7 @@ async def test_shaped_link_waits_like_the_wire() -> None:
         async def exchange(self, uplink, req):
             return b"r" * 1000
 
-    link = ShapedLink(Echo(), LinkProfile("t", up_bps=8e5, down_bps=8e6, rtt_s=0.040))
+    link = ShapedEdge(Echo(), LinkProfile("t", up_bps=8e5, down_bps=8e6, rtt_s=0.040))
     t0 = time.monotonic()
     await link.exchange(b"u" * 10_000, None)  # 100 ms up + 1 ms down + 40 ms RTT
     assert 0.140 <= time.monotonic() - t0 < 0.2

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.params import SamplingParams
-from shared.proposal import ProposalBlock
-from shared.protocol import (
+from shared.core.params import SamplingParams
+from shared.core.proposal import ProposalBlock
+from shared.core.protocol import (
     MAX_GAMMA,
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
@@ -193,7 +193,7 @@ def test_numpy_scalars_and_int32_arrays_are_accepted_on_encode() -> None:
 
 
 def test_param_key_table_covers_sampling_params() -> None:
-    from shared.protocol import _PARAM_KEYS
+    from shared.core.protocol import _PARAM_KEYS
 
     assert set(_PARAM_KEYS) == {f.name for f in dataclasses.fields(SamplingParams)}
 

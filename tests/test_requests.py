@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.params import SamplingParams, SpecParams
-from shared.requests import (
+from shared.core.params import SamplingParams, SpecParams
+from shared.core.prompt_request import (
     MAX_PROMPT_BYTES,
     GenerateJob,
     PromptRequest,

@@ -35,7 +35,9 @@ from services.scheduler.service import (
     sessions_snapshot,
     start,
 )
-from shared.bus import (
+from shared.core.params import SpecParams
+from shared.core.prompt_request import GenerateJob, PromptRequest
+from shared.io.bus import (
     PROMPT_STREAM,
     REPLY_CLAIMS_BUCKET,
     SUBJECTS,
@@ -43,9 +45,7 @@ from shared.bus import (
     ensure_prompt_stream,
     ensure_reply_claims,
 )
-from shared.params import SpecParams
-from shared.requests import GenerateJob, PromptRequest
-from shared.service import READY_PREFIX, ServiceContext
+from shared.io.service_shell import READY_PREFIX, ServiceContext
 from tests.nats_fixtures import *
 from tests.otlp_receiver import *
 
@@ -132,7 +132,7 @@ def _canned(job: GenerateJob) -> dict:
 
 @contextlib.asynccontextmanager
 async def scheduler(url: str, *flags: str, instance: str = "sched-test"):
-    """The scheduler in this process, started and stopped the way shared.service runs it."""
+    """The scheduler in this process, started and stopped the way shared.io.service_shell runs it."""
     args = build_parser().parse_args(["--nats", url, "--instance", instance, *flags])
     nc = await connect(url, name=f"draftwire-scheduler-{instance}")
     ctx = ServiceContext(name="scheduler", instance=instance, args=args, nc=nc, tracer=NoOpTracer())

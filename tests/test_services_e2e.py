@@ -26,11 +26,11 @@ import pytest_asyncio
 from nats.aio.client import Client
 
 from services.cli.stack import start_stack
-from shared.bus import SUBJECTS
-from shared.engine import LocalEngine
+from shared.core.params import SamplingParams, SpecParams
+from shared.core.protocol import ErrorReply, ProposalBlock, VerifyRequest, decode_any
+from shared.core.speculation import LocalEngine
+from shared.io.bus import SUBJECTS
 from shared.models.runtime import load_model
-from shared.params import SamplingParams, SpecParams
-from shared.protocol import ErrorReply, ProposalBlock, VerifyRequest, decode_any
 from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -16,8 +16,7 @@ import msgpack
 import pytest
 
 from services.telemetry.service import STATS_SUBJECT, LogLimiter
-from shared.bus import SUBJECTS
-from shared.metrics import (
+from shared.core.telemetry_figures import (
     MAX_EVENT_BYTES,
     OVERFLOW,
     PROMETHEUS_CONTENT_TYPE,
@@ -29,6 +28,7 @@ from shared.metrics import (
     render_prometheus,
     validate_event,
 )
+from shared.io.bus import SUBJECTS
 from tests.nats_fixtures import *
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.draft_length import expected_tokens, optimal_gamma
-from shared.link import PROFILES, LinkError, LinkProfile, parse_link
-from shared.params import MODES, SamplingParams, SpecParams
+from shared.core.draft_length_policy import expected_tokens, optimal_gamma
+from shared.core.link_profile import PROFILES, LinkError, LinkProfile, parse_link
+from shared.core.params import MODES, SamplingParams, SpecParams
 
 PAIRS = {
     "smollm2": (("smollm2-135m", "int8"), ("smollm2-135m", "fp32")),
@@ -129,7 +129,7 @@ def _runs_for(mode: str, policies: list[str], gamma: int, gammas: list[int]) -> 
 async def bench_services(args, prompts, links: list[LinkProfile], modes: list[str], policies: list[str],
                          log) -> list[dict]:
     from services.cli.stack import start_stack
-    from shared.bus import connect
+    from shared.io.bus import connect
 
     args.link = links[0]
     stack = await start_stack(args, quiet=not args.verbose)

@@ -11,7 +11,17 @@ import json
 import secrets
 import sys
 
-from shared.params import MODES, POLICIES, QUANTS, ParamError, SamplingParams, SpecParams
+from shared.core.params import (
+    DEFAULT_GAMMA,
+    DEFAULT_K,
+    DEFAULT_QUANT,
+    MODES,
+    POLICIES,
+    QUANTS,
+    ParamError,
+    SamplingParams,
+    SpecParams,
+)
 
 DEFAULT_DRAFT = ("smollm2-135m", "int8")
 DEFAULT_TARGET = ("smollm2-135m", "fp32")
@@ -30,14 +40,14 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--mode", default="tkslt", choices=MODES,
                    help="ar = target alone; full; tkslt (default); dssd = split verification")
-    g.add_argument("--gamma", type=int, default=4, help="draft tokens per round (adaptive: the first round's)")
+    g.add_argument("--gamma", type=int, default=DEFAULT_GAMMA, help="draft tokens per round (adaptive: the first round's)")
     g.add_argument("--policy", default="fixed", choices=POLICIES,
                    help="draft length: fixed gamma; adaptive (gamma* re-chosen every round); confidence stop")
     g.add_argument("--confidence", type=float, default=0.5,
                    help="policy confidence: stop drafting below this draft top probability")
     g.add_argument("--pipeline", action="store_true", help="keep drafting while a round is verified (PEARL)")
-    g.add_argument("--k", type=int, default=8, help="top-K entries sent per draft position (tkslt)")
-    g.add_argument("--quant", default="f16", choices=QUANTS, help="wire quantization of probabilities")
+    g.add_argument("--k", type=int, default=DEFAULT_K, help="top-K entries sent per draft position (tkslt)")
+    g.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS, help="wire quantization of probabilities")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, reported)")
@@ -69,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from services.cli.remote import generate_remote
 
         return generate_remote(args, sampling, spec)
-    from shared.engine import LocalEngine
+    from shared.core.speculation import LocalEngine
     from shared.models.runtime import load_model
 
     target = load_model(args.target_model, args.target_dtype)
@@ -106,7 +116,7 @@ def add_link_flag(g) -> None:
 
 
 def _link(text: str):
-    from shared.link import LinkError, parse_link
+    from shared.core.link_profile import LinkError, parse_link
 
     try:
         return parse_link(text)
@@ -197,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(check)
     check.add_argument("--draft-dtypes", default="int8,bf16", help="comma-separated draft dtypes to check")
     check.add_argument("--modes", default="full,tkslt")
-    check.add_argument("--gamma", type=int, default=4)
-    check.add_argument("--k", type=int, default=8)
+    check.add_argument("--gamma", type=int, default=DEFAULT_GAMMA)
+    check.add_argument("--k", type=int, default=DEFAULT_K)
     check.add_argument("--max-new-tokens", type=int, default=48)
     check.add_argument("--num-prompts", type=int, default=1000)
     check.add_argument("--prompts", default=None, help="JSONL prompt file (default: the bench set)")
@@ -207,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     over = sub.add_parser("overhead", help="benchmark: NATS + codec cost of one round on loopback (p50/p99)")
     over.add_argument("--rounds", type=int, default=2000)
-    over.add_argument("--gamma", type=int, default=4)
+    over.add_argument("--gamma", type=int, default=DEFAULT_GAMMA)
     over.add_argument("--k-values", type=lambda s: [int(x) for x in s.split(",")], default=[8, 256, 49152],
                       help="comma-separated K values (K = vocab is the full mode)")
     over.add_argument("--vocab", type=int, default=49152)
@@ -223,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="profile names, or ';'-separated --link specs (e.g. 'cell-edge;up=1M,down=5M,rtt=80ms')")
     bench.add_argument("--policies", default="fixed,adaptive,pipelined",
                        help="fixed, sweep, analytic, adaptive, confidence, pipelined, adaptive+pipelined")
-    bench.add_argument("--gamma", type=int, default=4, help="the fixed gamma (and adaptive's first)")
+    bench.add_argument("--gamma", type=int, default=DEFAULT_GAMMA, help="the fixed gamma (and adaptive's first)")
     bench.add_argument("--gammas", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4, 6, 8],
                        help="gammas of the sweep policy")
-    bench.add_argument("--k", type=int, default=8)
+    bench.add_argument("--k", type=int, default=DEFAULT_K)
     bench.add_argument("--confidence", type=float, default=0.5)
     bench.add_argument("--max-prompts", type=int, default=4)
     bench.add_argument("--max-new-tokens", type=int, default=32, help="every prompt makes exactly this many tokens")

@@ -12,8 +12,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from shared.bus import SUBJECTS, connect
-from shared.params import SamplingParams, SpecParams
+from shared.core.params import SamplingParams, SpecParams
+from shared.io.bus import SUBJECTS, connect
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 BENCH_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "bench" / "prompts.jsonl"

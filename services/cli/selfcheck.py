@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from shared.engine import LocalEngine
+from shared.core.params import SamplingParams, SpecParams
+from shared.core.speculation import LocalEngine
 from shared.models.runtime import LoadedModel, load_model
-from shared.params import SamplingParams, SpecParams
 
 
 def hf_greedy(target: LoadedModel, prompt_ids: list[int], n: int) -> list[int]:

@@ -16,12 +16,12 @@ import sys
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from shared.bus import connect, ensure_prompt_stream
-from shared.link import LinkProfile, parse_link
-from shared.linkproxy import LinkProxy
+from shared.core.link_profile import LinkProfile, parse_link
+from shared.io.bus import connect, ensure_prompt_stream
+from shared.io.link_emulator import LinkProxy
+from shared.io.nats_server import EmbeddedNats, _die_with_parent, is_reachable
+from shared.io.service_shell import READY_PREFIX
 from shared.models.cache import cache_root
-from shared.natsserver import EmbeddedNats, _die_with_parent, is_reachable
-from shared.service import READY_PREFIX
 
 SERVICES = ("telemetry", "verifier", "draft", "scheduler")
 READY_TIMEOUT_S = 600.0  # first start may pull and convert models

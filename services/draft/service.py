@@ -1,4 +1,4 @@
-"""Draft (device): runs `shared.engine.speculate` for each job, over a NATS link to the verifiers.
+"""Draft (device): runs `shared.core.speculation.speculate` for each job, over a NATS link to the verifiers.
 
 Jobs arrive from the scheduler on `draftwire.draft.start` (queue group `drafts`); the reply is sent when the
 generation is over. Accepted text is published on `draftwire.stream.<id>` as it is verified, and every round
@@ -19,15 +19,15 @@ import nats.errors
 from nats.micro import Request
 from opentelemetry import trace
 
-from shared import bus
-from shared.bus import INSTANCE_HEADER, SUBJECTS, extract_context
-from shared.draft_length import AdaptiveGamma, CostModel, make_policy
-from shared.engine import RemoteError, new_session, speculate
-from shared.models.runtime import load_model
-from shared.params import ParamError
-from shared.protocol import Verdict, VerifyRequest, decode_any
-from shared.requests import GenerateJob, RequestError, encode_reply, error_body
-from shared.service import (
+from shared.core.draft_length_policy import AdaptiveGamma, CostModel, make_policy
+from shared.core.params import ParamError
+from shared.core.prompt_request import GenerateJob, RequestError, encode_reply, error_body
+from shared.core.protocol import Verdict, VerifyRequest, decode_any
+from shared.core.round_stats import RoundStats
+from shared.core.speculation import RemoteError, new_session, speculate
+from shared.io import bus
+from shared.io.bus import INSTANCE_HEADER, SUBJECTS, extract_context
+from shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
     env_float,
@@ -36,7 +36,7 @@ from shared.service import (
     run,
     service_parser,
 )
-from shared.stats import RoundStats
+from shared.models.runtime import load_model
 
 log = logging.getLogger("draftwire.draft")
 SERVICE_ERROR_HEADER = "Nats-Service-Error"
@@ -60,7 +60,7 @@ def build_parser():
     return p
 
 
-class NatsLink:
+class NatsEdge:
     """One session's path to the edge: sticky to a verifier instance, failing over through the queue group."""
 
     def __init__(self, nc, tracer, verify_timeout: float, verifier_wait: float) -> None:
@@ -152,7 +152,7 @@ async def start(ctx: ServiceContext) -> None:
         except Exception:  # telemetry and streams are best effort; the result reply is what matters
             log.debug("publish to %s failed", subject, exc_info=True)
 
-    async def generate(job: GenerateJob, link: NatsLink) -> dict:
+    async def generate(job: GenerateJob, link: NatsEdge) -> dict:
         session = new_session(
             model, model, model.eos_token_ids, model.vocab_size, job.prompt, job.params, job.spec, job.id
         )
@@ -188,7 +188,7 @@ async def start(ctx: ServiceContext) -> None:
         except RequestError as exc:
             await req.respond(msgpack.packb(error_body(exc.code, str(exc))))
             return
-        link = NatsLink(ctx.nc, ctx.tracer, args.verify_timeout, args.verifier_wait)
+        link = NatsEdge(ctx.nc, ctx.tracer, args.verify_timeout, args.verifier_wait)
         with ctx.tracer.start_as_current_span(
             "draft.generate", context=extract_context(req.headers), kind=trace.SpanKind.SERVER
         ) as span:
@@ -247,4 +247,4 @@ def main(argv: list[str] | None = None) -> None:
     run("draft", build_parser(), start, argv)
 
 
-__all__ = ["NatsLink", "TextStream", "main"]
+__all__ = ["NatsEdge", "TextStream", "main"]

@@ -40,8 +40,28 @@ from nats.aio.msg import Msg
 from nats.micro import Request
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared import bus
-from shared.bus import (
+from shared.core.params import (
+    DEFAULT_GAMMA,
+    DEFAULT_K,
+    DEFAULT_MODE,
+    DEFAULT_POLICY,
+    MODES,
+    POLICIES,
+    ParamError,
+    SamplingParams,
+    SpecParams,
+)
+from shared.core.prompt_request import (
+    REPLY_CONTENT_TYPES,
+    GenerateJob,
+    PromptRequest,
+    RequestError,
+    encode_reply,
+    error_body,
+    parse_prompt,
+)
+from shared.io import bus
+from shared.io.bus import (
     PROMPT_STREAM,
     ROOT,
     SUBJECTS,
@@ -51,17 +71,7 @@ from shared.bus import (
     prompt_subscription,
     validate_token,
 )
-from shared.params import MODES, POLICIES, ParamError, SamplingParams, SpecParams
-from shared.requests import (
-    REPLY_CONTENT_TYPES,
-    GenerateJob,
-    PromptRequest,
-    RequestError,
-    encode_reply,
-    error_body,
-    parse_prompt,
-)
-from shared.service import ServiceContext, env, env_float, env_int, register, run, service_parser
+from shared.io.service_shell import ServiceContext, env, env_float, env_int, register, run, service_parser
 
 log = logging.getLogger("draftwire.scheduler")
 
@@ -82,25 +92,25 @@ def build_parser():
     p = service_parser("scheduler", __doc__.splitlines()[0])
     p.add_argument(
         "--default-mode",
-        default=env("DEFAULT_MODE", "tkslt"),
+        default=env("DEFAULT_MODE", DEFAULT_MODE),
         choices=MODES,
         help="mode for requests that ask for `auto` (the default) [DRAFTWIRE_DEFAULT_MODE]",
     )
     p.add_argument(
         "--default-gamma",
         type=int,
-        default=env_int("DEFAULT_GAMMA", 4),
+        default=env_int("DEFAULT_GAMMA", DEFAULT_GAMMA),
         help="draft tokens per round unless the request sets gamma [DRAFTWIRE_DEFAULT_GAMMA]",
     )
     p.add_argument(
         "--default-k",
         type=int,
-        default=env_int("DEFAULT_K", 8),
+        default=env_int("DEFAULT_K", DEFAULT_K),
         help="top-K per draft position unless the request sets k [DRAFTWIRE_DEFAULT_K]",
     )
     p.add_argument(
         "--default-policy",
-        default=env("DEFAULT_POLICY", "fixed"),
+        default=env("DEFAULT_POLICY", DEFAULT_POLICY),
         choices=POLICIES,
         help="draft-length policy unless the request sets policy [DRAFTWIRE_DEFAULT_POLICY]",
     )
@@ -167,6 +177,7 @@ def build_job(
         spec=resolve_spec(req, defaults),
         stream=req.stream,
         format=fmt,
+        session=secrets.token_hex(16),
     )
 
 

@@ -1,7 +1,7 @@
 """Telemetry: every draftwire event in, Prometheus metrics, JSON stats and a NATS stats endpoint out.
 
 The events subscription has no queue group, so every telemetry instance sees every event and any one of them
-can be scraped for the whole picture. All arithmetic lives in `shared.metrics`; this module only moves bytes
+can be scraped for the whole picture. All arithmetic lives in `shared.core.telemetry_figures`; this module only moves bytes
 and reads the clock. A malformed event is counted in bad_events_total, logged with a rate limit and answered
 with an error when it carries a reply subject; it never stops the service.
 """
@@ -20,8 +20,7 @@ from aiohttp import web
 from nats.aio.msg import Msg
 from nats.micro import Request
 
-from shared.bus import ROOT, SUBJECTS, add_service
-from shared.metrics import (
+from shared.core.telemetry_figures import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_WINDOW_S,
     PROMETHEUS_CONTENT_TYPE,
@@ -30,7 +29,8 @@ from shared.metrics import (
     decode_event,
     render_prometheus,
 )
-from shared.service import VERSION, ServiceContext, env, run, service_parser
+from shared.io.bus import ROOT, SUBJECTS
+from shared.io.service_shell import ServiceContext, env, register, run, service_parser
 
 log = logging.getLogger("draftwire.telemetry")
 
@@ -179,15 +179,13 @@ async def start(ctx: ServiceContext) -> None:
     await ctx.nc.subscribe(SUBJECTS.events_all, cb=on_event)
     runner, url = await serve_http(make_app(agg, lambda: ctx.nc.is_connected), args.http_host, args.http_port)
     ctx.cleanups.append(runner.cleanup)
-    svc = await add_service(
-        ctx.nc,
+    await register(
+        ctx,
         SERVICE_NAME,
-        VERSION,
         "rolling draftwire metrics: acceptance, throughput, bytes per token, round-time breakdown",
-        {STATS_SUBJECT: on_stats},
-        metadata={"instance": ctx.instance, "http": url},
+        [(STATS_SUBJECT, on_stats, "telemetry")],
+        metadata={"http": url},
     )
-    ctx.services.append(svc)
     log.info("telemetry http on %s (window %gs)", url, args.window)
     ctx.ready_info["http"] = url
 

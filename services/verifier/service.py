@@ -3,7 +3,7 @@
 First contact arrives on `draftwire.verify` in the `verifiers` queue group, so any instance can take a new
 session; every reply carries this instance's name in the `Draftwire-Instance` header and the device then
 sticks to `draftwire.verify.<instance>` (session affinity keeps the KV cache warm). Whatever arrives is
-handled by `shared.engine.verify_bytes`, the same function the in-process engine calls; a bad message gets an
+handled by `shared.core.speculation.verify_bytes`, the same function the in-process engine calls; a bad message gets an
 `ErrorReply`, never an exception that could stop the service. Model work runs in one worker thread so the
 event loop keeps answering pings and other sessions' messages while the target computes.
 """
@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from nats.micro import Request
 from opentelemetry import trace
 
-from shared.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
-from shared.engine import verify_bytes
+from shared.core.protocol import MAX_MESSAGE_BYTES, ErrorReply
+from shared.core.speculation import verify_bytes
+from shared.core.verifier_sessions import VerifierCore
+from shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
+from shared.io.service_shell import ServiceContext, add_model_flags, env_int, register, run, service_parser
 from shared.models.runtime import load_model
-from shared.protocol import MAX_MESSAGE_BYTES, ErrorReply
-from shared.service import ServiceContext, add_model_flags, env_int, register, run, service_parser
-from shared.verifying import VerifierCore
 
 log = logging.getLogger("draftwire.verifier")
 

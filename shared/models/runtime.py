@@ -148,6 +148,9 @@ class LoadedModel:
         # The logits width, which may exceed len(tokenizer) (embedding rows padded for efficiency).
         self.vocab_size: int = int(model.config.get_text_config().vocab_size)
         self.eos_token_ids: tuple[int, ...] = _eos_ids(model, tokenizer, extra_eos_tokens)
+        # Positions the model was trained for: prompt + generated tokens may not exceed it.
+        text_config = model.config.get_text_config()
+        self.context_length: int = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 20)
         if getattr(model, "generation_config", None) is not None:
             # So that model.generate() (reference runs, tests) stops where the runtime does.
             model.generation_config.eos_token_id = list(self.eos_token_ids)

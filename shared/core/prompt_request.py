@@ -16,8 +16,18 @@ from dataclasses import asdict, dataclass, fields
 
 import msgpack
 
-from shared.bus import validate_token
-from shared.params import MODES, ParamError, SamplingParams, SpecParams
+from shared.core.params import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_GAMMA,
+    DEFAULT_K,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_POLICY,
+    MODES,
+    ParamError,
+    SamplingParams,
+    SpecParams,
+)
+from shared.io.bus import validate_token
 
 MAX_PROMPT_BYTES = 256 * 1024
 MAX_REQUEST_BYTES = MAX_PROMPT_BYTES + 16 * 1024  # room for the other fields of a JSON/msgpack request
@@ -60,7 +70,7 @@ class PromptRequest:
 
     prompt: str
     id: str
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     min_new_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
@@ -250,10 +260,10 @@ def _validated(kw: dict, new_id: Callable[[], str]) -> PromptRequest:
             max_new_tokens=req.max_new_tokens,
         )
         SpecParams(
-            gamma=req.gamma if req.gamma is not None else 4,
-            k=req.k if req.k is not None else 8,
-            policy=req.policy or "fixed",
-            confidence=req.confidence if req.confidence is not None else 0.5,
+            gamma=req.gamma if req.gamma is not None else DEFAULT_GAMMA,
+            k=req.k if req.k is not None else DEFAULT_K,
+            policy=req.policy or DEFAULT_POLICY,
+            confidence=req.confidence if req.confidence is not None else DEFAULT_CONFIDENCE,
         )
     except ParamError as exc:
         raise RequestError("bad_param", str(exc)) from None
@@ -318,7 +328,7 @@ def _valid_token(value: str) -> bool:
 
 # --- the scheduler -> draft job ---------------------------------------------------------------------------
 
-_JOB_KEYS = frozenset({"id", "prompt", "params", "spec", "stream", "format"})
+_JOB_KEYS = frozenset({"id", "prompt", "params", "spec", "stream", "format", "session", "deadline"})
 
 
 @dataclass(frozen=True)
@@ -331,6 +341,8 @@ class GenerateJob:
     spec: SpecParams
     stream: bool = False
     format: str = "json"
+    session: str = ""  # the generation's own id (never the user's `id`): keys the verifier's KV cache
+    deadline: float = 0.0  # unix seconds after which the work stops with `deadline_exceeded`; 0 = none
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -341,6 +353,8 @@ class GenerateJob:
                 "spec": asdict(self.spec),
                 "stream": self.stream,
                 "format": self.format,
+                "session": self.session,
+                "deadline": self.deadline,
             }
         )
 
@@ -377,8 +391,14 @@ def _decode_job(data: bytes) -> GenerateJob:
         raise RequestError("bad_request", "job prompt must be a non-empty string", request_id=rid)
     if not isinstance(stream, bool) or fmt not in FORMATS:
         raise RequestError("bad_request", f"job stream/format invalid: {stream!r}, {fmt!r}", request_id=rid)
+    session, deadline = obj["session"], obj["deadline"]
+    if not isinstance(session, str) or not _valid_token(session):
+        raise RequestError("bad_request", f"job session must be a valid NATS token, got {session!r}", request_id=rid)
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline) \
+            or deadline < 0:
+        raise RequestError("bad_request", f"job deadline must be unix seconds >= 0, got {deadline!r}", request_id=rid)
     params, spec = _params(SamplingParams, obj["params"], rid), _params(SpecParams, obj["spec"], rid)
-    return GenerateJob(rid, prompt, params, spec, stream, fmt)
+    return GenerateJob(rid, prompt, params, spec, stream, fmt, session, float(deadline))
 
 
 def _params(cls, value: object, rid: str):

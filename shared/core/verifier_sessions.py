@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared.core.params import SamplingParams
+from shared.core.proposal import ProposalBlock, support_row
+from shared.core.protocol import ProtocolError, Verdict, VerifyRequest
+from shared.core.rejection_sampling import split_verify, verify_block
+from shared.core.rng import VERIFY_SIDE, round_rng
+from shared.core.warpers import mask_eos, warp
 from shared.models.runtime import KVSequence, LoadedModel
-from shared.params import SamplingParams
-from shared.proposal import ProposalBlock, support_row
-from shared.protocol import ProtocolError, Verdict, VerifyRequest
-from shared.rng import VERIFY_SIDE, round_rng
-from shared.verification import split_verify, verify_block
-from shared.warpers import mask_eos, warp
 
 
 class SessionUnknown(LookupError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import nats
@@ -28,13 +28,11 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.kv import KeyValue
-from nats.micro import Request, Service
-from nats.micro import add_service as _micro_add_service
 from opentelemetry import propagate
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
-from shared.natsserver import is_reachable
+from shared.io.nats_server import is_reachable
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,6 @@ PROMPT_CONSUMER = "DRAFTWIRE_SCHEDULER"
 REPLY_CLAIMS_BUCKET = "DRAFTWIRE_REPLY_CLAIMS"
 VERIFY_QUEUE = "verifiers"
 INSTANCE_HEADER = "Draftwire-Instance"  # verifier replies name their instance: the device sticks to it
-_RESERVED_DRAFT_TOKENS = frozenset({"start"})
 _BAD_TOKEN = re.compile(r"[\s.*>]")
 _MAX_TOKEN = 256
 
@@ -68,8 +65,14 @@ class Subjects:
     """The subject map. Fixed subjects are fields; per-id subjects are methods that validate the id."""
 
     all: str = f"{ROOT}.>"
-    prompts: str = f"{ROOT}.prompts"
+    prompts: str = f"{ROOT}.prompts"  # micro endpoint, queue group `schedulers` (request/reply)
+    submit: str = f"{ROOT}.submit"  # JetStream, fire-and-forget; results on `results.<id>`
+    cancel_all: str = f"{ROOT}.cancel.*"
+    jobs_all: str = f"{ROOT}.jobs.*"  # internal: accepted jobs, one per request id in flight
+    done_all: str = f"{ROOT}.done.*"  # internal: each session's final result, kept for a replacement scheduler
     verify: str = f"{ROOT}.verify"
+    verifier_info: str = f"{ROOT}.verifier.info"
+    sessions_close: str = f"{ROOT}.sessions.close"
     draft_start: str = f"{ROOT}.draft.start"
     events_round: str = f"{ROOT}.events.round"
     events_request: str = f"{ROOT}.events.request"
@@ -83,29 +86,25 @@ class Subjects:
         """Every final result or error of a prompt, for publishers that sent it without a reply subject."""
         return f"{ROOT}.results.{validate_token(request_id, 'request id')}"
 
+    def cancel(self, request_id: str) -> str:
+        """Publish anything here to cancel request `request_id` (queued or running)."""
+        return f"{ROOT}.cancel.{validate_token(request_id, 'request id')}"
+
+    def jobs(self, request_id: str) -> str:
+        return f"{ROOT}.jobs.{validate_token(request_id, 'request id')}"
+
+    def done(self, session: str) -> str:
+        return f"{ROOT}.done.{validate_token(session, 'session id')}"
+
+    def draft_session(self, session: str) -> str:
+        """Held by the one draft instance running `session`: "no responders" here means nobody runs it."""
+        return f"{ROOT}.draft.session.{validate_token(session, 'session id')}"
+
     def verify_instance(self, instance: str) -> str:
         return f"{ROOT}.verify.{validate_token(instance, 'verifier instance')}"
 
-    def draft_instance(self, instance: str) -> str:
-        validate_token(instance, "draft instance")
-        if instance in _RESERVED_DRAFT_TOKENS:
-            raise ValueError(f"draft instance name {instance!r} is reserved ({self.draft_start} exists)")
-        return f"{ROOT}.draft.{instance}"
-
 
 SUBJECTS = Subjects()
-
-
-def stream_subject(request_id: str) -> str:
-    return SUBJECTS.stream(request_id)
-
-
-def verify_instance_subject(instance: str) -> str:
-    return SUBJECTS.verify_instance(instance)
-
-
-def draft_instance_subject(instance: str) -> str:
-    return SUBJECTS.draft_instance(instance)
 
 
 # --- connection -------------------------------------------------------------------------------------------
@@ -299,36 +298,9 @@ async def prompt_subscription(js: JetStreamContext) -> JetStreamContext.PullSubs
 
 # --- micro services ----------------------------------------------------------------------------------------
 
-Handler = Callable[[Request], Awaitable[None]]
-
 
 def endpoint_name(subject: str) -> str:
     """A micro endpoint name ([A-Za-z0-9_-]) derived from its subject: `draftwire.verify.v1` -> `verify-v1`."""
     stem = subject.removeprefix(f"{ROOT}.")
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", stem.replace(">", "all").replace("*", "any")).strip("-")
     return name or "endpoint"
-
-
-async def add_service(
-    nc: Client,
-    name: str,
-    version: str,
-    description: str,
-    endpoints: Mapping[str, Handler],
-    queue_group: str | None = None,
-    metadata: dict[str, str] | None = None,
-) -> Service:
-    """Register a nats.micro service so it answers `$SRV.PING|INFO|STATS[.<name>[.<id>]]`.
-
-    `endpoints` maps *subject* -> handler (micro would otherwise use the endpoint name as the subject).
-    Handlers get a `nats.micro.Request` (`.data`, `.headers`, `await .respond(...)`); an exception in a
-    handler becomes an error reply with `Nats-Service-Error` headers, not a raised error on the requester.
-    micro subscribes every endpoint in a queue group (default "q"), so several instances share the load.
-    """
-    service = await _micro_add_service(
-        nc, name=name, version=version, description=description, queue_group=queue_group, metadata=metadata
-    )
-    for subject, handler in endpoints.items():
-        await service.add_endpoint(name=endpoint_name(subject), subject=subject, handler=handler)
-    await nc.flush()
-    return service

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.micro import Service
 
-from shared.bus import connect, validate_token
-from shared.tracing import setup_tracing, shutdown_tracing
+from shared.io.bus import connect, validate_token
+from shared.io.tracing import setup_tracing, shutdown_tracing
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 READY_PREFIX = "draftwire-ready"
@@ -169,7 +169,7 @@ async def register(
     """Register a nats.micro service (so `$SRV.PING|INFO|STATS` find it) with per-endpoint queue groups."""
     from nats.micro import add_service
 
-    from shared.bus import endpoint_name
+    from shared.io.bus import endpoint_name
 
     svc = await add_service(
         ctx.nc,

@@ -1,7 +1,7 @@
 """The speculation loop, shared by the in-process engine and the draft service.
 
-`speculate` drives one `DraftSession`: draft a block, encode it, hand the bytes to a `Link`, decode the
-verdict, commit. The link is the only thing that differs between deployments: `LocalLink` calls a
+`speculate` drives one `DraftSession`: draft a block, encode it, hand the bytes to an `EdgeTransport`, decode the
+verdict, commit. The link is the only thing that differs between deployments: `InProcessEdge` calls a
 `VerifierCore` in this process (encode and decode still happen, so byte counts are real and the codec runs on
 every token); the draft service's link sends the same bytes over NATS. A verifier that lost the session
 answers `unknown_session` and the loop resends the round with the token history, from which the edge rebuilds
@@ -21,15 +21,15 @@ from typing import Protocol
 
 from opentelemetry import trace
 
-from shared.draft_length import DraftLengthPolicy, RoundObservation, make_policy
-from shared.drafting import DraftSession, Prefetch
-from shared.link import LinkProfile
+from shared.core.draft_length_policy import DraftLengthPolicy, RoundObservation, make_policy
+from shared.core.draft_session import DraftSession, Prefetch
+from shared.core.link_profile import LinkProfile
+from shared.core.params import ParamError, SamplingParams, SpecParams
+from shared.core.protocol import ErrorReply, ProtocolError, Verdict, VerifyRequest, decode_any
+from shared.core.rejection_sampling import VerificationError
+from shared.core.round_stats import GenerationStats, RoundStats
+from shared.core.verifier_sessions import SessionUnknown, VerifierCore
 from shared.models.runtime import LoadedModel
-from shared.params import ParamError, SamplingParams, SpecParams
-from shared.protocol import ErrorReply, ProtocolError, Verdict, VerifyRequest, decode_any
-from shared.stats import GenerationStats, RoundStats
-from shared.verification import VerificationError
-from shared.verifying import SessionUnknown, VerifierCore
 
 MAX_RESYNCS_PER_ROUND = 3
 
@@ -43,7 +43,7 @@ class RemoteError(RuntimeError):
         self.message = message
 
 
-class Link(Protocol):
+class EdgeTransport(Protocol):
     """Carries one round's encoded request to a verifier and returns the encoded reply."""
 
     async def exchange(self, uplink: bytes, req: VerifyRequest) -> bytes: ...
@@ -76,7 +76,7 @@ class GenerationResult:
 
 async def speculate(
     session: DraftSession,
-    link: Link,
+    link: EdgeTransport,
     *,
     decode: Callable[[list[int]], str],
     compute: Compute = _inline,
@@ -147,7 +147,7 @@ async def speculate(
 
 
 async def _exchange(
-    session: DraftSession, link: Link, req: VerifyRequest
+    session: DraftSession, link: EdgeTransport, req: VerifyRequest
 ) -> tuple[Verdict, int, int, bool]:
     """One round trip, resending with history when the verifier does not hold the session.
 
@@ -189,7 +189,7 @@ def verify_bytes(core: VerifierCore, uplink: bytes) -> bytes:
 
 
 @dataclass
-class LocalLink:
+class InProcessEdge:
     """The edge in this process."""
 
     core: VerifierCore
@@ -248,11 +248,11 @@ class LocalEngine:
         session = new_session(
             self.draft, tokenizer, self.target.eos_token_ids, self.target.vocab_size, prompt, params, spec
         )
-        edge: Link = LocalLink(self.verifier)
+        edge: EdgeTransport = InProcessEdge(self.verifier)
         if link is not None:
-            from shared.linkproxy import ShapedLink
+            from shared.io.link_emulator import ShapedEdge
 
-            edge = ShapedLink(edge, link)
+            edge = ShapedEdge(edge, link)
         try:
             return await speculate(session, edge, decode=tokenizer.decode)
         finally:
@@ -265,10 +265,10 @@ class LocalEngine:
 
 
 __all__ = [
+    "EdgeTransport",
     "GenerationResult",
-    "Link",
+    "InProcessEdge",
     "LocalEngine",
-    "LocalLink",
     "RemoteError",
     "check_pair",
     "new_session",

@@ -13,6 +13,15 @@ MODES = ("ar", "full", "tkslt", "dssd")
 POLICIES = ("fixed", "adaptive", "confidence")
 QUANTS = ("f16", "u8", "f32")
 
+# The one place for defaults: SpecParams, SamplingParams, the CLI and the scheduler's flags all read these.
+DEFAULT_MODE = "tkslt"
+DEFAULT_GAMMA = 4
+DEFAULT_K = 8
+DEFAULT_QUANT = "f16"
+DEFAULT_POLICY = "fixed"
+DEFAULT_CONFIDENCE = 0.5
+DEFAULT_MAX_NEW_TOKENS = 128
+
 
 class ParamError(ValueError):
     """A request parameter is out of range; the message names the parameter and the bad value."""
@@ -26,7 +35,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     min_new_tokens: int = 0
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
         t, p = self.temperature, self.top_p
@@ -54,12 +63,12 @@ class SpecParams:
     do not apply to it.
     """
 
-    mode: str = "tkslt"
-    gamma: int = 4  # fixed: every round; adaptive: the first round; confidence: the most per round
-    k: int = 8
-    quant: str = "f16"
-    policy: str = "fixed"  # how gamma is chosen each round, see shared.draft_length
-    confidence: float = 0.5  # policy `confidence`: stop drafting when the draft's top probability is below
+    mode: str = DEFAULT_MODE
+    gamma: int = DEFAULT_GAMMA  # fixed: every round; adaptive: the first round; confidence: the most per round
+    k: int = DEFAULT_K
+    quant: str = DEFAULT_QUANT
+    policy: str = DEFAULT_POLICY  # how gamma is chosen each round, see shared.core.draft_length_policy
+    confidence: float = DEFAULT_CONFIDENCE  # policy `confidence`: stop drafting when the draft's top probability is below
     pipeline: bool = False  # keep drafting while a verify request is in flight (PEARL)
 
     def __post_init__(self) -> None:

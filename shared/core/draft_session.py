@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared.core.params import SamplingParams, SpecParams
+from shared.core.proposal import ProposalBlock, dequantize, sample_index, sparse_row
+from shared.core.protocol import Verdict, VerifyRequest
+from shared.core.rejection_sampling import correction
+from shared.core.rng import CORRECTION_SIDE, DRAFT_SIDE, round_rng
+from shared.core.warpers import mask_eos, warp
 from shared.models.runtime import LoadedModel
-from shared.params import SamplingParams, SpecParams
-from shared.proposal import ProposalBlock, dequantize, sample_index, sparse_row
-from shared.protocol import Verdict, VerifyRequest
-from shared.rng import CORRECTION_SIDE, DRAFT_SIDE, round_rng
-from shared.verification import correction
-from shared.warpers import mask_eos, warp
 
 
 @dataclass

@@ -38,8 +38,8 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-from shared.params import QUANTS, ParamError, SamplingParams
-from shared.proposal import ProposalBlock, quantize
+from shared.core.params import QUANTS, ParamError, SamplingParams
+from shared.core.proposal import ProposalBlock, quantize
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

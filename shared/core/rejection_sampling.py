@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.proposal import ProposalBlock, sample_index
+from shared.core.proposal import ProposalBlock, sample_index
 
 
 class VerificationError(ValueError):

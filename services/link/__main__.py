@@ -1,3 +1,0 @@
-from services.link.service import main
-
-main()

@@ -1,0 +1,3 @@
+from services.link_emulator.service import main
+
+main()
