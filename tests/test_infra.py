@@ -11,20 +11,25 @@ import time
 from pathlib import Path
 
 import nats.errors
+import nats.js.errors
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NoOpTracer, SpanKind
 
 from shared.io import tracing
 from shared.io.bus import (
-    PROMPT_CONSUMER,
-    PROMPT_STREAM,
+    DONE_STREAM,
+    JOBS_CONSUMER,
+    JOBS_STREAM,
     SUBJECTS,
+    SUBMIT_STREAM,
     connect,
-    ensure_prompt_stream,
+    ensure_done_stream,
+    ensure_jobs_stream,
+    ensure_submit_stream,
     extract_context,
     inject_headers,
-    prompt_subscription,
+    jobs_subscription,
     request,
     validate_token,
 )
@@ -157,45 +162,43 @@ async def test_connect_handshake_failure_is_bounded():
             await connect(server.url, name="t", initial_timeout=0.5)
 
 
-# --- (b) prompt queue --------------------------------------------------------------------------------------
+# --- (b) job queue ----------------------------------------------------------------------------------------
 
 
-async def test_prompt_waits_for_consumer_and_unacked_is_redelivered(nc):
+async def test_job_waits_for_a_consumer_unacked_is_redelivered_and_one_per_id_is_in_flight(nc):
     js = nc.jetstream()
-    await ensure_prompt_stream(js, create_consumer=False)
-    await nc.publish(SUBJECTS.prompts, b"prompt-1")  # nobody consumes yet: the stream keeps it
-    await nc.flush()  # no_ack stream: a plain publish, no PubAck to wait for
-
-    info = await ensure_prompt_stream(js, ack_wait=1.0, max_deliver=2)
-    assert info.config.ack_wait == pytest.approx(1.0) and info.config.max_deliver == 2
-    sub = await prompt_subscription(js)
+    info = await ensure_jobs_stream(js, ack_wait=1.0)
+    assert info.name == JOBS_CONSUMER and info.config.ack_wait == pytest.approx(1.0)
+    await js.publish(SUBJECTS.jobs("a"), b"job-a")  # nobody consumes yet: the stream keeps it
+    with pytest.raises(nats.js.errors.APIError) as refused:  # a second job with that id while one is queued
+        await js.publish(SUBJECTS.jobs("a"), b"job-a2")
+    assert refused.value.err_code == 10077 and "per subject" in refused.value.description
+    sub = await jobs_subscription(js)
 
     (first,) = await sub.fetch(1, timeout=2)
-    assert first.data == b"prompt-1" and first.metadata.num_delivered == 1
+    assert first.data == b"job-a" and first.metadata.num_delivered == 1
     # not acked (say the scheduler died): JetStream redelivers after ack_wait
     with pytest.raises(nats.errors.TimeoutError):
         await sub.fetch(1, timeout=0.3)
     (second,) = await sub.fetch(1, timeout=3)
-    assert second.data == b"prompt-1" and second.metadata.num_delivered == 2
-    # max_deliver=2 reached: a poison prompt is not handed out a third time
-    with pytest.raises(nats.errors.TimeoutError):
-        await sub.fetch(1, timeout=1.5)
-
-    await nc.publish(SUBJECTS.prompts, b"prompt-2")
-    await nc.flush()
-    (msg,) = await sub.fetch(1, timeout=2)
-    await msg.ack_sync()
-    state = (await js.stream_info(PROMPT_STREAM)).state
-    assert state.messages == 1, "work-queue retention: the acked prompt is gone, the dead one remains"
+    assert second.data == b"job-a" and second.metadata.num_delivered == 2
+    await second.ack_sync()
+    assert (await js.stream_info(JOBS_STREAM)).state.messages == 0, "work queue: the ack deletes the job"
+    await js.publish(SUBJECTS.jobs("a"), b"job-a3")  # and frees the id
 
 
-async def test_ensure_prompt_stream_is_idempotent_and_updates(nc):
+async def test_ensure_streams_are_idempotent_and_update(nc):
     js = nc.jetstream()
-    await ensure_prompt_stream(js, ack_wait=30)
-    await ensure_prompt_stream(js, ack_wait=30)
-    info = await ensure_prompt_stream(js, ack_wait=90, max_age=3600)
-    assert info.name == PROMPT_CONSUMER and info.config.ack_wait == pytest.approx(90)
-    assert (await js.stream_info(PROMPT_STREAM)).config.max_age == pytest.approx(3600)
+    await ensure_jobs_stream(js, ack_wait=30)
+    info = await ensure_jobs_stream(js, ack_wait=4, max_msgs=10)
+    assert info.config.ack_wait == pytest.approx(4)
+    assert (await js.stream_info(JOBS_STREAM)).config.max_msgs == 10
+    for _ in range(2):
+        await ensure_submit_stream(js)
+        await ensure_done_stream(js)
+    first, again = [await js.publish(SUBJECTS.submit, b"x", headers={"Nats-Msg-Id": "m1"}) for _ in range(2)]
+    assert first.stream == SUBMIT_STREAM and again.duplicate, "PubAcks on, Nats-Msg-Id dedupe"
+    assert (await js.stream_info(DONE_STREAM)).config.max_msgs_per_subject == 1
 
 
 # --- (c) micro ---------------------------------------------------------------------------------------------

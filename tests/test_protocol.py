@@ -1,4 +1,7 @@
-"""The wire codec: bit-exact round trips, and untrusted bytes fail only ever with ProtocolError."""
+"""The wire codec: bit-exact round trips, and untrusted bytes fail only ever with ProtocolError.
+
+The decoder has no catch-all: ProtocolError comes only from its explicit checks, so these fuzz tests fail on
+any other exception (an unforeseen input that reaches numpy or a dict lookup unchecked)."""
 
 from __future__ import annotations
 
@@ -10,12 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.core import session_digest
 from shared.core.params import SamplingParams
 from shared.core.proposal import ProposalBlock
 from shared.core.protocol import (
+    MAX_ERROR_MESSAGE,
     MAX_GAMMA,
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
+    CloseSession,
     ErrorReply,
     ProtocolError,
     Verdict,
@@ -80,15 +86,19 @@ def verify_requests(draw) -> VerifyRequest:
     if gamma == 0 and draw(st.booleans()):
         proposals = None
     history = params = prompt_len = None
+    deadline = 0.0
     if draw(st.booleans()):
         base = draw(st.integers(1, 40))
         history = rng.integers(0, vocab, size=base, dtype=np.int64)
         last = int(history[-1])
         params = draw(PARAMS)
         prompt_len = draw(st.integers(1, base))
+        digest = session_digest.of(history)
+        deadline = draw(st.floats(0, 1e12))
     else:
         base = draw(st.integers(1, 2**62))
         last = int(rng.integers(0, vocab))
+        digest = draw(st.integers(0, 2**64 - 1))
     return VerifyRequest(
         session=draw(st.text(min_size=1, max_size=24)),
         round=draw(st.integers(0, 2**40)),
@@ -102,6 +112,8 @@ def verify_requests(draw) -> VerifyRequest:
         prompt_len=prompt_len,
         draft_probs=draft_probs,
         sent_at=draw(st.floats(allow_nan=False, allow_infinity=False)),
+        digest=digest,
+        deadline=deadline,
     )
 
 
@@ -137,7 +149,8 @@ def test_verify_request_round_trip(msg: VerifyRequest) -> None:
     data = msg.encode()
     got = VerifyRequest.decode(data)
     assert decode_any(data) == got == msg
-    for name in ("session", "round", "base", "last_token", "vocab_size", "params", "prompt_len", "sent_at"):
+    for name in ("session", "round", "base", "last_token", "vocab_size", "params", "prompt_len", "sent_at", "digest",
+                 "deadline"):
         assert getattr(got, name) == getattr(msg, name), name
     assert got.tokens.dtype == np.int64
     _assert_arrays_identical(got.tokens, msg.tokens)
@@ -185,6 +198,14 @@ def test_error_reply_round_trip(code, message, session, request_id) -> None:
     assert is_error(data)
 
 
+@FAST
+@given(st.text(min_size=1))
+def test_close_session_round_trip(session) -> None:
+    data = CloseSession(session).encode()
+    assert CloseSession.decode(data) == CloseSession(session) == decode_any(data)
+    assert not is_error(data)
+
+
 def test_numpy_scalars_and_int32_arrays_are_accepted_on_encode() -> None:
     good = _request()
     msg = dataclasses.replace(good, round=np.int64(3), tokens=good.tokens.astype(np.int32), sent_at=np.float32(1.5))
@@ -202,11 +223,12 @@ def test_param_key_table_covers_sampling_params() -> None:
 
 
 def _decode_or_protocol_error(data) -> None:
-    """The contract: a message or ProtocolError, never any other exception."""
+    """The contract: a message or ProtocolError, never any other exception (which propagates: a failure)."""
     try:
         decode_any(data)
     except ProtocolError as e:
         assert isinstance(e.code, str) and e.code
+        assert len(e.message) <= MAX_ERROR_MESSAGE
 
 
 @settings(max_examples=300, deadline=None)
@@ -222,8 +244,8 @@ MSGPACK_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),
     max_leaves=12,
 )
-ALL_KEYS = ["s", "r", "b", "l", "n", "x", "p", "h", "sp", "pl", "dp", "ts", "a", "k", "vs", "rs", "c", "m", "id",
-            "q", "cw", "i", "d"]
+ALL_KEYS = ["s", "r", "b", "l", "n", "x", "p", "h", "sp", "pl", "dp", "ts", "hd", "dl", "a", "k", "vs", "rs", "c",
+            "m", "id", "q", "cw", "i", "d"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -235,7 +257,7 @@ def test_arbitrary_msgpack_objects(obj) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.sampled_from(["vr", "vd", "er"]),
+    st.sampled_from(["vr", "vd", "er", "cs"]),
     st.dictionaries(st.sampled_from(ALL_KEYS), MSGPACK_VALUES, max_size=12),
 )
 def test_arbitrary_fields_behind_a_valid_envelope(tag, fields) -> None:
@@ -246,11 +268,16 @@ def _request(**changes) -> VerifyRequest:
     rng = np.random.default_rng(1)
     vocab = changes.pop("vocab_size", 1000)
     block = _block(rng, vocab, 3, 8, changes.pop("quant", "f16"))
+    history = np.array([9, 8, 7, 6, 7])
     msg = VerifyRequest(
         session="s1", round=2, base=5, last_token=7, tokens=np.array([1, 2, 3]), proposals=block,
-        vocab_size=vocab, history=np.array([9, 8, 7, 6, 7]), params=SamplingParams(temperature=0.7),
-        prompt_len=3, draft_probs=None, sent_at=123.5,
+        vocab_size=vocab, history=history, params=SamplingParams(temperature=0.7),
+        prompt_len=3, draft_probs=None, sent_at=123.5, digest=session_digest.of(history), deadline=1.7e9,
     )
+    if changes.get("history", history) is None:  # not an opening request: no deadline, any digest
+        changes.setdefault("deadline", 0.0)
+    elif "history" in changes:
+        changes.setdefault("digest", session_digest.of(changes["history"]))
     return dataclasses.replace(msg, **changes)
 
 
@@ -259,7 +286,8 @@ def _verdict() -> Verdict:
     return Verdict("s1", 2, 5, 1, -1, 0.01, _block(rng, 500, 1, 16, "u8"), 9.0)
 
 
-VALID = [_request().encode(), _verdict().encode(), ErrorReply("no_session", "gone", "s1", "r1").encode()]
+VALID = [_request().encode(), _verdict().encode(), ErrorReply("no_session", "gone", "s1", "r1").encode(),
+         CloseSession("s1").encode()]
 
 
 @settings(max_examples=300, deadline=None)
@@ -297,16 +325,83 @@ def _edit(wire: dict, path: tuple, value=None, delete: bool = False) -> dict:
     return wire
 
 
-@settings(max_examples=300, deadline=None)
+def _near(value) -> st.SearchStrategy:
+    """Values of the same wire type as `value`, where a decoder's unchecked assumptions live."""
+    if isinstance(value, bool) or value is None:
+        return MSGPACK_VALUES
+    if isinstance(value, int):
+        edges = [-1, 0, 1, 2, 3, 4, value - 1, value + 1, 2**16, 2**32, 2**63 - 1, 2**64 - 1]
+        return st.sampled_from([x for x in edges if -(2**63) <= x < 2**64]) | st.integers(-(2**63), 2**64 - 1)
+    if isinstance(value, float):
+        return st.floats()
+    if isinstance(value, str):
+        return st.sampled_from(["", "f16", "u8", "f32", "vr", "vd", "er", "cs", "x"]) | st.text(max_size=4)
+    if isinstance(value, bytes):
+        return st.binary(max_size=len(value) + 8) | st.builds(
+            lambda n, b: (value * 2)[:n] + b, st.integers(0, 2 * len(value)), st.binary(max_size=2))
+    return MSGPACK_VALUES
+
+
+@settings(max_examples=500, deadline=None)
 @given(st.sampled_from(VALID), st.data())
 def test_mutated_fields(data: bytes, draw) -> None:
+    """One to three edits (delete, any value, or a value of the same type) anywhere in a valid message."""
     wire = msgpack.unpackb(data, raw=False)
-    path = draw.draw(st.sampled_from(list(_walk(wire))))
-    if draw.draw(st.booleans()):
-        wire = _edit(wire, path, delete=True)
-    else:
-        wire = _edit(wire, path, draw.draw(MSGPACK_VALUES | st.sampled_from([True, False, -1, 2**64 - 1, 1.5])))
+    for _ in range(draw.draw(st.integers(1, 3))):
+        paths = list(_walk(wire))
+        if not paths:
+            break
+        path = draw.draw(st.sampled_from(paths))
+        old = wire
+        for key in path:
+            old = old[key] if isinstance(old, dict) else None
+        action = draw.draw(st.sampled_from(["delete", "any", "near", "near"]))
+        if action == "delete":
+            wire = _edit(wire, path, delete=True)
+        else:
+            values = MSGPACK_VALUES | st.sampled_from([True, False, -1, 2**64 - 1, 1.5]) if action == "any" else _near(old)
+            wire = _edit(wire, path, draw.draw(values))
     _decode_or_protocol_error(msgpack.packb(wire, use_bin_type=True))
+
+
+ANY_VALUE = st.one_of(
+    MSGPACK_VALUES, st.integers(-(2**70), 2**70), st.text(st.characters(categories=["Cs"]) | st.characters(max_codepoint=0x7F), max_size=4),
+    st.lists(st.integers(-5, 2**66), max_size=4), st.lists(st.lists(st.integers(0, 3), max_size=2), max_size=3),
+    st.builds(np.asarray, st.lists(st.floats(), max_size=4)),
+    st.sampled_from([np.int64(3), np.uint64(2**64 - 1), np.float32("nan"), np.float16(1), np.array(5),
+                     np.zeros((2, 2)), "\ud800", SamplingParams(), object(), _request().proposals, np.array(["a"]),
+                     np.array([1, "a"], dtype=object)]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([_request(), _request(history=None, params=None, prompt_len=None), _verdict(),
+                        ErrorReply("c", "m", "s", "r"), CloseSession("s1")]), st.data())
+def test_encode_refuses_what_decode_would(msg, draw) -> None:
+    """Any field set to anything: encode raises ProtocolError, or its bytes decode back to the same bytes."""
+    names = [f.name for f in dataclasses.fields(msg)]
+    changes = {draw.draw(st.sampled_from(names)): draw.draw(ANY_VALUE) for _ in range(draw.draw(st.integers(1, 2)))}
+    try:
+        data = dataclasses.replace(msg, **changes).encode()
+    except ProtocolError:
+        return
+    assert decode_any(data).encode() == data
+
+
+def test_values_a_peer_would_refuse_are_refused_on_encode() -> None:
+    for bad in (ErrorReply("c", "echo \ud800"), CloseSession("\udc80"), _request(session="\ud800"),
+                ErrorReply("c", "é" * 600_000),  # 1.2 MB of UTF-8 in 600k characters
+                _request(tokens=[[1], [2, 3]]), _request(draft_probs=[[0.5], [0.1, 0.2]])):  # ragged
+        with pytest.raises(ProtocolError):
+            bad.encode()
+
+
+def test_error_messages_do_not_echo_a_megabyte() -> None:
+    for junk in ({"v": 1, "t": "x" * 1_000_000}, {"v": b"\x00" * 900_000, "t": "vr"}):
+        with pytest.raises(ProtocolError) as e:
+            decode_any(msgpack.packb(junk))
+        assert len(e.value.message) <= MAX_ERROR_MESSAGE
+        ErrorReply.from_error(e.value).encode()
 
 
 def test_deleting_any_required_field_fails() -> None:
@@ -448,6 +543,28 @@ def test_gamma_above_64() -> None:
     with pytest.raises(ProtocolError) as e:
         msg.encode()
     assert e.value.code == "oversize"
+
+
+def test_opening_digest_must_be_the_historys() -> None:
+    _reject(_edit(_wire(), ("hd",), session_digest.of([9, 8, 7, 6, 8])), "bad_digest")
+    _reject(_edit(_wire(), ("h",), np.array([9, 8, 1, 6, 7], "<u2").tobytes()), "bad_digest")
+    with pytest.raises(ProtocolError) as e:
+        _request(digest=session_digest.of([9, 8, 7, 6, 8])).encode()
+    assert e.value.code == "bad_digest"
+    assert VerifyRequest.decode(_request().encode()).digest == session_digest.of([9, 8, 7, 6, 7])
+
+
+def test_digest_and_deadline_ranges() -> None:
+    cont = {"history": None, "params": None, "prompt_len": None}
+    assert VerifyRequest.decode(_request(digest=2**64 - 1, **cont).encode()).digest == 2**64 - 1
+    for bad in ({"digest": 2**64, **cont}, {"digest": -1, **cont}, {"deadline": -1.0}, {"deadline": float("inf")},
+                {"deadline": 5.0, **cont}):
+        with pytest.raises(ProtocolError):
+            _request(**bad).encode()
+    _reject(_edit(_wire(_request(**cont)), ("hd",), 2**64 - 1 + 0.5), "bad_field")
+    _reject(_edit(_wire(), ("dl",), delete=True), "bad_field")  # an opening request always says
+    _reject(_edit(_wire(), ("dl",), float("nan")), "bad_field")
+    assert "dl" not in _wire(_request(**cont))  # continuing requests do not spend uplink bytes on it
 
 
 def test_history_length_differs_from_base() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -13,13 +14,19 @@ from hypothesis import strategies as st
 from shared.core.params import SamplingParams, SpecParams
 from shared.core.prompt_request import (
     MAX_PROMPT_BYTES,
+    REQUEST_FIELDS,
     GenerateJob,
+    JobRecord,
     PromptRequest,
     RequestError,
+    build_job,
     encode_reply,
     error_body,
     guess_format,
     parse_prompt,
+    request_timeout,
+    resolve_sampling,
+    resolve_spec,
 )
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -265,14 +272,21 @@ def test_guess_format():
     assert guess_format(b"hello", {"content-type": "application/msgpack"}) == "msgpack"
 
 
+def _only_request_error(call, *args):
+    """Garbage in must come out as RequestError; any other exception type fails the test as it is."""
+    try:
+        return call(*args)
+    except RequestError as exc:
+        assert exc.code and str(exc), exc
+        return None
+
+
 @FAST
 @given(st.binary(max_size=512))
 def test_parse_prompt_raises_only_request_error(data):
-    try:
-        req, fmt = parse_prompt(data)
-    except RequestError as exc:
-        assert exc.code and str(exc) and exc.format in ("text", "json", "msgpack")
-    else:
+    parsed = _only_request_error(parse_prompt, data)
+    if parsed is not None:
+        req, fmt = parsed
         assert fmt in ("text", "json", "msgpack") and req.prompt
 
 
@@ -281,32 +295,135 @@ _JSONISH = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )
-_FIELDS = st.sampled_from(
-    [
-        "prompt",
-        "id",
-        "max_new_tokens",
-        "min_new_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "mode",
-        "gamma",
-        "k",
-        "stream",
-        "other",
-    ]
-)
+# Values near each field's valid range as well as junk, so the fuzz reaches the range checks and build_job.
+_EDGE_VALUES = [
+    "", "x", "auto", "ar", "full", "dssd", "fixed", "adaptive", "confidence", "AUTO", "a.b", "a" * 300,
+    -1, 0, 1, 2, 4, 64, 65, 1 << 20, (1 << 20) + 1, 2**63 - 1, 2**63, 2**64 - 1, -(2**63),
+    10**400, 0.0, 0.5, 1.0, 1.5, -0.5, 1e9, 1e300, math.inf, -math.inf, math.nan, True, False, None, [], {},
+]
+
+
+def _encodings(obj) -> list[bytes]:
+    """JSON and msgpack, each where it can carry the values (JSON: no bytes; msgpack: ints up to 64 bits)."""
+    out = []
+    with contextlib.suppress(TypeError):
+        out.append(json.dumps(obj).encode())
+    with contextlib.suppress(OverflowError):
+        out.append(msgpack.packb(obj))
+    return out
+_PLAUSIBLE = st.sampled_from(_EDGE_VALUES)
+_FIELDS = st.sampled_from([*REQUEST_FIELDS, "other"])
 
 
 @FAST
-@given(st.dictionaries(_FIELDS, _JSONISH, max_size=6), st.booleans())
-def test_structured_garbage_raises_only_request_error(body, as_msgpack):
-    data = msgpack.packb(body) if as_msgpack else json.dumps(body).encode()
-    try:
-        parse_prompt(data)
-    except RequestError:
-        pass
+@given(st.dictionaries(_FIELDS, _PLAUSIBLE | _JSONISH, max_size=4), st.booleans(), st.booleans())
+def test_structured_garbage_raises_only_request_error_and_accepted_requests_build_valid_jobs(
+    fields, on_a_valid_request, as_msgpack
+):
+    # on top of a valid request, one or two odd fields reach the range checks instead of failing early
+    body = {"prompt": "hi", **fields} if on_a_valid_request else fields
+    encodings = _encodings(body)
+    data = encodings[-1] if as_msgpack else encodings[0]
+    parsed = _only_request_error(parse_prompt, data)
+    if parsed is None:
+        return
+    req, fmt = parsed
+    # an accepted request must run: the scheduler builds its job without another check
+    job = build_job(req, fmt, SpecParams(), now=1000.0, max_timeout=600.0)
+    assert GenerateJob.decode(job.encode()) == job and 1000.0 < job.deadline <= 1600.0
+
+
+@pytest.mark.parametrize("field", [*REQUEST_FIELDS, "other"])
+def test_every_edge_value_in_every_field_of_a_valid_request(field):
+    # exhaustive where the random fuzz is thin: one field of a good request set to each edge value
+    for value in _EDGE_VALUES:
+        for data in _encodings({"prompt": "hi", field: value}):
+            parsed = _only_request_error(parse_prompt, data)
+            if parsed is not None:
+                job = build_job(*parsed, SpecParams(), now=0.0, max_timeout=600.0)
+                assert GenerateJob.decode(job.encode()) == job, (field, value)
+
+
+def test_an_empty_policy_is_refused_not_passed_on():
+    # found by the fuzz above: "" slipped past `policy or DEFAULT_POLICY` and failed later in build_job
+    assert _err(_json(prompt="x", policy="")).code == "bad_param"
+
+
+def test_json_must_be_utf8_even_when_sniffed():
+    # json.loads(bytes) also reads UTF-16: without a Content-Type such a body is (NUL-laden) text, not JSON
+    utf16 = '{"prompt": "hi"}'.encode("utf-16-le")
+    req, fmt = parse_prompt(utf16)
+    assert fmt == "text" and req.prompt == utf16.decode("utf-8")
+    assert _err(utf16, {"Content-Type": "application/json"}).code == "bad_encoding"
+
+
+# --- timeout_s --------------------------------------------------------------------------------------------
+
+
+def test_timeout_s_is_a_positive_number_clamped_to_the_cap():
+    req, _ = parse_prompt(_json(prompt="x", timeout_s=2))
+    assert req.timeout_s == 2.0 and isinstance(req.timeout_s, float)
+    assert parse_prompt(_json(prompt="x", timeout_s=None))[0].timeout_s is None
+    for bad in (0, -1, "5", True, [1]):
+        err = _err(_json(prompt="x", timeout_s=bad))
+        assert err.code == "bad_param" and "timeout_s" in str(err), bad
+    assert _err(b'{"prompt": "x", "timeout_s": Infinity}').code == "bad_param"
+    assert _err(b'{"prompt": "x", "timeout_s": NaN}').code == "bad_param"
+    assert request_timeout(PromptRequest("p", "i"), 600.0) == 600.0
+    assert request_timeout(PromptRequest("p", "i", timeout_s=5.0), 600.0) == 5.0
+    assert request_timeout(PromptRequest("p", "i", timeout_s=1e9), 600.0) == 600.0
+
+
+# --- request -> job ---------------------------------------------------------------------------------------
+
+
+def test_build_job_resolves_defaults_and_sets_session_and_deadline():
+    defaults = SpecParams(mode="full", gamma=6, k=3)
+    assert resolve_spec(PromptRequest("p", "i"), defaults) == defaults
+    explicit = PromptRequest("p", "i", mode="ar", gamma=2, k=40, seed=9, temperature=0.3)
+    assert resolve_spec(explicit, defaults) == SpecParams(mode="ar", gamma=2, k=40)
+    assert resolve_sampling(explicit).seed == 9 and resolve_sampling(explicit).temperature == 0.3
+    assert len({resolve_sampling(PromptRequest("p", "i")).seed for _ in range(5)}) == 5, "no seed: fresh"
+    job = build_job(PromptRequest("p", "i", stream=True, timeout_s=7.0), "msgpack", defaults, now=100.0,
+                    max_timeout=60.0, draw_seed=lambda: 123, new_session=lambda: "s" * 32)
+    assert (job.id, job.prompt, job.params.seed, job.spec, job.stream, job.format) == (
+        "i", "p", 123, defaults, True, "msgpack"
+    )
+    assert (job.session, job.deadline) == ("s" * 32, 107.0)
+    a, b = (build_job(PromptRequest("p", "i"), "text", defaults, now=0.0, max_timeout=60.0) for _ in range(2))
+    assert a.session != b.session and len(a.session) == 32 and a.deadline == 60.0
+
+
+def test_job_record_round_trip_and_strict_decode():
+    record = JobRecord(_job(), "_INBOX.abc.1", 1_700_000_000.25)
+    assert JobRecord.decode(record.encode()) == record
+    assert JobRecord.decode(JobRecord(_job(), None, 5).encode()).reply is None
+    for bad in (b"\xc1", msgpack.packb([1]), msgpack.packb({"job": b"x", "reply": None}),
+                msgpack.packb({"job": "text", "reply": None, "accepted_at": 1.0}),
+                msgpack.packb({"job": _job().encode(), "reply": 5, "accepted_at": 1.0}),
+                msgpack.packb({"job": _job().encode(), "reply": None, "accepted_at": math.nan}),
+                msgpack.packb({"job": b"garbage", "reply": None, "accepted_at": 1.0})):
+        with pytest.raises(RequestError):
+            JobRecord.decode(bad)
+
+
+@FAST
+@given(
+    st.dictionaries(
+        st.sampled_from(["job", "reply", "accepted_at", "x"]), _JSONISH | st.binary(max_size=40), max_size=4
+    )
+)
+def test_job_record_decode_raises_only_request_error(obj):
+    _only_request_error(JobRecord.decode, msgpack.packb(obj))
+
+
+@FAST
+@given(st.sampled_from(["job", "reply", "accepted_at"]), _JSONISH | _PLAUSIBLE | st.binary(max_size=8))
+def test_job_record_with_one_field_replaced_raises_only_request_error(key, value):
+    raw = msgpack.unpackb(JobRecord(_job(), "_INBOX.x", 1.0).encode())
+    raw[key] = value
+    for data in _encodings(raw)[-1:]:
+        _only_request_error(JobRecord.decode, data)
 
 
 # --- GenerateJob ------------------------------------------------------------------------------------------
@@ -320,6 +437,8 @@ def _job(**kw) -> GenerateJob:
         "spec": SpecParams(mode="full", gamma=5, k=3),
         "stream": True,
         "format": "msgpack",
+        "session": "0123456789abcdef0123456789abcdef",
+        "deadline": 1_700_000_000.5,
     }
     return GenerateJob(**{**base, **kw})
 
@@ -328,7 +447,7 @@ def test_job_round_trip():
     job = _job()
     assert GenerateJob.decode(job.encode()) == job
     raw = msgpack.unpackb(job.encode())
-    assert set(raw) == {"id", "prompt", "params", "spec", "stream", "format"}
+    assert set(raw) == {"id", "prompt", "params", "spec", "stream", "format", "session", "deadline"}
     assert raw["params"]["seed"] == 3 and raw["spec"]["mode"] == "full"
     assert GenerateJob.decode(_job(format="text", stream=False).encode()).format == "text"
 
@@ -371,26 +490,34 @@ def test_job_decode_rejects_malformed(data, code):
 @FAST
 @given(st.binary(max_size=512))
 def test_job_decode_raises_only_request_error_on_bytes(data):
-    try:
-        GenerateJob.decode(data)
-    except RequestError as exc:
-        assert exc.code
+    _only_request_error(GenerateJob.decode, data)
 
 
 @FAST
 @given(
     st.dictionaries(
-        st.sampled_from(["id", "prompt", "params", "spec", "stream", "format", "x"]),
+        st.sampled_from(["id", "prompt", "params", "spec", "stream", "format", "session", "deadline", "x"]),
         _JSONISH
-        | st.dictionaries(st.sampled_from(["temperature", "seed", "mode", "gamma", "quant"]), _JSONISH),
-        max_size=7,
+        | _PLAUSIBLE
+        | st.dictionaries(
+            st.sampled_from(["temperature", "top_p", "seed", "max_new_tokens", "mode", "gamma", "k", "quant",
+                             "policy", "confidence", "pipeline"]),
+            _JSONISH | _PLAUSIBLE,
+        ),
+        max_size=9,
     )
 )
 def test_job_decode_raises_only_request_error_on_maps(obj):
-    try:
-        GenerateJob.decode(msgpack.packb(obj))
-    except RequestError:
-        pass
+    _only_request_error(GenerateJob.decode, _encodings(obj)[-1])
+
+
+@FAST
+@given(st.sampled_from(["id", "prompt", "params", "spec", "stream", "format", "session", "deadline"]),
+       _JSONISH | _PLAUSIBLE | st.binary(max_size=8))
+def test_job_decode_with_one_field_replaced_raises_only_request_error(key, value):
+    raw = msgpack.unpackb(_job().encode())
+    raw[key] = value
+    _only_request_error(GenerateJob.decode, _encodings(raw)[-1])
 
 
 # --- replies ----------------------------------------------------------------------------------------------

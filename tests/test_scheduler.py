@@ -1,8 +1,5 @@
-"""Scheduler against a real nats-server (JetStream on) and a fake draft responder: the user-facing contract.
-
-The fake draft serves `draftwire.draft.start` in the `drafts` queue group like the real one, and answers
-with a canned result derived from the job, so these tests need no model and run in seconds.
-"""
+"""Scheduler against a real nats-server (JetStream on) and a fake draft (tests/fake_draft.py): the intake,
+the job queue, deadlines, cancel, fire-and-forget and draft failover of docs/sessions.md, in seconds."""
 
 from __future__ import annotations
 
@@ -21,113 +18,30 @@ import pytest
 from opentelemetry.trace import NoOpTracer, SpanKind
 
 from services.scheduler.service import (
+    ACK_WAIT_S,
+    CANCEL_GRACE_S,
+    DEADLINE_GRACE_S,
     SESSIONS_SUBJECT,
-    Captured,
-    ReplyBook,
-    Scheduler,
-    build_job,
+    RecentCancels,
+    Work,
     build_parser,
     defaults_from_args,
     draft_result,
-    reply_key,
-    resolve_sampling,
-    resolve_spec,
     sessions_snapshot,
     start,
+    start_outcome,
 )
-from shared.core.params import SpecParams
-from shared.core.prompt_request import GenerateJob, PromptRequest
-from shared.io.bus import (
-    PROMPT_STREAM,
-    REPLY_CLAIMS_BUCKET,
-    SUBJECTS,
-    connect,
-    ensure_prompt_stream,
-    ensure_reply_claims,
-)
+from shared.core.params import SamplingParams, SpecParams
+from shared.core.prompt_request import GenerateJob, JobRecord
+from shared.io.bus import JOBS_STREAM, SUBJECTS, SUBMIT_STREAM, connect
 from shared.io.service_shell import READY_PREFIX, ServiceContext
+from tests.fake_draft import FakeDraft
 from tests.nats_fixtures import *
 from tests.otlp_receiver import *
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 USER_SPAN = "00f067aa0ba902b7"
-
-
-# --- helpers ------------------------------------------------------------------------------------------------
-
-
-class FakeDraft:
-    """Stands in for the draft service: records each job and its headers, then answers as `behaviour` says."""
-
-    def __init__(self, nc, behaviour: str = "echo") -> None:
-        self.nc, self.behaviour = nc, behaviour
-        self.jobs: list[GenerateJob] = []
-        self.headers: list[dict] = []
-        self.received = asyncio.Event()
-        self.release = asyncio.Event()
-        self._sub = None
-        self._tasks: set[asyncio.Task] = set()
-
-    async def start(self) -> FakeDraft:
-        self._sub = await self.nc.subscribe(SUBJECTS.draft_start, queue="drafts", cb=self._on_job)
-        await self.nc.flush()
-        return self
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-        for t in self._tasks:
-            t.cancel()
-
-    async def _on_job(self, msg) -> None:
-        task = asyncio.create_task(self._answer(msg))  # like the real draft: one task per job
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _answer(self, msg) -> None:
-        job = GenerateJob.decode(msg.data)
-        self.jobs.append(job)
-        self.headers.append(dict(msg.headers or {}))
-        self.received.set()
-        if self.behaviour == "hang":
-            return
-        if self.behaviour == "hold":
-            await self.release.wait()
-        if self.behaviour == "error":
-            body = {
-                "id": job.id,
-                "error": {"code": "no_verifier", "message": "no verifier answered for 120s"},
-            }
-        else:
-            body = _canned(job)
-        await msg.respond(msgpack.packb(body))
-
-
-def _canned(job: GenerateJob) -> dict:
-    return {
-        "id": job.id,
-        "text": job.prompt.upper(),
-        "token_ids": list(job.prompt.encode())[:16],
-        "finish_reason": "length",
-        "stats": {
-            "rounds": 2,
-            "drafted": 8,
-            "accepted": 6,
-            "acceptance_rate": 0.75,
-            "mean_accepted_per_round": 3.0,
-            "uplink_bytes": 100,
-            "downlink_bytes": 20,
-            "wall_s": 0.01,
-            "tokens_per_s": 800.0,
-            "mode": job.spec.mode,
-            "gamma": job.spec.gamma,
-            "k": job.spec.k,
-            "seed": job.params.seed,
-            "draft_instance": "fake-draft",
-            "verifier_instances": ["fake-verifier"],
-        },
-    }
 
 
 @contextlib.asynccontextmanager
@@ -147,7 +61,7 @@ async def scheduler(url: str, *flags: str, instance: str = "sched-test"):
         await nc.drain()
 
 
-async def _results(nc, subject: str = "draftwire.results.*"):
+async def _results(nc, subject: str = "draftwire.results.*") -> asyncio.Queue:
     got: asyncio.Queue = asyncio.Queue()
 
     async def cb(msg):
@@ -158,35 +72,46 @@ async def _results(nc, subject: str = "draftwire.results.*"):
     return got
 
 
-async def _stream_empty(nc, timeout: float = 5.0) -> None:
-    """Work-queue retention: an acked prompt is deleted, so an empty stream means everything was acked."""
+async def _jobs_empty(nc, stream: str = JOBS_STREAM, timeout: float = 5.0) -> None:
+    """Work-queue retention: an acked job is deleted, so an empty stream means every job was answered."""
     js = nc.jetstream()
     deadline = time.monotonic() + timeout
-    while (n := (await js.stream_info(PROMPT_STREAM)).state.messages) != 0:
-        assert time.monotonic() < deadline, f"{n} prompt(s) still unacked"
+    while (n := (await js.stream_info(stream)).state.messages) != 0:
+        assert time.monotonic() < deadline, f"{n} job(s) still in {stream}"
         await asyncio.sleep(0.05)
 
 
-# --- the contract over NATS ---------------------------------------------------------------------------------
+async def _sessions(nc, subject: str = SESSIONS_SUBJECT) -> list[dict]:
+    return json.loads((await nc.request(subject, b"", timeout=2)).data)["sessions"]
 
 
-async def test_plain_text_request_gets_the_json_result_not_a_puback(nats_server, nc):
+async def _until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+# --- intake -------------------------------------------------------------------------------------------------
+
+
+async def test_plain_text_request_gets_the_json_result_and_results_subject_a_copy(nats_server, nc):
     draft = await FakeDraft(nc).start()
     results = await _results(nc)
     async with scheduler(nats_server.url):
+        t0 = time.time()
         msg = await nc.request("draftwire.prompts", "héllo wörld".encode(), timeout=5)
         body = json.loads(msg.data)
-        assert "seq" not in body and "stream" not in body, f"got a JetStream PubAck: {body}"
         assert body["text"] == "HÉLLO WÖRLD" and body["finish_reason"] == "length"
-        assert body["token_ids"] == list("héllo wörld".encode())[:16]
         assert body["stats"]["acceptance_rate"] == 0.75 and body["stats"]["mode"] == "tkslt"
         assert msg.headers["Content-Type"] == "application/json"
         published = await asyncio.wait_for(results.get(), 5)
         assert published.subject == SUBJECTS.results(body["id"]) and json.loads(published.data) == body
         (job,) = draft.jobs
         assert job.id == body["id"] and job.format == "text" and (job.spec.gamma, job.spec.k) == (4, 8)
-        assert 0 <= job.params.seed < 2**63
-        await _stream_empty(nc)
+        assert len(job.session) == 32 and job.session != job.id and int(job.session, 16) >= 0
+        assert t0 + 600 - 1 < job.deadline < time.time() + 600, "default timeout: --request-timeout"
+        await _jobs_empty(nc)
 
 
 async def test_json_and_msgpack_requests_get_replies_in_their_own_format(nats_server, nc):
@@ -213,8 +138,9 @@ async def test_json_and_msgpack_requests_get_replies_in_their_own_format(nats_se
         assert (job.params.temperature, job.params.top_p, job.params.seed) == (0.5, 0.9, 7)
         assert (job.params.max_new_tokens, job.params.min_new_tokens, job.stream) == (9, 2, True)
 
-        req = {"id": "m-1", "prompt": "xyz", "mode": "ar"}
-        msg = await nc.request("draftwire.prompts", msgpack.packb(req), timeout=5)
+        msg = await nc.request(
+            "draftwire.prompts", msgpack.packb({"id": "m-1", "prompt": "xyz", "mode": "ar"}), timeout=5
+        )
         body = msgpack.unpackb(msg.data)
         assert body["id"] == "m-1" and body["text"] == "XYZ" and body["stats"]["mode"] == "ar"
         assert msg.headers["Content-Type"] == "application/msgpack" and draft.jobs[-1].format == "msgpack"
@@ -226,148 +152,421 @@ async def test_json_and_msgpack_requests_get_replies_in_their_own_format(nats_se
         assert json.loads(msg.data)["text"] == '{"PROMPT": 1}'
 
 
-async def test_bad_requests_get_error_replies_and_the_next_request_still_works(nats_server, nc):
+async def test_bad_requests_are_answered_at_once_and_never_stored(nats_server, nc):
     draft = await FakeDraft(nc).start()
     results = await _results(nc)
     async with scheduler(nats_server.url):
         cases = [
             (b"\xc1\xff garbage \xfe", json.loads, "bad_encoding"),
             (msgpack.packb({"prompt": "x", "max_new_tokens": "many"}), msgpack.unpackb, "bad_param"),
-            (msgpack.packb([1, 2, 3]), json.loads, "bad_encoding"),
             (json.dumps({"id": "bad-1", "prompt": "x", "top_p": 7}).encode(), json.loads, "bad_param"),
             (json.dumps({"prompt": "x", "tempreature": 1}).encode(), json.loads, "bad_request"),
+            (json.dumps({"prompt": "x", "timeout_s": 0}).encode(), json.loads, "bad_param"),
             (b"a" * 1_000_000, json.loads, "oversize"),
         ]
         for data, decode, code in cases:
-            msg = await nc.request("draftwire.prompts", data, timeout=5)
-            err = decode(msg.data)["error"]
-            assert err["code"] == code, (data[:40], err)
-            assert err["message"]
-        assert (
-            "tempreature"
-            in json.loads(
-                (await nc.request("draftwire.prompts", b'{"prompt": "x", "tempreature": 1}', timeout=5)).data
-            )["error"]["message"]
-        )
+            err = decode((await nc.request("draftwire.prompts", data, timeout=5)).data)["error"]
+            assert err["code"] == code and err["message"], (data[:40], err)
         published = await asyncio.wait_for(results.get(), 5)  # only the error whose id was known
         assert published.subject == SUBJECTS.results("bad-1")
-        assert json.loads(published.data) == {
-            "id": "bad-1",
-            "error": {"code": "bad_param", "message": "top_p must be in (0, 1], got 7.0"},
-        }
-        assert draft.jobs == [], "bad prompts never reach a draft"
+        assert json.loads(published.data)["error"]["code"] == "bad_param"
+        assert draft.jobs == [] and (await nc.jetstream().stream_info(JOBS_STREAM)).state.last_seq == 0
 
         msg = await nc.request("draftwire.prompts", b"still alive?", timeout=5)
         assert json.loads(msg.data)["text"] == "STILL ALIVE?"
-        await _stream_empty(nc)  # bad prompts were acked too: no poison redeliveries
+        assert results.qsize() == 1, "only the good one's copy"
 
 
-async def test_prompt_published_while_no_scheduler_runs_is_served_when_one_starts(nats_server, nc):
-    await ensure_prompt_stream(nc.jetstream())  # what `draftwire up` does before starting the services
-    results = await _results(nc)
-    await nc.publish("draftwire.prompts", json.dumps({"id": "early", "prompt": "queued"}).encode())
-    await nc.publish("draftwire.prompts", b"plain and early")
-    await nc.flush()
-    await FakeDraft(nc).start()
+async def test_no_scheduler_means_no_responders_at_once(nats_server, nc):
     async with scheduler(nats_server.url):
-        got = {}
-        for _ in range(2):
-            msg = await asyncio.wait_for(results.get(), 8)
-            got[msg.subject] = json.loads(msg.data)
-        assert got[SUBJECTS.results("early")]["text"] == "QUEUED"
-        assert "PLAIN AND EARLY" in [b["text"] for b in got.values()]
-        await _stream_empty(nc)
+        pass  # its streams and consumers stay behind; none of them may answer for the schedulers
+    t0 = time.monotonic()
+    with pytest.raises(nats.errors.NoRespondersError):
+        await nc.request("draftwire.prompts", b"anyone?", timeout=5)
+    assert time.monotonic() - t0 < 1
 
 
-async def test_a_prompt_is_acked_only_after_its_result_was_delivered(nats_server, nc):
+async def test_a_second_request_with_an_id_in_flight_is_a_duplicate_until_the_first_is_answered(
+    nats_server, nc
+):
     draft = await FakeDraft(nc, "hold").start()
-    results = await _results(nc, SUBJECTS.results("redo"))
-    async with scheduler(nats_server.url, instance="sched-a"):
-        await nc.publish("draftwire.prompts", json.dumps({"id": "redo", "prompt": "again"}).encode())
-        await asyncio.wait_for(draft.received.wait(), 5)
-    # scheduler A stopped mid-generation: the prompt is still queued, and handed back at once (nak)
-    assert (await nc.jetstream().stream_info(PROMPT_STREAM)).state.messages == 1
-    assert results.empty()
-    draft.release.set()
-    async with scheduler(nats_server.url, instance="sched-b"):
-        msg = await asyncio.wait_for(results.get(), 8)
-        assert json.loads(msg.data)["text"] == "AGAIN"
-        await _stream_empty(nc)
-    assert [j.id for j in draft.jobs] == ["redo", "redo"]
-
-
-async def test_a_draft_that_never_replies_gives_a_timeout_error(nats_server, nc):
-    await FakeDraft(nc, "hang").start()
-    async with scheduler(nats_server.url, "--request-timeout", "1"):
-        t0 = time.monotonic()
-        msg = await nc.request("draftwire.prompts", msgpack.packb({"id": "stuck", "prompt": "x"}), timeout=5)
-        assert 1 <= time.monotonic() - t0 < 4
-        body = msgpack.unpackb(msg.data)
-        assert body["id"] == "stuck" and body["error"]["code"] == "timeout"
-        assert "stuck for 1 s" in body["error"]["message"]
-        await _stream_empty(nc)
-
-
-async def test_draft_errors_are_forwarded_as_they_are(nats_server, nc):
-    await FakeDraft(nc, "error").start()
+    results = await _results(nc, SUBJECTS.results("dup"))
     async with scheduler(nats_server.url):
-        msg = await nc.request("draftwire.prompts", b'{"id": "e1", "prompt": "x"}', timeout=5)
-        assert json.loads(msg.data) == {
-            "id": "e1",
-            "error": {"code": "no_verifier", "message": "no verifier answered for 120s"},
-        }
+        first = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "dup", "prompt": "one"}', timeout=8)
+        )
+        await asyncio.wait_for(draft.received.wait(), 5)
+        t0 = time.monotonic()
+        second = await nc.request(
+            "draftwire.prompts", msgpack.packb({"id": "dup", "prompt": "two"}), timeout=5
+        )
+        assert time.monotonic() - t0 < 1
+        err = msgpack.unpackb(second.data)
+        assert err["error"]["code"] == "duplicate_id" and err["id"] == "dup"
+        assert results.empty(), "results.dup belongs to the running job, not to the refused duplicate"
+        draft.release.set()
+        assert json.loads((await first).data)["text"] == "ONE"
+        await _jobs_empty(nc)
+        again = await nc.request("draftwire.prompts", b'{"id": "dup", "prompt": "three"}', timeout=5)
+        assert json.loads(again.data)["text"] == "THREE", "the ack freed the id"
+        assert [j.prompt for j in draft.jobs] == ["one", "three"]
 
 
-async def test_a_prompt_waits_for_a_draft_instance_to_appear(nats_server, nc):
+async def test_the_intake_does_not_wait_for_generations(nats_server, nc):
+    draft = await FakeDraft(nc, "hold").start()
+    async with scheduler(nats_server.url, "--max-inflight", "1"):
+        pending = [
+            asyncio.ensure_future(
+                nc.request("draftwire.prompts", f'{{"id": "p{i}", "prompt": "p{i}"}}'.encode(), timeout=8)
+            )
+            for i in range(3)
+        ]
+        await _until(lambda: _stored(nc, 3), what="3 jobs stored")
+        assert len(draft.jobs) == 1 and not any(p.done() for p in pending), "one runs, two are queued"
+        draft.release.set()
+        bodies = [json.loads((await p).data) for p in pending]
+        assert [b["text"] for b in bodies] == ["P0", "P1", "P2"]
+
+
+async def _stored(nc, n: int) -> bool:
+    return (await nc.jetstream().stream_info(JOBS_STREAM)).state.last_seq >= n
+
+
+async def test_a_job_longer_than_ack_wait_stays_with_its_scheduler(nats_server, nc):
+    draft = await FakeDraft(nc, delay=ACK_WAIT_S + 1.5).start()
+    # --max-inflight 1: the holder pulls no more, so a redelivery could only go to the other one
+    one = ("--max-inflight", "1")
+    async with (
+        scheduler(nats_server.url, *one, instance="s1"),
+        scheduler(nats_server.url, *one, instance="s2"),
+    ):
+        pending = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "long", "prompt": "a"}', timeout=10)
+        )
+        while not pending.done():
+            held = [len(await _sessions(nc, f"{SESSIONS_SUBJECT}.{name}")) for name in ("s1", "s2")]
+            assert sum(held) <= 1, f"the job was handed to a second scheduler while the first worked: {held}"
+            await asyncio.sleep(0.25)
+        assert json.loads((await pending).data)["text"] == "A" and len(draft.jobs) == 1
+
+
+# --- deadlines ----------------------------------------------------------------------------------------------
+
+
+async def test_timeout_s_becomes_the_deadline_and_is_clamped_to_the_cap(nats_server, nc):
+    draft = await FakeDraft(nc).start()
+    async with scheduler(nats_server.url, "--request-timeout", "30"):
+        t0 = time.time()
+        await nc.request("draftwire.prompts", b'{"prompt": "a", "timeout_s": 2.5}', timeout=5)
+        await nc.request("draftwire.prompts", b'{"prompt": "b", "timeout_s": 1e9}', timeout=5)
+        await nc.request("draftwire.prompts", b'{"prompt": "c"}', timeout=5)
+        a, b, c = (j.deadline - t0 for j in draft.jobs)
+        assert 2.5 <= a < 3.5 and 30 <= b < 31 and 30 <= c < 31
+
+
+async def test_a_draft_that_never_finishes_gives_deadline_exceeded(nats_server, nc):
+    draft = await FakeDraft(nc, "hang").start()
+    async with scheduler(nats_server.url):
+        t0 = time.monotonic()
+        msg = await nc.request(
+            "draftwire.prompts", msgpack.packb({"id": "stuck", "prompt": "x", "timeout_s": 1}), timeout=10
+        )
+        elapsed = time.monotonic() - t0
+        body = msgpack.unpackb(msg.data)
+        assert body["id"] == "stuck" and body["error"]["code"] == "deadline_exceeded"
+        assert 1 + DEADLINE_GRACE_S - 0.5 <= elapsed < 1 + DEADLINE_GRACE_S + 2, elapsed
+        assert draft.pings >= 2, "the scheduler kept checking the session"
+        await _jobs_empty(nc)
+
+
+async def test_no_draft_instance_until_the_deadline_gives_no_draft(nats_server, nc):
+    async with scheduler(nats_server.url):
+        t0 = time.monotonic()
+        msg = await nc.request(
+            "draftwire.prompts", b'{"id": "lonely", "prompt": "x", "timeout_s": 1}', timeout=8
+        )
+        assert json.loads(msg.data)["error"]["code"] == "no_draft"
+        assert 0.9 <= time.monotonic() - t0 < 3
+        await _jobs_empty(nc)
+
+
+async def test_a_job_waits_for_a_draft_instance_to_appear(nats_server, nc):
     async with scheduler(nats_server.url, instance="sched-wait"):
         pending = asyncio.ensure_future(
             nc.request("draftwire.prompts", b'{"id": "patient", "prompt": "wait"}', timeout=8)
         )
         await asyncio.sleep(1.0)
-        info = json.loads((await nc.request(SESSIONS_SUBJECT, b"", timeout=2)).data)
-        assert info["instance"] == "sched-wait"
-        (session,) = info["sessions"]
+        (session,) = await _sessions(nc)
         assert (
             session["id"] == "patient" and session["state"] == "waiting_for_draft" and session["age_s"] > 0.5
         )
-        same = json.loads((await nc.request(f"{SESSIONS_SUBJECT}.sched-wait", b"", timeout=2)).data)
-        assert [s["id"] for s in same["sessions"]] == ["patient"]
-        await asyncio.sleep(1.0)
+        assert 590 < session["deadline_in_s"] <= 600 and len(session["session"]) == 32
+        assert [s["id"] for s in await _sessions(nc, f"{SESSIONS_SUBJECT}.sched-wait")] == ["patient"]
         draft = await FakeDraft(nc).start()
+        assert json.loads((await pending).data)["text"] == "WAIT" and len(draft.jobs) == 1
+        await _jobs_empty(nc)
+        await _until(lambda: _no_sessions(nc), 2, "the session list to empty")
+
+
+async def _no_sessions(nc) -> bool:
+    return not await _sessions(nc)
+
+
+async def test_draft_errors_are_forwarded_as_they_are(nats_server, nc):
+    await FakeDraft(nc, "reject").start()
+    async with scheduler(nats_server.url):
+        msg = await nc.request("draftwire.prompts", b'{"id": "e1", "prompt": "x"}', timeout=5)
+        assert json.loads(msg.data) == {
+            "id": "e1",
+            "error": {"code": "context_length_exceeded", "message": "prompt too long"},
+        }
+        await _jobs_empty(nc)
+
+
+# --- cancel -------------------------------------------------------------------------------------------------
+
+
+async def test_cancel_of_a_queued_job_answers_it_at_once_without_running_it(nats_server, nc):
+    draft = await FakeDraft(nc, "hold").start()
+    async with scheduler(nats_server.url, "--max-inflight", "1"):
+        running = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "r1", "prompt": "a"}', timeout=8)
+        )
+        await asyncio.wait_for(draft.received.wait(), 5)
+        queued = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "q1", "prompt": "b"}', timeout=8)
+        )
+        await _until(lambda: _stored(nc, 2), what="the second job stored")
+        t0 = time.monotonic()
+        await nc.publish(SUBJECTS.cancel("q1"), b"")
+        body = json.loads((await queued).data)
+        assert body == {"id": "q1", "error": {"code": "cancelled", "message": "the request was cancelled"}}
+        assert time.monotonic() - t0 < 1 and not running.done()
+        draft.release.set()
+        assert json.loads((await running).data)["text"] == "A"
+        await _jobs_empty(nc)
+        assert [j.id for j in draft.jobs] == ["r1"], "the cancelled job never reached a draft"
+
+
+async def test_cancel_of_a_job_waiting_for_a_draft_answers_it_at_once(nats_server, nc):
+    async with scheduler(nats_server.url):
+        pending = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "w1", "prompt": "a"}', timeout=8)
+        )
+        await _until(lambda: _state(nc, "waiting_for_draft"), what="the job to wait for a draft")
+        t0 = time.monotonic()
+        await nc.publish(SUBJECTS.cancel("w1"), b"")
+        assert json.loads((await pending).data)["error"]["code"] == "cancelled"
+        assert time.monotonic() - t0 < 1
+        await _jobs_empty(nc)
+
+
+async def _state(nc, state: str) -> bool:
+    return any(s["state"] == state for s in await _sessions(nc))
+
+
+async def test_cancel_of_a_running_job_relays_the_drafts_partial_result(nats_server, nc):
+    draft = await FakeDraft(nc, "hold").start()
+    async with scheduler(nats_server.url):
+        pending = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "c1", "prompt": "a"}', timeout=8)
+        )
+        await asyncio.wait_for(draft.received.wait(), 5)
+        await nc.publish(SUBJECTS.cancel("c1"), b"")
         body = json.loads((await pending).data)
-        assert body["text"] == "WAIT" and len(draft.jobs) == 1
-        await _stream_empty(nc)
-        deadline = time.monotonic() + 2  # the session ends once the ack was confirmed, just after the reply
-        while json.loads((await nc.request(SESSIONS_SUBJECT, b"", timeout=2)).data)["sessions"]:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        assert body["error"]["code"] == "cancelled" and body["text"] == "PART", body
 
 
-async def test_identical_prompts_from_many_clients_to_several_schedulers_each_get_one_reply(nats_server, nc):
-    # Identical payloads share a reply digest; both schedulers record every copy and must agree on who
-    # answers whom, also when prompts queue up behind --max-inflight.
+async def test_a_running_job_whose_draft_ignores_the_cancel_is_answered_cancelled_after_a_grace(
+    nats_server, nc
+):
+    await FakeDraft(nc, "hang", cancels=False).start()
+    async with scheduler(nats_server.url):
+        pending = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "c2", "prompt": "a"}', timeout=10)
+        )
+        await _until(lambda: _state(nc, "running"), what="the job to run")
+        t0 = time.monotonic()
+        await nc.publish(SUBJECTS.cancel("c2"), b"")
+        assert json.loads((await pending).data)["error"]["code"] == "cancelled"
+        assert CANCEL_GRACE_S <= time.monotonic() - t0 < CANCEL_GRACE_S + 2
+
+
+async def test_a_job_fetched_after_its_cancel_never_runs(nats_server, nc):
+    draft = await FakeDraft(nc).start()
+    async with scheduler(nats_server.url) as sched:
+        # the cancel came first (from a host whose clock runs a little ahead); the job is fetched after it
+        sched.cancels.add("late", time.time() + 0.5)
+        msg = await nc.request("draftwire.prompts", b'{"id": "late", "prompt": "a"}', timeout=5)
+        assert json.loads(msg.data)["error"]["code"] == "cancelled" and draft.jobs == []
+
+
+def test_a_cancel_is_remembered_for_a_job_fetched_later_but_not_for_a_later_request():
+    cancels = RecentCancels(ttl=10, max_entries=2)
+    cancels.add("a", now=100.0)
+    assert cancels.applies("a", accepted_at=99.0, now=105.0), "accepted before the cancel"
+    assert cancels.applies("a", accepted_at=100.5, now=105.0), "clock slack between hosts"
+    assert not cancels.applies("a", accepted_at=102.0, now=105.0), "a new request that reuses the id"
+    assert not cancels.applies("a", accepted_at=99.0, now=110.5), "expired"
+    assert not cancels.applies("b", accepted_at=99.0, now=105.0)
+    cancels.add("b", now=101.0)
+    cancels.add("c", now=102.0)
+    assert len(cancels) == 2 and not cancels.applies("a", 99.0, 103.0), "bounded: the oldest goes"
+    cancels.add("d", now=115.0)
+    assert len(cancels) == 1, "expired entries are pruned"
+
+
+# --- fire-and-forget ----------------------------------------------------------------------------------------
+
+
+async def test_fire_and_forget_via_js_publish_delivers_on_the_results_subject(nats_server, nc):
+    draft = await FakeDraft(nc).start()
+    results = await _results(nc)
+    async with scheduler(nats_server.url):
+        js = nc.jetstream()
+        body = json.dumps({"id": "ff1", "prompt": "fire"}).encode()
+        ack = await js.publish(SUBJECTS.submit, body, headers={"Nats-Msg-Id": "ff1"})
+        assert ack.stream == SUBMIT_STREAM
+        assert (await js.publish(SUBJECTS.submit, body, headers={"Nats-Msg-Id": "ff1"})).duplicate, "deduped"
+        await js.publish(SUBJECTS.submit, json.dumps({"id": "ff2", "prompt": "x", "top_p": 9}).encode())
+        got = {}
+        for _ in range(2):
+            msg = await asyncio.wait_for(results.get(), 5)
+            got[msg.subject] = json.loads(msg.data)
+        assert got[SUBJECTS.results("ff1")]["text"] == "FIRE"
+        assert got[SUBJECTS.results("ff2")]["error"]["code"] == "bad_param"
+        assert [j.id for j in draft.jobs] == ["ff1"]
+        await _jobs_empty(nc)
+        await _jobs_empty(nc, SUBMIT_STREAM)
+
+
+async def test_a_submission_made_while_no_scheduler_runs_is_served_when_one_starts(nats_server, nc):
+    async with scheduler(nats_server.url):
+        pass  # creates the streams, as `draftwire up` does before the services
+    results = await _results(nc, SUBJECTS.results("early"))
+    await nc.jetstream().publish(SUBJECTS.submit, b'{"id": "early", "prompt": "queued"}')
     await FakeDraft(nc).start()
-    others = [await connect(nats_server.url, name=f"client-{i}") for i in range(4)]
-    clients = [nc, *others]
+    async with scheduler(nats_server.url):
+        assert json.loads((await asyncio.wait_for(results.get(), 5)).data)["text"] == "QUEUED"
+
+
+# --- failover -----------------------------------------------------------------------------------------------
+
+
+async def test_a_dead_draft_is_replaced_and_the_job_runs_again_in_the_same_session(nats_server, nc):
+    first = await FakeDraft(nc, "hang", instance="draft-a").start()
+    async with scheduler(nats_server.url):
+        pending = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "d1", "prompt": "again"}', timeout=10)
+        )
+        await asyncio.wait_for(first.received.wait(), 5)
+        second = await FakeDraft(nc, instance="draft-b").start()
+        await first.die()
+        t0 = time.monotonic()
+        body = json.loads((await pending).data)
+        assert body["text"] == "AGAIN" and body["stats"]["draft_instance"] == "draft-b"
+        assert time.monotonic() - t0 < 4, "two missed pings a second apart, then a new dispatch"
+        assert first.jobs[0].session == second.jobs[0].session, "same job, same session: same seeded output"
+        assert first.jobs[0] == second.jobs[0]
+
+
+async def test_a_stopped_scheduler_hands_its_job_over_and_the_next_one_attaches_to_the_draft(nats_server, nc):
+    draft = await FakeDraft(nc, "hold").start()
+    replies = await _results(nc, "_INBOX.handover")
+    await nc.flush()
+    async with scheduler(nats_server.url, instance="sched-a"):
+        await nc.publish("draftwire.prompts", b'{"id": "redo", "prompt": "again"}', reply="_INBOX.handover")
+        await asyncio.wait_for(draft.received.wait(), 5)
+    # scheduler A stopped mid-generation: the job is still stored and was handed back at once (nak)
+    assert (await nc.jetstream().stream_info(JOBS_STREAM)).state.messages == 1 and replies.empty()
+    async with scheduler(nats_server.url, instance="sched-b"):
+        await _until(lambda: _state(nc, "running"), what="sched-b to attach")
+        draft.release.set()
+        msg = await asyncio.wait_for(replies.get(), 5)
+        assert json.loads(msg.data)["text"] == "AGAIN"
+        await _jobs_empty(nc)
+    assert [j.id for j in draft.jobs] == ["redo"], "attached to the running draft, not dispatched again"
+    assert replies.empty()
+
+
+async def test_only_the_scheduler_that_creates_the_delivered_key_replies(nats_server, nc):
+    replies = await _results(nc, "_INBOX.once.*")
+    async with scheduler(nats_server.url, instance="s1") as a, scheduler(nats_server.url, instance="s2") as b:
+        job = GenerateJob("x1", "p", _params(), SpecParams(), session="ab" * 16)
+        record = JobRecord(job, "_INBOX.once.1", time.time())
+        sent = await asyncio.gather(
+            a._deliver_once(record, {"text": "a"}), b._deliver_once(record, {"text": "b"})
+        )
+        assert sorted(sent) == [False, True]
+        await asyncio.sleep(0.2)
+        assert replies.qsize() == 1
+
+
+def _params() -> SamplingParams:
+    return SamplingParams()
+
+
+# --- processes ----------------------------------------------------------------------------------------------
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "DRAFTWIRE_"))}
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+    return env
+
+
+async def _spawn_scheduler(url: str, instance: str, env: dict | None = None):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.scheduler",
+        "--nats",
+        url,
+        "--instance",
+        instance,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env or _env(),
+        cwd=REPO,
+    )
+    line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+    assert line.startswith(f"{READY_PREFIX} scheduler instance={instance}"), line
+    return proc
+
+
+@pytest.mark.parametrize(
+    "draft_s, sig",
+    [(6.0, signal.SIGKILL), (1.0, signal.SIGKILL), (6.0, signal.SIGSTOP)],
+    ids=["killed-replacement-attaches", "killed-replacement-finds-the-stored-result", "paused-then-resumed"],
+)
+async def test_a_scheduler_that_dies_mid_job_is_replaced_and_the_requester_gets_exactly_one_reply(
+    nats_server, nc, draft_s, sig
+):
+    # SIGSTOP is the harder case: the paused scheduler wakes up after its replacement replied, still holding
+    # the job and the draft's done message, and must not reply a second time.
+    draft = await FakeDraft(nc, delay=draft_s).start()
+    names = ("sk-1", "sk-2")
+    procs = [await _spawn_scheduler(nats_server.url, name) for name in names]
     try:
-        async with (
-            scheduler(nats_server.url, "--max-inflight", "2", instance="s1"),
-            scheduler(nats_server.url, "--max-inflight", "3", instance="s2"),
-        ):
-            payloads = [b"same prompt" if i % 3 else f"unique {i}".encode() for i in range(30)]
-            replies = await asyncio.gather(
-                *(
-                    clients[i % len(clients)].request("draftwire.prompts", p, timeout=8)
-                    for i, p in enumerate(payloads)
-                )
-            )
-            bodies = [json.loads(r.data) for r in replies]
-            assert [b["text"] for b in bodies] == [p.decode().upper() for p in payloads]
-            assert len({b["id"] for b in bodies}) == 30
-            await _stream_empty(nc)
+        replies = await _results(nc, "_INBOX.failover")
+        await nc.publish("draftwire.prompts", b'{"id": "k1", "prompt": "survive"}', reply="_INBOX.failover")
+        await asyncio.wait_for(draft.received.wait(), 5)
+        (holder,) = [p for p, name in zip(procs, names) if await _sessions(nc, f"{SESSIONS_SUBJECT}.{name}")]
+        holder.send_signal(sig)
+        msg = await asyncio.wait_for(replies.get(), draft_s + 8)
+        assert json.loads(msg.data)["text"] == "SURVIVE"
+        if sig == signal.SIGSTOP:
+            holder.send_signal(signal.SIGCONT)
+        await asyncio.sleep(2.0)
+        assert replies.empty(), "exactly one reply"
+        assert len(draft.jobs) == 1, "the replacement attached or found the result: no second run"
+        await _jobs_empty(nc)
     finally:
-        for c in others:
-            await c.close()
+        for p in procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            await p.wait()
 
 
 async def test_trace_context_goes_from_the_user_through_the_scheduler_to_the_draft(nats_server, nc):
@@ -381,37 +580,21 @@ async def test_trace_context_goes_from_the_user_through_the_scheduler_to_the_dra
 
 async def test_subprocess_scheduler_serves_traces_and_stops_on_sigterm(nats_server, nc, otlp_receiver):
     draft = await FakeDraft(nc).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "DRAFTWIRE_"))}
-    env.update(
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    env = _env(
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp_receiver.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="50",
         DRAFTWIRE_DEFAULT_GAMMA="5",
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.scheduler",
-        "--nats",
-        nats_server.url,
-        "--instance",
-        "sched-sub",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=REPO,
-    )
+    proc = await _spawn_scheduler(nats_server.url, "sched-sub", env)
     stderr = b""
     try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
-        assert line.startswith(f"{READY_PREFIX} scheduler instance=sched-sub"), line
-
         headers = {"traceparent": f"00-{TRACE_ID}-{USER_SPAN}-01"}
         msg = await nc.request(
             "draftwire.prompts", b'{"id": "sub-1", "prompt": "hi"}', timeout=5, headers=headers
         )
-        body = json.loads(msg.data)
-        assert body["text"] == "HI" and draft.jobs[0].spec.gamma == 5, "DRAFTWIRE_DEFAULT_GAMMA applies"
+        assert json.loads(msg.data)["text"] == "HI" and draft.jobs[0].spec.gamma == 5, (
+            "DRAFTWIRE_DEFAULT_GAMMA"
+        )
 
         spans = await otlp_receiver.wait_for(lambda s: any(x.name == "scheduler.request" for x in s), 10)
         span = next(s for s in spans if s.name == "scheduler.request")
@@ -419,7 +602,6 @@ async def test_subprocess_scheduler_serves_traces_and_stops_on_sigterm(nats_serv
         assert (span.trace_id, span.parent_span_id) == (TRACE_ID, USER_SPAN)
         assert span.attributes["draftwire.request_id"] == "sub-1"
         assert (span.attributes["draftwire.mode"], span.attributes["draftwire.gamma"]) == ("tkslt", 5)
-        assert span.attributes["draftwire.k"] == 8
         assert draft.headers[0]["traceparent"].split("-")[1:3] == [TRACE_ID, span.span_id]
 
         ping = json.loads((await nc.request("$SRV.PING.draftwire-scheduler", b"", timeout=2)).data)
@@ -433,7 +615,6 @@ async def test_subprocess_scheduler_serves_traces_and_stops_on_sigterm(nats_serv
 
 
 async def test_bad_flags_exit_with_a_message(nats_server):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DRAFTWIRE_DEFAULT_GAMMA": "0"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -442,7 +623,7 @@ async def test_bad_flags_exit_with_a_message(nats_server):
         nats_server.url,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=env,
+        env=_env(DRAFTWIRE_DEFAULT_GAMMA="0"),
         cwd=REPO,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 20)
@@ -450,25 +631,6 @@ async def test_bad_flags_exit_with_a_message(nats_server):
 
 
 # --- the functional core ------------------------------------------------------------------------------------
-
-
-def test_resolve_spec_and_sampling():
-    defaults = SpecParams(mode="full", gamma=6, k=3)
-    assert resolve_spec(PromptRequest("p", "i"), defaults) == defaults
-    explicit = PromptRequest("p", "i", mode="ar", gamma=2, k=40, seed=9, temperature=0.3)
-    assert resolve_spec(explicit, defaults) == SpecParams(mode="ar", gamma=2, k=40)
-    assert resolve_sampling(explicit).seed == 9 and resolve_sampling(explicit).temperature == 0.3
-    seeds = {resolve_sampling(PromptRequest("p", "i")).seed for _ in range(5)}
-    assert len(seeds) == 5, "no seed -> a fresh one each time"
-    job = build_job(PromptRequest("p", "i", stream=True), "msgpack", defaults, draw_seed=lambda: 123)
-    assert (job.id, job.prompt, job.params.seed, job.spec, job.stream, job.format) == (
-        "i",
-        "p",
-        123,
-        defaults,
-        True,
-        "msgpack",
-    )
 
 
 def test_defaults_from_args_validates():
@@ -479,118 +641,27 @@ def test_defaults_from_args_validates():
             defaults_from_args(build_parser().parse_args(flags))
 
 
-def test_reply_key_ignores_header_order_case_and_nats_headers():
-    k = reply_key({"A": "1", "b": "2"}, b"x")
-    assert k == reply_key({"b": "2", "a": "1", "Nats-Msg-Id": "m"}, b"x")
-    assert k != reply_key({"A": "1"}, b"x") and k != reply_key({"A": "1", "b": "2"}, b"y")
-    assert reply_key(None, b"x") == reply_key({}, b"x")
-
-
-def test_reply_book_matches_identical_prompts_by_arrival_order():
-    # Two schedulers saw the same three identical prompts (r1, r2, r3 stored as seq 11, 12, 13); each is
-    # handed some of them by the stream and must pick the same entry the other would.
-    books = [ReplyBook(ttl=10, first_seq=11), ReplyBook(ttl=10, first_seq=11)]
-    for book in books:
-        book.calibrate(11)
-        for i, reply in enumerate(["r1", "r2", "r3"]):
-            book.record(b"k", reply, now=100.0 + i * 1e-4)
-    assert books[1].claim(b"k", seq=12, stored_at=100.0, now=100.1).reply == "r2"
-    assert books[0].claim(b"k", seq=13, stored_at=100.0, now=100.1).reply == "r3"
-    assert books[0].claim(b"k", seq=11, stored_at=100.0, now=100.1).reply == "r1"
-    assert books[0].claim(b"k", seq=13, stored_at=100.0, now=100.1).reply == "r3", (
-        "a redelivery finds it again"
-    )
-    books[0].release(13)
-    assert books[0].claim(b"other", seq=13, stored_at=100.0, now=100.1) is None
-
-
-def test_reply_books_that_saw_different_orders_still_answer_each_requester_once():
-    # NATS may hand two subscribers copies from different connections in different orders. Each book then
-    # ranks the candidates differently; with a shared claim (the KV bucket, here a set) each requester wins
-    # exactly one stream message.
-    books = [ReplyBook(ttl=10, first_seq=11), ReplyBook(ttl=10, first_seq=11)]
-    for book, order in zip(books, (["r1", "r2"], ["r2", "r1"])):
-        book.calibrate(11)
-        for i, reply in enumerate(order):
-            book.record(b"k", reply, now=100.0 + i * 1e-4)
-    claimed: dict[str, int] = {}
-
-    def answer(book: ReplyBook, seq: int) -> str:
-        for entry in book.candidates(b"k", seq, stored_at=100.0, now=100.1):
-            if claimed.setdefault(entry.reply, seq) == seq:
-                book.take(b"k", entry, seq, stored_at=100.0)
-                return entry.reply
-            book.drop(b"k", entry)
-        raise AssertionError("no reply subject left")
-
-    assert [e.reply for e in books[1].candidates(b"k", 12, 100.0, 100.1)] == ["r1", "r2"]  # it would pick r1
-    first = answer(books[0], 11)
-    second = answer(books[1], 12)
-    assert first == "r1" and second == "r2"
-    assert answer(books[1], 12) == "r2"  # a redelivery finds its entry again
-
-
-async def test_reply_claims_are_exclusive_across_schedulers(nats_server, nc):
-    js = nc.jetstream()
-    claims = await ensure_reply_claims(js, ttl=60)
-    assert (await (await ensure_reply_claims(js, ttl=30)).status()).bucket == REPLY_CLAIMS_BUCKET  # as it is
-    a, b = (Scheduler(nc, NoOpTracer(), name, SpecParams(), 60.0, 2) for name in ("a", "b"))
-    a._claims = b._claims = claims
-    entry = Captured("_INBOX.requester.1", 0.0, 60.0, 0)
-    assert await a._exclusive(entry, seq=7)
-    assert not await b._exclusive(entry, seq=8)  # someone else's message: b must pick another requester
-    assert await b._exclusive(entry, seq=7)  # the same message redelivered to b: still that requester
-    assert await b._exclusive(Captured(None, 0.0, 60.0, 1), seq=9)  # nothing to claim without a reply
-
-
-def test_reply_book_calibrates_on_unique_prompts_and_falls_back_to_time():
-    book = ReplyBook(ttl=10, first_seq=1)
-    book.record(b"a", "ra", now=100.0)
-    book.record(b"k", "r1", now=101.0)
-    book.record(b"k", "r2", now=105.0)
-    book.record(b"k", None, now=106.0)  # a fire-and-forget copy of the same prompt
-    assert book.offset is None
-    assert book.claim(b"k", seq=52, stored_at=105.0, now=106.5).reply == "r2", "closest in time"
-    assert book.claim(b"a", seq=50, stored_at=100.0, now=106.5).reply == "ra" and book.offset == 50
-    assert book.claim(b"k", seq=53, stored_at=0.0, now=106.5).reply is None, "by index now, not time"
-    assert book.claim(b"k", seq=51, stored_at=101.0, now=107.0).reply == "r1"
-    assert book.claim(b"k", seq=54, stored_at=107.0, now=107.0) is None and len(book) == 0
-
-
-def test_reply_book_expiry_capacity_and_prompts_from_before_it_listened():
-    book = ReplyBook(ttl=10, first_seq=5, max_entries=3)
-    book.record(b"old", "r", now=101.0)
-    assert book.claim(b"old", seq=6, stored_at=101.0, now=111.5) is None, "expired"
-    for i in range(5):
-        book.record(b"k%d" % i, f"r{i}", now=102.0)
-    assert len(book) == 3 and book.claim(b"k0", 7, 102.0, 103.0) is None
-    book.record(b"early", "r", now=100.5)
-    assert book.claim(b"early", seq=4, stored_at=100.5, now=100.6) is None, "stored before we listened"
-    assert not book.may_arrive(seq=4, stored_at=100.5, now=100.6)
-    assert book.may_arrive(seq=5, stored_at=100.5, now=101.0) and not book.may_arrive(5, 100.5, now=120.0)
-
-
-def test_draft_result_normalises_the_draft_reply():
+def test_draft_result_and_start_outcome():
     ok = draft_result(msgpack.packb({"id": "x", "text": "t", "stats": {}}), None, "r")
     assert ok == {"id": "r", "text": "t", "stats": {}}
     assert draft_result(b"\xc1", None, "r")["error"]["code"] == "draft_error"
     assert draft_result(msgpack.packb([1]), None, "r")["error"]["code"] == "draft_error"
     failed = draft_result(b"", {"Nats-Service-Error": "boom", "Nats-Service-Error-Code": "500"}, "r")
     assert failed["error"]["code"] == "draft_error" and "boom" in failed["error"]["message"]
+    assert start_outcome(msgpack.packb({"accepted": True, "instance": "d"}), None, "r") is None
+    rejected = msgpack.packb({"error": {"code": "context_length_exceeded", "message": "m"}})
+    assert start_outcome(rejected, None, "r")["error"]["code"] == "context_length_exceeded"
+    assert start_outcome(msgpack.packb({"accepted": 1}), None, "r")["error"]["code"] == "draft_error"
 
 
 def test_sessions_snapshot_orders_by_age():
-    from services.scheduler.service import Session
+    def work(rid: str, started: float, state: str) -> Work:
+        job = GenerateJob(rid, "p", _params(), SpecParams(), session=rid * 4, deadline=200.0)
+        return Work(record=JobRecord(job, None, 100.0), msg=None, started=started, state=state)
 
-    a, b = (
-        Session(seq=1, msg=None, started=10.0, state="generating", id="a"),
-        Session(seq=2, msg=None, started=5.0),
-    )
-    assert sessions_snapshot([a, b], now=12.0) == [
-        {"id": None, "seq": 2, "age_s": 7.0, "state": "received"},
-        {"id": "a", "seq": 1, "age_s": 2.0, "state": "generating"},
+    assert sessions_snapshot(
+        [work("a", 10.0, "running"), work("b", 5.0, "received")], now=12.0, wall=150.0
+    ) == [
+        {"id": "b", "session": "bbbb", "state": "received", "age_s": 7.0, "deadline_in_s": 50.0},
+        {"id": "a", "session": "aaaa", "state": "running", "age_s": 2.0, "deadline_in_s": 50.0},
     ]
-
-
-def test_no_responders_error_is_what_nats_raises_without_a_draft():
-    assert not issubclass(nats.errors.NoRespondersError, TimeoutError), "the scheduler tells the two apart"

@@ -1,8 +1,8 @@
 """The whole system on a real nats-server with real SmolLM2 weights: the four services as processes.
 
 The stack is started with the same code as `draftwire up`. Clients here use only nats-py and the documented
-contract. Covers: greedy output equal to the in-process engine and to transformers' generate, failover when
-the verifier is killed mid-generation, error replies for malformed input on every subject, and one trace
+contract. Covers: greedy output equal to the in-process engine and to transformers' generate, failover to the
+second verifier when the one serving a request is killed mid-round, error replies for malformed input on every subject, and one trace
 across the services.
 """
 
@@ -15,8 +15,7 @@ import functools
 import json
 import os
 import signal
-import subprocess
-import sys
+import time
 
 import msgpack
 import nats.errors
@@ -41,7 +40,8 @@ PROMPT = "def fibonacci(n):"
 def stack_args() -> argparse.Namespace:
     return argparse.Namespace(
         nats=None, nats_port=0, telemetry_port=0, draft_model="smollm2-135m", draft_dtype="int8",
-        target_model="smollm2-135m", target_dtype="fp32", mode="tkslt", gamma=4, k=8,
+        target_model="smollm2-135m", target_dtype="fp32", mode="tkslt", gamma=4, k=8, verifiers=2,
+        schedulers=2,
     )
 
 
@@ -114,36 +114,195 @@ async def test_msgpack_request_gets_msgpack_reply_and_stream(client, reference):
     assert result["token_ids"] == reference["engine"][:32]
     assert chunks and chunks[-1]["done"] is True
     assert "".join(c["text"] for c in chunks[:-1]) == result["text"]
+    offsets = [c["offset"] for c in chunks[:-1]]  # tokens before each chunk: a client can drop repeats
+    assert offsets == [sum(len(c["token_ids"]) for c in chunks[:i]) for i in range(len(offsets))]
 
 
 async def _append(chunks, msg):
     chunks.append(msgpack.unpackb(msg.data))
 
 
-async def test_verifier_killed_mid_generation_request_still_completes(stack, client, reference, otlp):
-    first_chunk = asyncio.Event()
-    sub = await client.subscribe(SUBJECTS.stream("failover"), cb=functools.partial(_set, first_chunk))
-    body = {"id": "failover", "prompt": PROMPT, "max_new_tokens": 64, "min_new_tokens": 64, "stream": True}
+async def test_verifier_killed_mid_generation_request_still_completes(stack, client, reference):
+    """Two verifiers; the one serving the request is SIGKILLed with a round in flight: the other takes over."""
+    victim: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_round(msg) -> None:
+        event = msgpack.unpackb(msg.data)
+        if event["request_id"] == "failover" and event["round"] >= 2 and not victim.done():
+            victim.set_result(event["verifier_instance"])
+
+    sub = await client.subscribe(SUBJECTS.events_round, cb=on_round)
+    body = {"id": "failover", "prompt": PROMPT, "max_new_tokens": 64, "min_new_tokens": 64}
     pending = asyncio.ensure_future(client.request("draftwire.prompts", json.dumps(body).encode(), timeout=180))
-    await asyncio.wait_for(first_chunk.wait(), 60)
-    old = stack.procs["verifier"]
-    old.send_signal(signal.SIGKILL)
-    await old.wait()
-    stack.procs["verifier"] = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.verifier", "--nats", stack.url, "--instance", "verifier-replacement",
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **_otel_env(otlp)},
-    )
     try:
+        instance = await asyncio.wait_for(victim, 60)
+        key = next(k for k, p in stack.procs.items() if k.startswith("verifier") and instance.endswith(f"-{p.pid}"))
+        stack.procs[key].send_signal(signal.SIGSTOP)  # so that the next round is in flight when it dies
+        await asyncio.sleep(0.3)
+        await stack.kill(key)
         result = json.loads((await pending).data)
         assert "error" not in result, result
         assert result["token_ids"] == reference["engine"]
-        assert "verifier-replacement" in result["stats"]["verifier_instances"]
+        assert result["stats"]["verifier_instances"][0] == instance and len(result["stats"]["verifier_instances"]) == 2
+        assert result["stats"]["failovers"] >= 1
+    finally:
+        await sub.unsubscribe()
+
+
+async def _ask_counting(client, body: dict, replies: list) -> dict:
+    """Request on an inbox of our own, so a second (duplicate) reply would be seen too."""
+    inbox = client.new_inbox()
+    first = asyncio.get_running_loop().create_future()
+
+    async def on_reply(msg) -> None:
+        replies.append(msg.data)
+        if not first.done():
+            first.set_result(json.loads(msg.data))
+
+    await client.subscribe(inbox, cb=on_reply)
+    await client.publish(SUBJECTS.prompts, json.dumps(body).encode(), reply=inbox)
+    return await asyncio.wait_for(first, 120)
+
+
+async def test_two_requests_with_one_id_at_once_get_one_result_and_one_duplicate_id(client, reference):
+    body = {"id": "same-id", "prompt": PROMPT, "max_new_tokens": 32, "min_new_tokens": 32}
+    replies: list = []
+    results = await asyncio.gather(_ask_counting(client, body, replies), _ask_counting(client, body, replies))
+    codes = sorted(r.get("error", {}).get("code", "ok") for r in results)
+    assert codes == ["duplicate_id", "ok"], results
+    served = next(r for r in results if "error" not in r)
+    assert served["token_ids"] == reference["engine"][:32]  # never mixed with the other request's session
+    again = await _ask_counting(client, body, replies)  # the id is free again once the first is done
+    assert again["token_ids"] == reference["engine"][:32]
+    await asyncio.sleep(1.0)
+    assert len(replies) == 3
+
+
+async def test_a_job_redelivered_while_it_runs_is_attached_to_and_answered_once(stack, client, reference):
+    """The scheduler holding a job freezes past the jobs stream's ack_wait, so JetStream redelivers the job to
+    the other scheduler while the draft is still generating it: it must follow that run (not start a second)
+    and the requester gets one reply, identical to the request served alone."""
+    round_zero = []
+    holder: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_round(msg) -> None:
+        event = msgpack.unpackb(msg.data)
+        if event["request_id"] == "redeliver":
+            if event["round"] == 0:
+                round_zero.append(event)
+            if not holder.done():
+                holder.set_result(True)
+
+    sub = await client.subscribe(SUBJECTS.events_round, cb=on_round)
+    body = {"id": "redeliver", "prompt": PROMPT, "max_new_tokens": 64, "min_new_tokens": 64}
+    replies: list = []
+    pending = asyncio.ensure_future(_ask_counting(client, body, replies))
+    frozen = None
+    try:
+        await asyncio.wait_for(holder, 60)
+        for key, proc in stack.procs.items():
+            if key.startswith("scheduler"):
+                msg = await client.request(f"draftwire.scheduler.sessions.{_instance(stack, key)}", b"", timeout=5)
+                if any(row["id"] == "redeliver" for row in json.loads(msg.data)["sessions"]):
+                    frozen = proc
+        assert frozen is not None
+        frozen.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(6.0)  # > the jobs consumer's ack_wait (4 s): the job is redelivered meanwhile
+        frozen.send_signal(signal.SIGCONT)
+        frozen = None
+        result = await pending
+        await asyncio.sleep(2.0)  # the thawed scheduler must not answer again
+        assert "error" not in result, result
+        assert result["token_ids"] == reference["engine"]
+        assert len(replies) == 1
+        assert len(round_zero) == 1  # one run of the generation, not two
+    finally:
+        if frozen is not None:
+            frozen.send_signal(signal.SIGCONT)
+        await sub.unsubscribe()
+
+
+def _instance(stack, key: str) -> str:
+    from shared.io.service_shell import default_instance
+
+    return default_instance(key.split("-")[0], stack.procs[key].pid)
+
+
+async def test_cancelled_max_length_request_stops_within_a_round_and_the_next_is_served_at_normal_speed(
+    client, reference
+):
+    """The acceptance check: the largest allowed max_new_tokens, cancelled after 2 s: rounds stop within one
+    round of the cancel, and a normal request right after is as fast as the same request before."""
+    body = {"id": "normal-before", "prompt": PROMPT, "max_new_tokens": 32, "min_new_tokens": 32}
+    t0 = time.monotonic()
+    await _ask_counting(client, body, [])
+    alone_s = time.monotonic() - t0
+    rounds: list[float] = []
+
+    async def on_round(msg) -> None:
+        if msgpack.unpackb(msg.data)["request_id"] == "longest":
+            rounds.append(time.monotonic())
+
+    sub = await client.subscribe(SUBJECTS.events_round, cb=on_round)
+    target_context = 8192  # SmolLM2-135M
+    prompt_len = len(load_model("smollm2-135m", "fp32", progress=False).encode(PROMPT))
+    longest = {"id": "longest", "prompt": PROMPT, "max_new_tokens": target_context - prompt_len}
+    pending = asyncio.ensure_future(_ask_counting(client, longest, []))
+    await asyncio.sleep(2.0)
+    cancelled_at = time.monotonic()
+    await client.publish(SUBJECTS.cancel("longest"), b"")
+    result = await asyncio.wait_for(pending, 30)
+    await asyncio.sleep(1.0)
+    await sub.unsubscribe()
+    assert result["error"]["code"] == "cancelled", result
+    assert rounds, "the long request never ran a round"
+    assert sum(t > cancelled_at for t in rounds) <= 1  # at most the round in flight when the cancel came
+    t1 = time.monotonic()
+    after = await _ask_counting(client, {**body, "id": "normal-after"}, [])
+    after_s = time.monotonic() - t1
+    assert after["token_ids"] == reference["engine"][:32]
+    print(f"\ncancel: {len(rounds)} rounds before, {sum(t > cancelled_at for t in rounds)} after the cancel; "
+          f"reply {time.monotonic() - cancelled_at:.2f} s; next request {after_s:.2f} s vs {alone_s:.2f} s alone")
+    assert after_s < 1.5 * alone_s + 1.0
+
+
+async def test_timeout_s_ends_a_long_request_with_deadline_exceeded_and_the_partial_text(client):
+    body = {"id": "short-timeout", "prompt": PROMPT, "max_new_tokens": 4000, "min_new_tokens": 4000, "timeout_s": 2}
+    t0 = time.monotonic()
+    result = json.loads((await client.request("draftwire.prompts", json.dumps(body).encode(), timeout=30)).data)
+    elapsed = time.monotonic() - t0
+    assert result["error"]["code"] == "deadline_exceeded", result
+    assert 0 < len(result["token_ids"]) < 4000 and result["text"]
+    assert elapsed < 3.5, elapsed
+
+
+async def test_cancel_of_a_running_request_replies_cancelled_with_the_partial_text(client):
+    first_chunk = asyncio.Event()
+    sub = await client.subscribe(SUBJECTS.stream("to-cancel"), cb=functools.partial(_set, first_chunk))
+    body = {"id": "to-cancel", "prompt": PROMPT, "max_new_tokens": 4000, "min_new_tokens": 4000, "stream": True}
+    pending = asyncio.ensure_future(client.request("draftwire.prompts", json.dumps(body).encode(), timeout=60))
+    try:
+        await asyncio.wait_for(first_chunk.wait(), 60)
+        t0 = time.monotonic()
+        await client.publish(SUBJECTS.cancel("to-cancel"), b"")
+        result = json.loads((await pending).data)
+        assert result["error"]["code"] == "cancelled", result
+        assert 0 < len(result["token_ids"]) < 4000
+        assert time.monotonic() - t0 < 2.0
     finally:
         await sub.unsubscribe()
 
 
 async def _set(event, _msg):
     event.set()
+
+
+async def test_prompt_beyond_the_context_is_refused_in_under_a_second(client):
+    body = {"prompt": " ".join(["hello"] * 9000), "max_new_tokens": 16}
+    t0 = time.monotonic()
+    result = json.loads((await client.request("draftwire.prompts", json.dumps(body).encode(), timeout=30)).data)
+    assert result["error"]["code"] == "context_length_exceeded", result
+    assert time.monotonic() - t0 < 1.0
 
 
 def _verify_request(reference, session="nosuch") -> bytes:

@@ -20,7 +20,7 @@ class BigramSequence:
     def next_logits(self, tokens: Sequence[int], n_out: int = 1) -> torch.Tensor:
         self.tokens = list(tokens)
         rows = [self._log[t] for t in tokens[len(tokens) - n_out :]]
-        return torch.tensor(np.stack(rows), dtype=torch.float32)
+        return torch.from_numpy(np.stack(rows))
 
     def rollback(self, length: int) -> None:
         del self.tokens[length:]
@@ -31,6 +31,7 @@ class BigramSequence:
 
 class BigramModel:
     dtype = "fp32"
+    context_length = 1 << 20  # a bigram has no position limit; tests set a small one on an instance
 
     def __init__(self, table: np.ndarray, name: str = "bigram", eos: tuple[int, ...] = ()) -> None:
         self.table = table
@@ -60,3 +61,103 @@ def bigram_pair(vocab: int, seed: int, agreement: float | None = None) -> tuple[
     table = rng.dirichlet(np.full(vocab, 0.2), size=vocab)
     noise = rng.dirichlet(np.ones(vocab), size=vocab)
     return BigramModel(table, "target"), BigramModel(agreement * table + (1 - agreement) * noise, "draft")
+
+
+def cyclic_pair(vocab: int, target_step: float, draft_step: float) -> tuple[BigramModel, BigramModel]:
+    """Both models mostly step to the next token (a -> a + 1 mod vocab); the draft is surer of it.
+
+    Rounds often accept everything (so pipelining keeps its pre-drafted blocks) yet reject often enough, and
+    the rows of neighbouring contexts differ sharply, so a proposal row paired with the wrong token shows.
+    """
+
+    def table(step: float) -> np.ndarray:
+        out = np.full((vocab, vocab), (1 - step) / (vocab - 1))
+        out[np.arange(vocab), (np.arange(vocab) + 1) % vocab] = step
+        return out
+
+    return BigramModel(table(target_step), "target"), BigramModel(table(draft_step), "draft")
+
+
+# --- tiny random Llamas: a real transformer (KV cache, rollbacks) small enough for statistics -------------
+
+
+def tiny_llama(seed: int, name: str | None = None):
+    """A `tiny-random`-shaped Llama (same config and byte tokenizer) with weights drawn from `seed`.
+
+    `load_model("tiny-random")` has one fixed seed; a second, differently seeded model makes a draft that
+    really disagrees with it, without touching shared/models.
+    """
+    from transformers import LlamaForCausalLM
+
+    from shared.models.runtime import LoadedModel
+    from shared.models.tiny_random import build_tiny_random
+
+    reference, tokenizer = build_tiny_random()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(reference.config)
+    model.generation_config = reference.generation_config
+    return LoadedModel(name or f"tiny-llama-{seed}", "fp32", model.to(torch.float32).eval(), tokenizer)
+
+
+def blend(target, other, weight: float, name: str = "tiny-draft"):
+    """A draft between two models: every weight is (1 - weight) * target + weight * other.
+
+    weight 0 is the target itself, 1 the unrelated model; in between the agreement (acceptance) is tunable,
+    which pipelining needs: a pre-drafted block is only kept after a round accepted everything.
+    """
+    import copy
+
+    from shared.models.runtime import LoadedModel
+
+    model = copy.deepcopy(target.model)
+    theirs = other.model.state_dict()
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.mul_(1 - weight).add_(theirs[key], alpha=weight)
+    return LoadedModel(name, "fp32", model, target.tokenizer)
+
+
+def save_hf_dir(model, path) -> None:
+    """Write a tiny Llama as a Hugging Face dir that `load_model(path)` (and so the services) can load.
+
+    The byte tokenizer is written as a `tokenizers` byte-level BPE without merges, laid out so that id i is
+    byte i and BOS/EOS/PAD are 256/257/258: it encodes every text to the same ids as `ByteTokenizer`.
+    """
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    alphabet = sorted(ByteLevel.alphabet(), key=lambda ch: _BYTE_OF[ch])
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>"]
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    assert fast.convert_tokens_to_ids(specials) == [256, 257, 258]
+    model.model.save_pretrained(path)
+    fast.save_pretrained(path)
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte (what ByteLevel pre-tokenization emits), inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _bytes_to_unicode()

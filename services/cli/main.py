@@ -106,7 +106,19 @@ def add_stack_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nats", default=None, help="use this NATS server instead of starting an embedded one")
     g.add_argument("--nats-port", type=int, default=4222, help="port of the embedded NATS server (0 = any)")
     g.add_argument("--telemetry-port", type=int, default=9464, help="HTTP port of /metrics (0 = any)")
+    for flag, what in (("verifiers", "verifier"), ("drafts", "draft"), ("schedulers", "scheduler")):
+        g.add_argument(f"--{flag}", type=_positive, default=1, help=f"{what} instances to start (default 1)")
     add_link_flag(g)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def add_link_flag(g) -> None:
@@ -248,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--verbose", action="store_true", help="show the services' logs")
     bench.set_defaults(func=cmd_bench, nats=None, nats_port=0, telemetry_port=0, mode="tkslt", policy="fixed",
                        pipeline=False)
+
+    from services.cli import faults
+
+    faults.add_parser(sub, add_model_flags)
 
     models = sub.add_parser("models", help="list or pull the model catalog")
     msub = models.add_subparsers(dest="models_cmd", required=True)

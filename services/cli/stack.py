@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from shared.core.link_profile import LinkProfile, parse_link
-from shared.io.bus import connect, ensure_prompt_stream
+from shared.io.bus import connect, ensure_submit_stream
 from shared.io.link_emulator import LinkProxy
 from shared.io.nats_server import EmbeddedNats, _die_with_parent, is_reachable
 from shared.io.service_shell import READY_PREFIX
@@ -29,14 +29,43 @@ READY_TIMEOUT_S = 600.0  # first start may pull and convert models
 
 @dataclass
 class Stack:
-    """A running stack; `url` is where clients connect."""
+    """A running stack; `url` is where clients connect.
+
+    `procs` is keyed by replica: the first of each service by its name (`verifier`), further ones
+    `verifier-2`, `verifier-3`, ...; `restart(key)` kills one (SIGKILL by default, as a crash would) and starts
+    it again with the same flags, which is what the fault benchmark and the failover tests do.
+    """
 
     url: str
     nats: EmbeddedNats | None = None
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     telemetry_url: str | None = None
     link: LinkProxy | None = None  # between the device side (draft) and NATS, when --link is given
+    quiet: bool = False
+    _commands: dict[str, tuple[list[str], dict]] = field(default_factory=dict)
     _drains: list[asyncio.Task] = field(default_factory=list)
+
+    async def spawn(self, key: str, argv: list[str] | None = None, env: dict | None = None) -> bool:
+        """Start replica `key` (again) and wait for its ready line; False if it exited first."""
+        if argv is not None:
+            self._commands[key] = (argv, env or {})
+        argv, env = self._commands[key]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if self.quiet else None, env=env,
+            preexec_fn=_die_with_parent,
+        )
+        self.procs[key] = proc
+        return await _wait_ready(proc, self, key, self.quiet)
+
+    async def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[key]
+        if proc.returncode is None:
+            proc.send_signal(sig)
+        await proc.wait()
+
+    async def restart(self, key: str, sig: int = signal.SIGKILL) -> bool:
+        await self.kill(key, sig)
+        return await self.spawn(key)
 
     async def stop(self) -> None:
         for proc in self.procs.values():
@@ -60,6 +89,10 @@ class Stack:
         return [f"{n} (exit {p.returncode})" for n, p in self.procs.items() if p.returncode is not None]
 
 
+def replica_keys(name: str, count: int) -> list[str]:
+    return [name if i == 1 else f"{name}-{i}" for i in range(1, count + 1)]
+
+
 def service_args(name: str, args) -> list[str]:
     """Each service's own flags, taken from the shared model/sampling flags of `up`."""
     # device and edge get a core each, as on real hardware (and so they do not oversubscribe a small machine)
@@ -75,6 +108,15 @@ def service_args(name: str, args) -> list[str]:
     if name == "telemetry":
         return ["--http-port", str(args.telemetry_port)]
     raise ValueError(name)
+
+
+def replicas(name: str, args) -> int:
+    """How many instances of a service `up` starts (`--verifiers`, `--drafts`, `--schedulers`; telemetry 1)."""
+    flag = {"verifier": "verifiers", "draft": "drafts", "scheduler": "schedulers"}.get(name)
+    count = getattr(args, flag, 1) if flag else 1
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"--{flag} must be >= 1, got {count!r}")
+    return count
 
 
 async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None, env: dict | None = None) -> Stack:
@@ -93,7 +135,7 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         nats = EmbeddedNats(port=args.nats_port or None, store_dir=store)
         await nats.start()
         url = nats.url
-    stack = Stack(url=url, nats=nats)
+    stack = Stack(url=url, nats=nats, quiet=quiet)
     try:
         if (link := getattr(args, "link", None)) is not None:
             target = urlparse(url)
@@ -101,22 +143,16 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
             stack.link = await LinkProxy(target.hostname, target.port or 4222, profile).start()
         nc = await connect(url, "draftwire-up")
         try:
-            await ensure_prompt_stream(nc.jetstream(), create_consumer=False)  # capture prompts before the scheduler
+            await ensure_submit_stream(nc.jetstream(), create_consumer=False)  # keep submissions before the scheduler
         finally:
             await nc.close()
         env = {**os.environ, **(env or {}), "DRAFTWIRE_NATS_URL": url}
         ready: dict[str, asyncio.Future] = {}
         for name in SERVICES:
             service_url = stack.link.url if stack.link is not None and name == "draft" else url
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", f"services.{name}", "--nats", service_url, *service_args(name, args),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL if quiet else None,
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-            stack.procs[name] = proc
-            ready[name] = asyncio.ensure_future(_wait_ready(proc, stack, name, quiet))
+            argv = [sys.executable, "-m", f"services.{name}", "--nats", service_url, *service_args(name, args)]
+            for key in replica_keys(name, replicas(name, args)):
+                ready[key] = asyncio.ensure_future(stack.spawn(key, argv, env))
         done, _ = await asyncio.wait(ready.values(), timeout=READY_TIMEOUT_S)
         failed = [n for n, f in ready.items() if f not in done or not f.result()]
         if failed:

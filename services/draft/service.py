@@ -1,32 +1,53 @@
 """Draft (device): runs `shared.core.speculation.speculate` for each job, over a NATS link to the verifiers.
 
-Jobs arrive from the scheduler on `draftwire.draft.start` (queue group `drafts`); the reply is sent when the
-generation is over. Accepted text is published on `draftwire.stream.<id>` as it is verified, and every round
-and request is published as a telemetry event. The link sticks to the verifier instance that answered first
-(its KV cache holds the session); if that instance disappears it falls back to the queue group, where
-another verifier rebuilds the session from the token history the loop resends, so the request completes.
+Lifecycle of a job (docs/sessions.md). The scheduler requests `draftwire.draft.start` (queue group `drafts`)
+and is answered at once: `{"accepted": true, "instance": ...}`, or an error for a bad job, a deadline already
+passed, or a prompt that does not fit the context (prompt tokens + `max_new_tokens` above the draft's or the
+target's context length: checked before any model work). A start for a session this instance already runs is
+answered `accepted` again and starts nothing. While a session runs, this instance answers
+`draftwire.draft.session.<session>` with `{"instance", "round"}` (liveness for the scheduler) and listens on
+`draftwire.cancel.<id>`; a cancel, or the job's deadline passing, stops it within one round with the error
+`cancelled` / `deadline_exceeded` and the partial text. The final body is stored with `js.publish` on
+`draftwire.done.<session>` (stream DRAFTWIRE_DONE) and only then does the instance stop answering the session
+subject, so a scheduler always finds either the runner or the result. Every end (done, failed, cancelled)
+publishes `CloseSession` on `draftwire.sessions.close`, so the verifier frees the KV cache at once.
+
+Stopping uses the TARGET's EOS ids, learnt from `draftwire.verifier.info` (losslessness is with respect to the
+target). Accepted text is streamed on `draftwire.stream.<id>` with `offset` (tokens before the chunk), and every
+round and request is published as a telemetry event. The link to the edge is `verifier_link.NatsEdge`.
+
+Fair share: at most `--max-concurrent` generations run at once (later ones wait for a slot, first come first
+served, still answering session pings and cancels). Their model work runs on ONE worker thread whose queue is
+FIFO: every round submits its draft step and waits, so N running generations interleave step by step and each
+gets about 1/N of the model; none can hold the thread for more than one step. Nothing slow runs on the event
+loop (tokenizing goes to a thread), so pings, cancels and session pings are answered during any generation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import msgpack
 import nats.errors
 from nats.micro import Request
 from opentelemetry import trace
 
+from services.draft.verifier_link import NatsEdge, TargetInfo, VerifierDirectory
+from shared.core.backoff import Backoff
 from shared.core.draft_length_policy import AdaptiveGamma, CostModel, make_policy
+from shared.core.draft_session import DraftSession
 from shared.core.params import ParamError
 from shared.core.prompt_request import GenerateJob, RequestError, encode_reply, error_body
-from shared.core.protocol import Verdict, VerifyRequest, decode_any
+from shared.core.protocol import CloseSession
 from shared.core.round_stats import RoundStats
 from shared.core.speculation import RemoteError, new_session, speculate
 from shared.io import bus
-from shared.io.bus import INSTANCE_HEADER, SUBJECTS, extract_context
+from shared.io.bus import SUBJECTS, extract_context
 from shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
@@ -36,10 +57,14 @@ from shared.io.service_shell import (
     run,
     service_parser,
 )
-from shared.models.runtime import load_model
+from shared.models.runtime import LoadedModel, load_model
 
 log = logging.getLogger("draftwire.draft")
-SERVICE_ERROR_HEADER = "Nats-Service-Error"
+
+STOP_CODES = ("cancelled", "deadline_exceeded")
+INFO_QUICK_S = 0.5  # how long the start reply may wait for the target's info; later the run itself waits
+DONE_MARGIN_S = 30.0  # the final body is retried this long past the deadline (or the end, without one)
+NO_DEADLINE_WAIT_S = 120.0  # without a deadline, how long a job may wait for a verifier to describe the target
 
 
 def build_parser():
@@ -47,72 +72,18 @@ def build_parser():
     add_model_flags(p, "draft", "int8")
     p.add_argument(
         "--max-concurrent", type=int, default=env_int("MAX_CONCURRENT", 4),
-        help="generations run at once; more wait [DRAFTWIRE_MAX_CONCURRENT]",
+        help="generations run at once; more wait for a slot [DRAFTWIRE_MAX_CONCURRENT]",
     )
     p.add_argument(
         "--verify-timeout", type=float, default=env_float("VERIFY_TIMEOUT", 15.0),
-        help="seconds to wait for one verify reply before trying another verifier [DRAFTWIRE_VERIFY_TIMEOUT]",
+        help="seconds to wait for one verify reply from a verifier that still answers pings (a dead one is "
+        "noticed within a second) [DRAFTWIRE_VERIFY_TIMEOUT]",
     )
     p.add_argument(
         "--verifier-wait", type=float, default=env_float("VERIFIER_WAIT", 120.0),
         help="seconds a round may wait for any verifier to appear [DRAFTWIRE_VERIFIER_WAIT]",
     )
     return p
-
-
-class NatsEdge:
-    """One session's path to the edge: sticky to a verifier instance, failing over through the queue group."""
-
-    def __init__(self, nc, tracer, verify_timeout: float, verifier_wait: float) -> None:
-        self.nc = nc
-        self.tracer = tracer
-        self.verify_timeout = verify_timeout
-        self.verifier_wait = verifier_wait
-        self.instance: str | None = None
-        self.instances: list[str] = []
-
-    async def exchange(self, uplink: bytes, req: VerifyRequest) -> bytes:
-        deadline = time.monotonic() + self.verifier_wait
-        backoff = 0.1
-        while True:
-            subject = SUBJECTS.verify_instance(self.instance) if self.instance else SUBJECTS.verify
-            try:
-                with self.tracer.start_as_current_span("verify_rpc", kind=trace.SpanKind.CLIENT) as span:
-                    span.set_attributes({"draftwire.uplink_bytes": len(uplink), "messaging.destination": subject})
-                    t_send = time.time_ns()
-                    msg = await bus.request(self.nc, subject, uplink, timeout=self.verify_timeout)
-                    self._link_spans(t_send, time.time_ns(), msg.data)
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-                if self.instance is not None:
-                    log.warning("verifier %s unavailable (%s); failing over", self.instance, type(exc).__name__)
-                    self.instance = None
-                    continue
-                if time.monotonic() > deadline:
-                    raise RemoteError("no_verifier", f"no verifier answered for {self.verifier_wait:.0f}s") from exc
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            headers = msg.headers or {}
-            if SERVICE_ERROR_HEADER in headers:
-                raise RemoteError("verifier_error", headers.get(SERVICE_ERROR_HEADER, "unknown"))
-            instance = headers.get(INSTANCE_HEADER)
-            if instance and instance != self.instance:
-                self.instance = instance
-                self.instances.append(instance)
-            return msg.data
-
-    def _link_spans(self, t_send: int, t_recv: int, downlink: bytes) -> None:
-        """Split the round trip into uplink / edge / downlink spans from the verdict's own timestamps."""
-        try:
-            reply = decode_any(downlink)
-        except ValueError:
-            return
-        if not isinstance(reply, Verdict) or reply.sent_at <= 0:
-            return
-        down_ns = max(0, min(t_recv - int(reply.sent_at * 1e9), t_recv - t_send))
-        up_ns = max(0, t_recv - t_send - down_ns - int(reply.verify_s * 1e9))
-        self.tracer.start_span("uplink", start_time=t_send).end(end_time=t_send + up_ns)
-        self.tracer.start_span("downlink", start_time=t_recv - down_ns).end(end_time=t_recv)
 
 
 class TextStream:
@@ -132,6 +103,79 @@ class TextStream:
         return delta
 
 
+class Stopped(Exception):
+    """A cancel or the deadline ended the run; `code` is `cancelled` or `deadline_exceeded`."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass
+class Run:
+    """One accepted job on this instance, from the start reply to its stored result."""
+
+    job: GenerateJob
+    prompt_ids: list[int]
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    session: DraftSession | None = None
+    task: asyncio.Task | None = None
+    subs: list = field(default_factory=list)
+
+    @property
+    def round(self) -> int:
+        return self.session.round if self.session is not None else 0
+
+    def stop_reason(self) -> str | None:
+        """What `speculate` checks before every round."""
+        if self.cancelled.is_set():
+            return "cancelled"
+        if self.job.deadline and time.time() > self.job.deadline:
+            return "deadline_exceeded"
+        return None
+
+    async def until_stopped(self) -> str:
+        """Return the reason once the run is cancelled or its deadline passes."""
+        if not self.job.deadline:
+            await self.cancelled.wait()
+            return "cancelled"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.cancelled.wait(), max(0.0, self.job.deadline - time.time()))
+        return self.stop_reason() or "deadline_exceeded"
+
+    async def unless_stopped(self, coro):
+        """Await `coro`, abandoning it (Stopped) as soon as a cancel arrives or the deadline passes."""
+        work = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self.until_stopped())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            raise Stopped(stop.result())
+        finally:
+            for fut in (work, stop):
+                if not fut.done():
+                    fut.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await fut
+
+
+def context_error(n_prompt: int, max_new: int, draft: LoadedModel | None, target: TargetInfo | None) -> str | None:
+    """The message of a `context_length_exceeded` error, or None when the job fits both models."""
+    limits = []
+    if draft is not None:
+        limits.append((draft.context_length, f"draft {draft.name}"))
+    if target is not None:
+        limits.append((target.context_length, f"target {target.model}"))
+    if not limits:
+        return None
+    limit, who = min(limits)
+    if n_prompt + max_new <= limit:
+        return None
+    return (f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new}) = {n_prompt + max_new} exceeds the "
+            f"context length {limit} of the {who}")
+
+
 async def start(ctx: ServiceContext) -> None:
     args = ctx.args
     if args.max_concurrent < 1:
@@ -139,9 +183,16 @@ async def start(ctx: ServiceContext) -> None:
     model = await asyncio.to_thread(load_model, args.draft_model, args.draft_dtype, False)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
     slots = asyncio.Semaphore(args.max_concurrent)
-    tasks: set[asyncio.Task] = set()
+    runs: dict[str, Run] = {}  # session -> run
+    directory = VerifierDirectory(ctx.nc)
+    js = ctx.nc.jetstream()
+    await bus.ensure_done_stream(js)
     warm: dict[tuple[str, int], CostModel] = {}  # adaptive draft length: per (mode, K), across sessions
     loop = asyncio.get_running_loop()
+
+    def drafter(job: GenerateJob) -> LoadedModel | None:
+        """The draft model, when the job's mode uses one (its context then bounds the job too)."""
+        return model if job.spec.mode != "ar" else None
 
     async def compute(fn):
         return await loop.run_in_executor(worker, fn)
@@ -149,12 +200,18 @@ async def start(ctx: ServiceContext) -> None:
     async def publish(subject: str, body: dict, fmt: str = "msgpack") -> None:
         try:
             await ctx.nc.publish(subject, encode_reply(body, fmt))
-        except Exception:  # telemetry and streams are best effort; the result reply is what matters
+        except Exception:  # telemetry and streams are best effort; the stored result is what matters
             log.debug("publish to %s failed", subject, exc_info=True)
 
-    async def generate(job: GenerateJob, link: NatsEdge) -> dict:
-        session = new_session(
-            model, model, model.eos_token_ids, model.vocab_size, job.prompt, job.params, job.spec, job.id
+    async def generate(run: Run, target: TargetInfo, link: NatsEdge) -> dict:
+        job = run.job
+        if model.vocab_size != target.vocab_size:
+            directory.drop_target()  # perhaps the edge was redeployed: ask again next time
+            raise RemoteError("vocab_mismatch", f"draft {model.name} has vocabulary {model.vocab_size} but target "
+                                             f"{target.model} has {target.vocab_size}")
+        run.session = session = new_session(
+            model, model, target.eos_token_ids, target.vocab_size, run.prompt_ids, job.params, job.spec,
+            job.session, job.deadline,
         )
         text = TextStream(model.decode)
 
@@ -164,87 +221,173 @@ async def start(ctx: ServiceContext) -> None:
                      **rs.to_dict(), "ts": time.time()}
             await publish(SUBJECTS.events_round, event)
             if job.stream:
-                await publish(SUBJECTS.stream(job.id),
-                              {"id": job.id, "text": text.push(new), "token_ids": new, "done": False}, job.format)
+                chunk = {"id": job.id, "text": text.push(new), "token_ids": new,
+                         "offset": len(session.generated) - len(new), "done": False}
+                await publish(SUBJECTS.stream(job.id), chunk, job.format)
 
         key = (job.spec.mode, job.spec.k)
         policy = make_policy(job.spec.policy, job.spec.gamma, warm.get(key))
-        result = await speculate(
+        result = await run.unless_stopped(speculate(
             session, link, decode=model.decode, compute=compute, on_round=on_round, tracer=ctx.tracer,
-            policy=policy,
-        )
+            policy=policy, should_stop=run.stop_reason,
+        ))
         if isinstance(policy, AdaptiveGamma):  # the next session on this device starts from what this one learnt
             warm[key] = policy.model
         body = {"id": job.id, **{k: v for k, v in result.to_dict().items() if k != "rounds"}}
-        body["stats"].update(draft_instance=ctx.instance, verifier_instances=link.instances,
-                             seed=job.params.seed)
+        if result.finish_reason in STOP_CODES:
+            body["error"] = error_body(result.finish_reason, _stop_message(result.finish_reason))["error"]
         return body
 
-    async def run_job(req: Request) -> None:
-        job_id = None
+    def partial(run: Run, code: str, message: str) -> dict:
+        """An error body with whatever the session had committed when it ended."""
+        body = error_body(code, message, run.job.id)
+        if run.session is not None or code in STOP_CODES:
+            ids = run.session.generated if run.session is not None else []
+            body.update(text=model.decode(ids), token_ids=ids, stats={"new_tokens": len(ids), "rounds": run.round})
+        return body
+
+    async def execute(run: Run, link: NatsEdge) -> dict:
+        job = run.job
+        try:
+            target = directory.cached_target()
+            if target is None:  # no verifier described the target at start: wait for one, then check again
+                give_up = job.deadline or time.time() + min(args.verifier_wait, NO_DEADLINE_WAIT_S)
+                target = await run.unless_stopped(directory.target(give_up))
+                if message := context_error(len(run.prompt_ids), job.params.max_new_tokens, drafter(job), target):
+                    return error_body("context_length_exceeded", message, job.id)
+            await run.unless_stopped(slots.acquire())
+            try:
+                return await generate(run, target, link)
+            finally:
+                slots.release()
+        except Stopped as exc:
+            return partial(run, exc.code, _stop_message(exc.code))
+        except RemoteError as exc:
+            if exc.code not in STOP_CODES:  # the edge refused: what we know of it may be stale
+                directory.drop_target()
+            return partial(run, exc.code, exc.message)
+        except (ParamError, ValueError) as exc:
+            return partial(run, "bad_request", str(exc))
+        except Exception as exc:
+            log.exception("generation %s failed", job.id)
+            return partial(run, "internal", f"{type(exc).__name__}: {exc}")
+
+    async def finish(run: Run, body: dict) -> None:
+        """Store the final body in DRAFTWIRE_DONE (retrying until acked or past the deadline + a margin)."""
+        session = run.job.session
+        payload = msgpack.packb(body, unicode_errors="replace")
+        give_up = max(run.job.deadline, time.time()) + DONE_MARGIN_S
+        backoff = Backoff(initial=0.05, cap=2.0)
+        while True:
+            try:
+                await js.publish(SUBJECTS.done(session), payload, headers={"Nats-Msg-Id": f"done-{session}"})
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                if time.time() > give_up:
+                    log.error("could not store the result of session %s: %s", session, exc)
+                    return
+                await asyncio.sleep(backoff.next())
+
+    async def lifecycle(run: Run, parent) -> None:
+        job = run.job
+        link = NatsEdge(ctx.nc, directory, ctx.tracer, args.verify_timeout, args.verifier_wait)
+        try:
+            with ctx.tracer.start_as_current_span("draft.generate", context=parent,
+                                                  kind=trace.SpanKind.SERVER) as span:
+                span.set_attributes({"draftwire.request_id": job.id, "draftwire.session": job.session,
+                                     "draftwire.mode": job.spec.mode, "draftwire.draft_instance": ctx.instance})
+                t0 = time.perf_counter()
+                body = await execute(run, link)
+                stats = body.setdefault("stats", {})
+                stats.update(draft_instance=ctx.instance, verifier_instances=link.instances,
+                             seed=job.params.seed, session=job.session, failovers=link.failovers)
+                with contextlib.suppress(Exception):  # best effort: the verifier's LRU is the backstop
+                    await ctx.nc.publish(SUBJECTS.sessions_close, CloseSession(job.session).encode())
+                await publish(SUBJECTS.events_request, {
+                    "type": "request", "request_id": job.id, "mode": job.spec.mode, "gamma": job.spec.gamma,
+                    "k": job.spec.k, "draft_instance": ctx.instance, "verifier_instances": link.instances,
+                    "new_tokens": stats.get("new_tokens", 0), "wall_s": time.perf_counter() - t0,
+                    "tokens_per_s": stats.get("tokens_per_s", 0.0),
+                    "acceptance_rate": stats.get("acceptance_rate", 0.0),
+                    "uplink_bytes": stats.get("uplink_bytes", 0), "downlink_bytes": stats.get("downlink_bytes", 0),
+                    "finish_reason": body.get("finish_reason"),
+                    "error": body["error"]["code"] if "error" in body else None, "ts": time.time(),
+                })
+                if job.stream:
+                    await publish(SUBJECTS.stream(job.id), {**body, "offset": 0, "done": True}, job.format)
+                await finish(run, body)
+        finally:
+            runs.pop(job.session, None)
+            for sub in run.subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def admit(job: GenerateJob) -> tuple[dict, list[int] | None]:
+        """The immediate answer to a start, and the prompt's token ids when the job is accepted."""
+        if job.deadline and time.time() > job.deadline:
+            return error_body("deadline_exceeded", "the job's deadline passed before it started", job.id), None
+        prompt_ids = await asyncio.to_thread(model.encode, job.prompt)
+        if not prompt_ids:
+            return error_body("bad_request", "the prompt is empty after tokenization", job.id), None
+        target = directory.cached_target()
+        if target is None:
+            with contextlib.suppress(nats.errors.Error, TimeoutError, ValueError, RemoteError):
+                target = await directory.target(time.time() + INFO_QUICK_S)
+        if message := context_error(len(prompt_ids), job.params.max_new_tokens, drafter(job), target):
+            return error_body("context_length_exceeded", message, job.id), None
+        return {"accepted": True, "instance": ctx.instance}, prompt_ids
+
+    async def handle_start(req: Request) -> None:
         try:
             job = GenerateJob.decode(req.data)
-            job_id = job.id
         except RequestError as exc:
-            await req.respond(msgpack.packb(error_body(exc.code, str(exc))))
+            await req.respond(msgpack.packb(error_body(exc.code, str(exc), exc.request_id)))
             return
-        link = NatsEdge(ctx.nc, ctx.tracer, args.verify_timeout, args.verifier_wait)
-        with ctx.tracer.start_as_current_span(
-            "draft.generate", context=extract_context(req.headers), kind=trace.SpanKind.SERVER
-        ) as span:
-            span.set_attributes({"draftwire.request_id": job.id, "draftwire.mode": job.spec.mode,
-                                 "draftwire.draft_instance": ctx.instance})
-            t0 = time.perf_counter()
-            async with slots:
-                try:
-                    body = await generate(job, link)
-                except RemoteError as exc:
-                    body = error_body(exc.code, exc.message, job.id)
-                except (ParamError, ValueError) as exc:
-                    body = error_body("bad_request", str(exc), job.id)
-                except Exception as exc:
-                    log.exception("generation %s failed", job_id)
-                    body = error_body("internal", f"{type(exc).__name__}: {exc}", job.id)
-            stats = body.get("stats", {})
-            await publish(SUBJECTS.events_request, {
-                "type": "request", "request_id": job.id, "mode": job.spec.mode, "gamma": job.spec.gamma,
-                "k": job.spec.k, "draft_instance": ctx.instance, "verifier_instances": link.instances,
-                "new_tokens": stats.get("new_tokens", 0), "wall_s": time.perf_counter() - t0,
-                "tokens_per_s": stats.get("tokens_per_s", 0.0),
-                "acceptance_rate": stats.get("acceptance_rate", 0.0),
-                "uplink_bytes": stats.get("uplink_bytes", 0), "downlink_bytes": stats.get("downlink_bytes", 0),
-                "finish_reason": body.get("finish_reason"),
-                "error": body["error"]["code"] if "error" in body else None, "ts": time.time(),
-            })
-            if job.stream:
-                await publish(SUBJECTS.stream(job.id), {**body, "done": True}, job.format)
-        await req.respond(msgpack.packb(body))
+        if job.session in runs:
+            await req.respond(msgpack.packb({"accepted": True, "instance": ctx.instance}))
+            return
+        reply, prompt_ids = await admit(job)
+        if prompt_ids is None or job.session in runs:  # (a twin start may have won while we tokenized)
+            await req.respond(msgpack.packb(reply))
+            return
+        run = runs[job.session] = Run(job, prompt_ids)
 
-    async def handle(req: Request) -> None:
-        # micro runs one handler at a time per subscription: each job gets its own task
-        task = asyncio.create_task(run_job(req))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        async def on_session_ping(msg) -> None:
+            if msg.reply:
+                await msg.respond(msgpack.packb({"instance": ctx.instance, "round": run.round}))
 
-    async def cancel_jobs() -> None:
-        for t in list(tasks):
+        async def on_cancel(_msg) -> None:
+            run.cancelled.set()
+
+        run.subs = [await ctx.nc.subscribe(SUBJECTS.draft_session(job.session), cb=on_session_ping),
+                    await ctx.nc.subscribe(SUBJECTS.cancel(job.id), cb=on_cancel)]
+        run.task = asyncio.create_task(lifecycle(run, extract_context(req.headers)))
+        await req.respond(msgpack.packb(reply))
+
+    async def cancel_runs() -> None:
+        tasks = [r.task for r in runs.values() if r.task is not None]
+        for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         worker.shutdown(wait=False)
 
-    ctx.cleanups.append(cancel_jobs)
+    ctx.cleanups.append(cancel_runs)
     await register(
         ctx,
         "draftwire-draft",
         "draft model and speculative loop (device)",
-        [(SUBJECTS.draft_start, handle, "drafts")],
+        [(SUBJECTS.draft_start, handle_start, "drafts")],
         metadata={"model": args.draft_model, "dtype": args.draft_dtype},
     )
     log.info("drafting with %s (%s)", model.name, model.dtype)
+
+
+def _stop_message(code: str) -> str:
+    return "cancelled by the requester" if code == "cancelled" else "the request's deadline passed"
 
 
 def main(argv: list[str] | None = None) -> None:
     run("draft", build_parser(), start, argv)
 
 
-__all__ = ["NatsEdge", "TextStream", "main"]
+__all__ = ["Run", "Stopped", "TextStream", "context_error", "main"]

@@ -1,21 +1,31 @@
-"""Scheduler: pulls prompts from the durable queue, runs each on a draft instance and delivers the result.
+"""Scheduler: takes prompts, stores each as a job in JetStream, runs it on a draft instance, replies once.
 
-Reply subjects. JetStream stores a prompt but not its publisher's reply subject, so every scheduler also
-holds a plain core-NATS subscription on `draftwire.prompts` (no queue group: every instance sees every
-prompt) that records reply subjects by a digest of (the user's headers, body) for `--request-timeout`
-seconds. When the consumer hands this scheduler a prompt, it claims the matching reply subject, waiting up to
-a second for it because the two copies of a fresh message race. A prompt published while no scheduler ran
-has no known reply subject (its requester is gone anyway): its result goes to `draftwire.results.<id>` only.
-Every result and error is published there too, for fire-and-forget publishers. Identical prompts share a
-digest; `ReplyBook` ranks the candidates and the JetStream KV bucket `DRAFTWIRE_REPLY_CLAIMS` makes each
-claim exclusive (`Scheduler._exclusive`), so schedulers still give each requester exactly one reply.
+Intake. `draftwire.prompts` is a micro endpoint in queue group `schedulers`, so with no scheduler running a
+request gets "no responders" at once. The handler parses and validates (bad input is answered at once),
+gives the job a fresh session id and an absolute deadline, and stores it with its reply subject on
+`draftwire.jobs.<id>` in DRAFTWIRE_JOBS, waiting for the PubAck; a second job with an id still in flight is
+refused by the stream (one message per subject) and answered `duplicate_id`. The handler never waits for a
+generation. Fire-and-forget prompts (`js.publish` to `draftwire.submit`, stream DRAFTWIRE_SUBMIT) become jobs
+the same way, with no reply subject; their results and errors go to `draftwire.results.<id>` only.
 
-Acknowledgement. A prompt is acked only after its result or error was published, so delivery is
-at-least-once; a malformed prompt is answered and acked at once, never redelivered. While no draft instance
-is up the scheduler keeps the prompt and retries (in-progress acks stop JetStream from redelivering it)
-rather than nak it towards max_deliver; after `--request-timeout` without one it answers `no_draft`.
-Prompts beyond `--max-inflight` are not fetched at all, so they wait in JetStream however long it takes.
-On shutdown, unfinished prompts are nak'd so another scheduler (or the next start) takes them at once.
+Work. All schedulers pull from one durable consumer with a short ack_wait, send in-progress acks every
+second while working, and hold at most `--max-inflight` jobs each. For a job: a result already in
+DRAFTWIRE_DONE is delivered; a draft still running the session (its session subject answers) is followed;
+otherwise the job goes to `draftwire.draft.start`, retried with backoff while no draft instance exists
+(`no_draft` at the deadline). While it runs the scheduler pings the session every second; "no responders"
+twice means the draft died, and the same job (same session; seeded rounds give the same output) is
+dispatched again. A scheduler killed mid-job stops heartbeating, and JetStream hands the job to another
+one, which resumes it the same way. Past the deadline plus a grace with no result: `deadline_exceeded`.
+
+One reply. Before replying, a scheduler creates key `<session>` in the KV bucket DRAFTWIRE_DELIVERED; one
+that cannot (the key exists) only acks. The reply goes to the stored reply subject and to
+`draftwire.results.<id>`, then the ack deletes the job and frees the id. A scheduler killed between the
+create and the publish loses that reply: at most one reply, never two.
+
+Cancel. `draftwire.cancel.<id>` ends a job that is queued or waiting for a draft at once (`cancelled`); a
+running job is stopped by its draft, whose done message carries `cancelled` and the partial text (if none
+comes within a few seconds the scheduler replies `cancelled` itself). Cancels are remembered for a while,
+so a job fetched after its cancel is answered without running.
 """
 
 from __future__ import annotations
@@ -23,13 +33,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import secrets
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import msgpack
@@ -40,6 +48,7 @@ from nats.aio.msg import Msg
 from nats.micro import Request
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from shared.core.backoff import Backoff
 from shared.core.params import (
     DEFAULT_GAMMA,
     DEFAULT_K,
@@ -48,27 +57,33 @@ from shared.core.params import (
     MODES,
     POLICIES,
     ParamError,
-    SamplingParams,
     SpecParams,
 )
 from shared.core.prompt_request import (
     REPLY_CONTENT_TYPES,
-    GenerateJob,
+    JobRecord,
     PromptRequest,
     RequestError,
+    build_job,
     encode_reply,
     error_body,
     parse_prompt,
 )
 from shared.io import bus
 from shared.io.bus import (
-    PROMPT_STREAM,
+    DONE_STREAM,
+    JOBS_CONSUMER,
+    JOBS_STREAM,
     ROOT,
     SUBJECTS,
-    ensure_prompt_stream,
-    ensure_reply_claims,
+    ensure_delivered_bucket,
+    ensure_done_stream,
+    ensure_jobs_stream,
+    ensure_submit_stream,
     extract_context,
-    prompt_subscription,
+    inject_headers,
+    jobs_subscription,
+    submit_subscription,
     validate_token,
 )
 from shared.io.service_shell import ServiceContext, env, env_float, env_int, register, run, service_parser
@@ -76,15 +91,20 @@ from shared.io.service_shell import ServiceContext, env, env_float, env_int, reg
 log = logging.getLogger("draftwire.scheduler")
 
 SESSIONS_SUBJECT = f"{ROOT}.scheduler.sessions"
-ACK_WAIT_S = 30.0  # JetStream redelivers a prompt whose scheduler died after this long
-HEARTBEAT_S = 10.0  # in-progress acks while working, well inside ACK_WAIT_S
-MAX_DELIVER = 10  # graceful restarts nak in-flight prompts; only repeated crashes should exhaust this
-FETCH_S = 5.0  # one pull request's lifetime
-REPLY_WAIT_S = 1.0  # how long a fresh prompt waits for its core-NATS copy (the reply subject)
-FRESH_S = 5.0  # a prompt stored longer ago than this had its core copy recorded already, or never will
-CALIBRATE_WINDOW_S = 0.5  # a lone candidate recorded this close to the stored time is surely the one
-MAX_DRAFT_BACKOFF_S = 1.0
-REPLY_CLAIM_MARGIN_S = 60.0  # a claim outlives the book entries it arbitrates (they expire after the timeout)
+ACK_WAIT_S = 4.0  # JetStream hands a job to another scheduler this long after its holder stopped heartbeating
+HEARTBEAT_S = 1.0  # in-progress acks while working, well inside ACK_WAIT_S
+MAX_ACK_PENDING = 1024  # jobs in flight across all schedulers
+FETCH_S = 1.0  # one pull request's lifetime
+PUBLISH_TIMEOUT_S = 5.0  # waiting for a PubAck
+START_TIMEOUT_S = 5.0  # the draft answers `draftwire.draft.start` at once; longer means it may not have it
+PING_S = 1.0  # liveness pings of the session subject while the draft runs it
+PING_TIMEOUT_S = 0.5
+DEAD_AFTER = 2  # consecutive "no responders" before the job is dispatched again
+DEADLINE_GRACE_S = 3.0  # the draft enforces the deadline and reports; this long after it we answer ourselves
+CANCEL_GRACE_S = 3.0  # a running job's draft reports its cancel (with the partial text) within this
+CLOCK_SLACK_S = 1.0  # a cancel applies to jobs accepted up to this long after it (clocks of two hosts)
+DELIVERED_MARGIN_S = 15 * 60.0
+JS_LIMIT_EXCEEDED = 10077  # a stream refused a message: per subject (a duplicate id) or in total (full)
 SERVICE_ERROR_HEADER = "Nats-Service-Error"
 
 
@@ -124,14 +144,14 @@ def build_parser():
         "--request-timeout",
         type=float,
         default=env_float("REQUEST_TIMEOUT", 600.0),
-        help="seconds a generation may take, and a prompt may wait for a draft instance "
-        "[DRAFTWIRE_REQUEST_TIMEOUT]",
+        help="seconds a request may take, waiting for a draft instance included: the default of the "
+        "request field timeout_s and its cap (larger values are clamped) [DRAFTWIRE_REQUEST_TIMEOUT]",
     )
     p.add_argument(
         "--max-inflight",
         type=int,
         default=env_int("MAX_INFLIGHT", 8),
-        help="prompts this instance works on at once; the rest wait in JetStream [DRAFTWIRE_MAX_INFLIGHT]",
+        help="jobs this instance works on at once; the rest wait in JetStream [DRAFTWIRE_MAX_INFLIGHT]",
     )
     return p
 
@@ -139,50 +159,8 @@ def build_parser():
 # --- policy (pure) ----------------------------------------------------------------------------------------
 
 
-def resolve_spec(req: PromptRequest, defaults: SpecParams) -> SpecParams:
-    """Mode `auto` and unset gamma/k/policy/pipeline take the scheduler's defaults; request values win."""
-    return SpecParams(
-        mode=defaults.mode if req.mode == "auto" else req.mode,
-        gamma=defaults.gamma if req.gamma is None else req.gamma,
-        k=defaults.k if req.k is None else req.k,
-        quant=defaults.quant,
-        policy=defaults.policy if req.policy is None else req.policy,
-        confidence=defaults.confidence if req.confidence is None else req.confidence,
-        pipeline=defaults.pipeline if req.pipeline is None else req.pipeline,
-    )
-
-
-def fresh_seed() -> int:
-    return secrets.randbelow(2**63)
-
-
-def resolve_sampling(req: PromptRequest, draw_seed: Callable[[], int] = fresh_seed) -> SamplingParams:
-    """No seed means a fresh random one; the draft reports it in the stats, so any sample can be replayed."""
-    return SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=draw_seed() if req.seed is None else req.seed,
-        min_new_tokens=req.min_new_tokens,
-        max_new_tokens=req.max_new_tokens,
-    )
-
-
-def build_job(
-    req: PromptRequest, fmt: str, defaults: SpecParams, draw_seed: Callable[[], int] = fresh_seed
-) -> GenerateJob:
-    return GenerateJob(
-        id=req.id,
-        prompt=req.prompt,
-        params=resolve_sampling(req, draw_seed),
-        spec=resolve_spec(req, defaults),
-        stream=req.stream,
-        format=fmt,
-        session=secrets.token_hex(16),
-    )
-
-
 def draft_result(data: bytes, headers: Mapping[str, str] | None, request_id: str) -> dict:
-    """The draft's msgpack reply as a reply body: its result or error as is, anything else a draft_error."""
+    """A draft's msgpack body as a reply body: its result or error as is, anything else a draft_error."""
     if headers and headers.get(SERVICE_ERROR_HEADER):
         return error_body(
             "draft_error", f"draft instance failed: {headers[SERVICE_ERROR_HEADER]}", request_id
@@ -196,132 +174,74 @@ def draft_result(data: bytes, headers: Mapping[str, str] | None, request_id: str
     return {**body, "id": request_id}
 
 
-def reply_key(headers: Mapping[str, str] | None, data: bytes) -> bytes:
-    """Digest that identifies one published prompt in both its core-NATS and its JetStream copy.
-
-    `Nats-*` headers are left out: they are the server's and JetStream's business, not the user's.
-    """
-    user = sorted((k.lower(), v) for k, v in (headers or {}).items() if not k.lower().startswith("nats-"))
-    h = hashlib.blake2b(repr(user).encode("utf-8", "replace"), digest_size=20)
-    h.update(data)
-    return h.digest()
-
-
-@dataclass(eq=False)
-class Captured:
-    reply: str | None
-    recorded_at: float
-    expires_at: float
-    index: int  # arrival order among all prompts this book saw
+def start_outcome(data: bytes, headers: Mapping[str, str] | None, request_id: str) -> dict | None:
+    """The draft's answer to `draftwire.draft.start`: None when it took the job, else the body to reply."""
+    body = draft_result(data, headers, request_id)
+    if "error" in body:
+        return body
+    if body.get("accepted") is True:
+        return None
+    return error_body(
+        "draft_error", "draft instance answered the job with neither accepted nor an error", request_id
+    )
 
 
-class ReplyBook:
-    """Reply subjects seen on core NATS, matched to JetStream deliveries by digest. Time is passed in.
+class RecentCancels:
+    """Cancels seen lately, bounded and expiring, so a job fetched after its cancel never runs.
 
-    Identical prompts share a digest, and every scheduler records every copy, so the schedulers must agree
-    on which entry belongs to which stream message. Each ranks the candidates by arrival order:
-    the stream numbers the prompts in (practically) the order the core copies arrive, so the entry whose
-    index is closest to `seq - offset` wins. The offset is calibrated from the stream's last sequence at
-    start and refined by every delivery whose digest has a single candidate. Without an offset, the entry
-    recorded closest in time to when the stream stored the message wins. Arrival order can differ between
-    schedulers (NATS does not order copies from different connections across subscribers), so the shell
-    confirms each pick in the claims bucket and moves to the next candidate when another scheduler holds it
-    (`drop`). A pick is remembered per stream sequence, so a redelivery finds the same reply subject again.
+    A cancel applies to jobs accepted before it (give or take CLOCK_SLACK_S between hosts), so a later
+    request that reuses the id is not cancelled by an old cancel. Time is passed in.
     """
 
-    def __init__(self, ttl: float, first_seq: int = 1, *, max_entries: int = 100_000):
-        self.ttl, self.first_seq, self.max_entries = ttl, first_seq, max_entries
-        self.offset: int | None = None  # stream sequence minus arrival index
-        self._next_index = 0
-        self._pending: dict[bytes, list[Captured]] = {}
-        self._order: deque[tuple[bytes, Captured]] = deque()
-        self._claimed: dict[int, Captured] = {}
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl, self.max_entries = ttl, max_entries
+        self._at: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, request_id: str, now: float) -> None:
+        self._at[request_id] = now
+        self._at.move_to_end(request_id)
+        while self._at and (
+            len(self._at) > self.max_entries or next(iter(self._at.values())) < now - self.ttl
+        ):
+            self._at.popitem(last=False)
+
+    def applies(self, request_id: str, accepted_at: float, now: float) -> bool:
+        at = self._at.get(request_id)
+        return at is not None and now - at <= self.ttl and at >= accepted_at - CLOCK_SLACK_S
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._pending.values())
-
-    def calibrate(self, next_seq: int) -> None:
-        """The next prompt to arrive will be stored as `next_seq` (the stream's last sequence + 1)."""
-        self.offset = next_seq - self._next_index
-
-    def record(self, key: bytes, reply: str | None, now: float) -> None:
-        entry = Captured(reply or None, now, now + self.ttl, self._next_index)
-        self._next_index += 1
-        self._pending.setdefault(key, []).append(entry)
-        self._order.append((key, entry))
-        self.prune(now)
-
-    def candidates(self, key: bytes, seq: int, stored_at: float, now: float) -> list[Captured]:
-        """The entries that may hold this stream message's reply subject, most likely first.
-
-        A message this book already took an entry for gets that entry alone (a redelivery).
-        """
-        if (entry := self._claimed.get(seq)) is not None:
-            return [entry]
-        if seq < self.first_seq:
-            return []  # stored before we listened: nobody recorded its reply subject
-        live = [e for e in self._pending.get(key, ()) if e.expires_at > now]
-        if len(live) > 1 and self.offset is not None:
-            expected = seq - self.offset
-            return sorted(live, key=lambda e: (abs(e.index - expected), abs(e.recorded_at - stored_at)))
-        return sorted(live, key=lambda e: abs(e.recorded_at - stored_at))
-
-    def take(self, key: bytes, entry: Captured, seq: int, stored_at: float) -> None:
-        """`entry` answers stream message `seq`; a lone, timely candidate also calibrates the offset."""
-        if self._claimed.get(seq) is entry:
-            return
-        if self._pending.get(key) == [entry] and abs(entry.recorded_at - stored_at) <= CALIBRATE_WINDOW_S:
-            self.offset = seq - entry.index
-        self._discard(key, entry)
-        self._claimed[seq] = entry
-
-    def drop(self, key: bytes, entry: Captured) -> None:
-        """Another scheduler answers this entry's requester: it is no candidate here any more."""
-        self._discard(key, entry)
-
-    def claim(self, key: bytes, seq: int, stored_at: float, now: float) -> Captured | None:
-        """The most likely entry, taken: a lone scheduler's pick (the service confirms each in `_exclusive`)."""
-        found = self.candidates(key, seq, stored_at, now)
-        if found:
-            self.take(key, found[0], seq, stored_at)
-        return found[0] if found else None
-
-    def may_arrive(self, seq: int, stored_at: float, now: float) -> bool:
-        """Whether waiting can still bring this prompt's core copy (the two copies race by milliseconds)."""
-        return seq >= self.first_seq and now - stored_at <= FRESH_S
-
-    def release(self, seq: int) -> None:
-        self._claimed.pop(seq, None)
-
-    def prune(self, now: float) -> None:
-        while self._order and (self._order[0][1].expires_at <= now or len(self._order) > self.max_entries):
-            self._discard(*self._order.popleft())
-
-    def _discard(self, key: bytes, entry: Captured) -> None:
-        queue = self._pending.get(key)
-        if queue is None:
-            return
-        with contextlib.suppress(ValueError):
-            queue.remove(entry)
-        if not queue:
-            del self._pending[key]
+        return len(self._at)
 
 
 @dataclass(eq=False)
-class Session:
-    seq: int
+class Work:
+    """A job this scheduler holds: its record, the JetStream message to heartbeat and ack, its state."""
+
+    record: JobRecord
     msg: Msg
     started: float = field(default_factory=time.monotonic)
     state: str = "received"
-    id: str | None = None
     acked: bool = False
+    cancelled_at: float | None = None  # monotonic
+    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
+    def cancel(self) -> None:
+        if self.cancelled_at is None:
+            self.cancelled_at = time.monotonic()
+        self.cancel_event.set()
 
-def sessions_snapshot(sessions: list[Session], now: float) -> list[dict]:
+
+def sessions_snapshot(work: list[Work], now: float, wall: float) -> list[dict]:
     return [
-        {"id": s.id, "seq": s.seq, "age_s": round(now - s.started, 3), "state": s.state}
-        for s in sorted(sessions, key=lambda s: s.started)
+        {
+            "id": w.record.job.id,
+            "session": w.record.job.session,
+            "state": w.state,
+            "age_s": round(now - w.started, 3),
+            "deadline_in_s": round(w.record.job.deadline - wall, 3),
+        }
+        for w in sorted(work, key=lambda w: w.started)
     ]
 
 
@@ -338,220 +258,123 @@ class Scheduler:
         request_timeout: float,
         max_inflight: int,
     ) -> None:
-        self.nc, self.tracer, self.instance = nc, tracer, instance
+        self.nc, self.js, self.tracer, self.instance = nc, nc.jetstream(), tracer, instance
         self.defaults, self.timeout = defaults, request_timeout
         self.slots = asyncio.Semaphore(max_inflight)
-        self.sessions: dict[int, Session] = {}
-        self.book = ReplyBook(ttl=request_timeout)
+        self.work: dict[int, Work] = {}  # by stream sequence of the job message
+        self.cancels = RecentCancels(ttl=request_timeout + DEADLINE_GRACE_S)
         self.stopping = False
-        self._recorded = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
-        self._capture = None
-        self._psub = None
-        self._claims = None
+        self.delivered = None
+        self._tasks: list[asyncio.Task] = []
+        self._side_tasks: set[asyncio.Task] = set()
+        self._subs: list = []
 
     async def start(self) -> None:
-        js = self.nc.jetstream()
-        await ensure_prompt_stream(js, ack_wait=ACK_WAIT_S, max_deliver=MAX_DELIVER)
-        try:
-            self._claims = await ensure_reply_claims(js, ttl=self.timeout + REPLY_CLAIM_MARGIN_S)
-        except Exception:  # e.g. a server with no JetStream memory store: fine for a lone scheduler
-            log.warning("no reply-claims bucket; several schedulers may disagree on identical prompts",
-                        exc_info=True)
-        # Listen before pulling, so every prompt stored from now on has its reply subject recorded; those
-        # stored before (up to first_seq) never will, and need not be waited for.
-        self.book.first_seq = (await js.stream_info(PROMPT_STREAM)).state.last_seq + 1
-        self._capture = await self.nc.subscribe(SUBJECTS.prompts, cb=self._record)
-        await self.nc.flush()
-        self.book.calibrate((await js.stream_info(PROMPT_STREAM)).state.last_seq + 1)
-        self._psub = await prompt_subscription(js)
-        self._loop_task = asyncio.create_task(self._pull_loop(), name="scheduler-pull")
+        await ensure_jobs_stream(self.js, ack_wait=ACK_WAIT_S, max_ack_pending=MAX_ACK_PENDING)
+        await ensure_submit_stream(self.js)
+        await ensure_done_stream(self.js)
+        self.delivered = await ensure_delivered_bucket(self.js, ttl=2 * self.timeout + DELIVERED_MARGIN_S)
+        jobs, submits = await jobs_subscription(self.js), await submit_subscription(self.js)
+        self._subs = [jobs, submits, await self.nc.subscribe(SUBJECTS.cancel_all, cb=self._on_cancel)]
+        self._tasks = [
+            asyncio.create_task(self._pull_loop(jobs), name="scheduler-jobs"),
+            asyncio.create_task(self._submit_loop(submits), name="scheduler-submit"),
+        ]
 
     async def stop(self) -> None:
-        """Stop pulling, then nak unfinished prompts (unsubscribed first, so they go to another scheduler)."""
+        """Stop pulling, then nak unfinished jobs so another scheduler (or the next start) resumes them."""
         self.stopping = True
-        if self._loop_task is not None:
-            # Cancelling a fetch loses nothing: the server drops a pull request once its inbox is gone.
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-        for sub in (self._psub, self._capture):
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        tasks = [s.task for s in self.sessions.values() if s.task is not None]
+        for t in self._tasks:  # cancelling a fetch loses nothing: the server drops a pull whose inbox is gone
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sub in self._subs:  # pull subscriptions too: a connection's drain would wait on their inboxes
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        tasks = [w.task for w in self.work.values() if w.task is not None] + list(self._side_tasks)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    # core-NATS copy: remember who is waiting for which prompt
-    async def _record(self, msg: Msg) -> None:
-        self.book.record(reply_key(msg.headers, msg.data), msg.reply, time.time())
-        event, self._recorded = self._recorded, asyncio.Event()
-        event.set()
+    # --- intake -------------------------------------------------------------------------------------------
 
-    async def _reply_for(self, s: Session) -> str | None:
-        key, stored_at = reply_key(s.msg.headers, s.msg.data), s.msg.metadata.timestamp.timestamp()
-        deadline = time.monotonic() + REPLY_WAIT_S
-        while True:
-            recorded = self._recorded
-            for entry in self.book.candidates(key, s.seq, stored_at, time.time()):
-                if await self._exclusive(entry, s.seq):
-                    self.book.take(key, entry, s.seq, stored_at)
-                    return entry.reply
-                self.book.drop(key, entry)
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.book.may_arrive(s.seq, stored_at, time.time()):
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(recorded.wait(), left)
-
-    async def _exclusive(self, entry: Captured, seq: int) -> bool:
-        """Whether this reply subject is ours to answer for stream message `seq`, across all schedulers.
-
-        Each scheduler orders identical prompts by the arrival order it saw, and NATS may deliver copies
-        from different connections to two subscribers in different orders; so two schedulers could both
-        pick one requester's reply subject and leave another requester with none. The first to create the
-        subject's key in the claims bucket wins it; the other moves on to its next candidate.
-        """
-        if entry.reply is None or self._claims is None:
-            return True
-        name = "r" + hashlib.blake2b(entry.reply.encode(), digest_size=16).hexdigest()
-        mine = str(seq).encode()
+    async def prompts_endpoint(self, req: Request) -> None:
+        """Validate and store; the reply comes from whichever scheduler runs the job."""
+        reply = req._msg.reply or None  # nats.micro.Request has no public accessor for the reply subject
+        headers = req.headers or {}
         try:
-            await self._claims.create(name, mine)
-            return True
-        except nats.js.errors.KeyWrongLastSequenceError:
-            with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                held = await self._claims.get(name)
-                return held.value == mine  # ours already (a redelivery of the same message)
-            return False
-        except Exception:  # the bucket is unreachable: answer on our own guess rather than not at all
-            log.warning("reply claim for stream message %d failed; answering without it", seq, exc_info=True)
-            return True
+            parsed, fmt = parse_prompt(req.data, headers)
+        except RequestError as exc:
+            body = error_body(exc.code, str(exc), exc.request_id)
+            await self._answer(body, exc.format or "json", reply, exc.request_id)
+            return
+        if (body := await self._enqueue(parsed, fmt, reply, headers)) is not None:
+            # duplicate_id goes to the requester only: results.<id> belongs to the job already running
+            duplicate = body["error"]["code"] == "duplicate_id"
+            await self._answer(body, fmt, reply, None if duplicate else parsed.id)
 
-    # JetStream copy: the durable work queue
-    async def _pull_loop(self) -> None:
+    async def _enqueue(
+        self, req: PromptRequest, fmt: str, reply: str | None, headers: Mapping[str, str]
+    ) -> dict | None:
+        """Store the job; None once JetStream confirmed it, else the error body to answer with."""
+        now = time.time()
+        job = build_job(req, fmt, self.defaults, now=now, max_timeout=self.timeout)
+        record = JobRecord(job, reply, now)
+        trace = inject_headers(None, extract_context(headers))  # the worker's span joins the user's trace
+        try:
+            await self.js.publish(
+                SUBJECTS.jobs(job.id), record.encode(), timeout=PUBLISH_TIMEOUT_S, headers=trace or None
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == JS_LIMIT_EXCEEDED and "per subject" in (exc.description or ""):
+                message = f"a request with id {job.id!r} is in flight; wait for its result or use another id"
+                return error_body("duplicate_id", message, job.id)
+            if exc.err_code == JS_LIMIT_EXCEEDED:
+                return error_body("overloaded", "the job queue is full; retry later", job.id)
+            return error_body("unavailable", f"could not store the job: {exc.description or exc!r}", job.id)
+        except (TimeoutError, nats.errors.Error) as exc:
+            return error_body("unavailable", f"could not store the job: {exc!r}", job.id)
+        return None
+
+    async def _submit_loop(self, sub) -> None:
         while not self.stopping:
-            await self.slots.acquire()
             try:
-                msgs = await self._psub.fetch(1, timeout=FETCH_S)
+                msgs = await sub.fetch(16, timeout=FETCH_S)
             except TimeoutError:
-                self.slots.release()
                 continue
             except asyncio.CancelledError:
-                self.slots.release()
                 raise
             except Exception as exc:  # noqa: BLE001 - reconnects, consumer errors: keep pulling
-                self.slots.release()
-                log.warning("fetching prompts failed: %r; retrying", exc)
+                log.warning("fetching submissions failed: %r; retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
             for msg in msgs:
-                await self._admit(msg)
+                await self._take_submission(msg)
 
-    async def _admit(self, msg: Msg) -> None:
-        """Start a session for a delivered prompt; the session owns the slot the fetch took."""
-        seq = msg.metadata.sequence.stream
-        if self.stopping or seq in self.sessions:
-            # A redelivery of a prompt still in progress here (an in-progress ack got lost): keep working on
-            # it with the newer delivery's ack subject. On shutdown, hand the prompt straight back.
-            if seq in self.sessions and not self.stopping:
-                self.sessions[seq].msg = msg
-            else:
-                await _quietly(msg.nak())
-            self.slots.release()
-            return
-        s = Session(seq=seq, msg=msg)
-        self.sessions[seq] = s
-        s.task = asyncio.create_task(self._serve(s), name=f"prompt-{seq}")
-
-    async def _serve(self, s: Session) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(s))
+    async def _take_submission(self, msg: Msg) -> None:
+        """A fire-and-forget prompt becomes a job; acked once stored or answered, kept while jobs are full."""
+        headers = msg.headers or {}
         try:
-            await self._process(s)
-        except asyncio.CancelledError:
-            if not s.acked:
-                await _quietly(s.msg.nak())
-            raise
-        except Exception:  # one prompt must never take the loop or another prompt down
-            log.exception("prompt seq=%d id=%s failed; it will be redelivered", s.seq, s.id)
-            if not s.acked:
-                await _quietly(s.msg.nak(delay=5))
-        finally:
-            heartbeat.cancel()
-            self.sessions.pop(s.seq, None)
-            self.book.release(s.seq)
-            self.slots.release()
-
-    async def _heartbeat(self, s: Session) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            await _quietly(s.msg.in_progress())
-
-    async def _process(self, s: Session) -> None:
-        headers = s.msg.headers or {}
-        reply = await self._reply_for(s)
-        with self.tracer.start_as_current_span(
-            "scheduler.request", context=extract_context(headers), kind=SpanKind.CONSUMER
-        ) as span:
-            span.set_attributes(
-                {
-                    "draftwire.stream_seq": s.seq,
-                    "draftwire.deliveries": s.msg.metadata.num_delivered,
-                    "draftwire.scheduler_instance": self.instance,
-                    "draftwire.has_reply": reply is not None,
-                }
+            req, fmt = parse_prompt(msg.data, headers)
+        except RequestError as exc:
+            if exc.request_id is None:
+                log.warning("dropping a submission nobody can be told about: %s: %s", exc.code, exc)
+            await self._answer(
+                error_body(exc.code, str(exc), exc.request_id), exc.format or "json", None, exc.request_id
             )
-            s.state = "parsing"
-            try:
-                req, fmt = parse_prompt(s.msg.data, headers)
-            except RequestError as exc:
-                request_id, fmt = exc.request_id, exc.format or "json"
-                body = error_body(exc.code, str(exc), request_id)
-            else:
-                request_id = s.id = req.id
-                job = build_job(req, fmt, self.defaults)
-                span.set_attributes(
-                    {
-                        "draftwire.request_id": job.id,
-                        "draftwire.mode": job.spec.mode,
-                        "draftwire.gamma": job.spec.gamma,
-                        "draftwire.k": job.spec.k,
-                        "draftwire.format": fmt,
-                    }
-                )
-                body = await self._run(job, s)
-            if "error" in body:
-                code = str(body["error"].get("code", "error")) if isinstance(body["error"], dict) else "error"
-                span.set_status(Status(StatusCode.ERROR, code))
-                span.set_attribute("draftwire.error", code)
-            s.state = "delivering"
-            await self._deliver(body, fmt, reply, request_id)
-        await self._ack(s)
+            await _quietly(msg.ack())
+            return
+        body = await self._enqueue(req, fmt, None, headers)
+        if body is None:
+            await _quietly(msg.ack())
+        elif body["error"]["code"] == "duplicate_id":
+            log.warning("dropping submission %s: a request with that id is in flight", req.id)
+            await _quietly(msg.ack())
+        else:
+            log.warning("submission %s not stored yet (%s); retrying", req.id, body["error"]["message"])
+            await _quietly(msg.nak(delay=1.0))
 
-    async def _run(self, job: GenerateJob, s: Session) -> dict:
-        """Ask a draft instance (queue group) to generate; wait for one to exist, but not forever."""
-        payload = job.encode()
-        give_up = time.monotonic() + self.timeout
-        backoff = 0.1
-        while True:
-            s.state = "generating"
-            try:
-                msg = await bus.request(self.nc, SUBJECTS.draft_start, payload, timeout=self.timeout)
-            except nats.errors.NoRespondersError:
-                if time.monotonic() >= give_up:
-                    return error_body("no_draft", f"no draft instance came up for {self.timeout:g} s", job.id)
-                s.state = "waiting_for_draft"
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_DRAFT_BACKOFF_S)
-                continue
-            except TimeoutError:
-                return error_body(
-                    "timeout", f"session stuck for {self.timeout:g} s: no result from the draft", job.id
-                )
-            return draft_result(msg.data, msg.headers, job.id)
-
-    async def _deliver(self, body: dict, fmt: str, reply: str | None, request_id: str | None) -> None:
+    async def _answer(self, body: dict, fmt: str, reply: str | None, request_id: str | None) -> None:
+        """Publish a reply to the requester (if any) and to `results.<id>` (if the id is known)."""
         data = encode_reply(body, fmt)
         if len(data) > self.nc.max_payload:
             message = f"result is {len(data)} bytes, over the server's max_payload {self.nc.max_payload}"
@@ -562,20 +385,249 @@ class Scheduler:
         if request_id:
             await bus.publish(self.nc, SUBJECTS.results(request_id), data, headers)
 
-    async def _ack(self, s: Session) -> None:
+    async def _deliver_once(self, record: JobRecord, body: dict) -> bool:
+        """Reply unless another scheduler already did for this session (the KV create decides)."""
+        job = record.job
         try:
-            await s.msg.ack_sync(timeout=5)
-        except Exception as exc:  # noqa: BLE001 - the result is out; a lost ack only means a repeat
-            log.warning("ack of prompt seq=%d id=%s failed: %r", s.seq, s.id, exc)
-        s.acked = True
-        s.state = "done"
+            await self.delivered.create(job.session, self.instance.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            log.info("job %s (session %s) was answered already; not replying again", job.id, job.session)
+            return False
+        await self._answer(body, job.format, record.reply, job.id)
+        return True
+
+    # --- work ---------------------------------------------------------------------------------------------
+
+    async def _pull_loop(self, sub) -> None:
+        while not self.stopping:
+            await self.slots.acquire()
+            try:
+                msgs = await sub.fetch(1, timeout=FETCH_S)
+            except TimeoutError:
+                self.slots.release()
+                continue
+            except asyncio.CancelledError:
+                self.slots.release()
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnects, consumer errors: keep pulling
+                self.slots.release()
+                log.warning("fetching jobs failed: %r; retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                await self._admit(msg)
+
+    async def _admit(self, msg: Msg) -> None:
+        """Start working on a delivered job; the work owns the slot the fetch took."""
+        seq = msg.metadata.sequence.stream
+        if (held := self.work.get(seq)) is not None or self.stopping:
+            # A redelivery of a job still in progress here (an in-progress ack got lost): keep working on it
+            # with the newer delivery's ack subject. On shutdown, hand the job straight back.
+            if held is not None and not self.stopping:
+                held.msg = msg
+            else:
+                await _quietly(msg.nak())
+            self.slots.release()
+            return
+        try:
+            record = JobRecord.decode(msg.data)
+        except RequestError as exc:
+            log.error("dropping an unreadable job record (stream seq %d): %s", seq, exc)
+            await _quietly(msg.term())
+            self.slots.release()
+            return
+        w = Work(record=record, msg=msg)
+        self.work[seq] = w
+        if self.cancels.applies(record.job.id, record.accepted_at, time.time()):
+            w.cancel()
+        w.task = asyncio.create_task(self._serve(w, seq), name=f"job-{record.job.id}")
+
+    async def _serve(self, w: Work, seq: int) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(w))
+        job = w.record.job
+        try:
+            with self.tracer.start_as_current_span(
+                "scheduler.request", context=extract_context(w.msg.headers), kind=SpanKind.CONSUMER
+            ) as span:
+                span.set_attributes(
+                    {
+                        "draftwire.request_id": job.id,
+                        "draftwire.session": job.session,
+                        "draftwire.deliveries": w.msg.metadata.num_delivered,
+                        "draftwire.scheduler_instance": self.instance,
+                        "draftwire.has_reply": w.record.reply is not None,
+                        "draftwire.mode": job.spec.mode,
+                        "draftwire.gamma": job.spec.gamma,
+                        "draftwire.k": job.spec.k,
+                        "draftwire.format": job.format,
+                    }
+                )
+                body = await self._outcome(w)
+                if isinstance(error := body.get("error"), dict):
+                    code = str(error.get("code", "error"))
+                    span.set_status(Status(StatusCode.ERROR, code))
+                    span.set_attribute("draftwire.error", code)
+                w.state = "delivering"
+                await self._deliver_once(w.record, body)
+            await self._ack(w)
+        except asyncio.CancelledError:
+            if not w.acked:
+                await _quietly(w.msg.nak())
+            raise
+        except Exception:  # one job must never take the loop or another job down
+            log.exception("job %s failed here; it will be redelivered", job.id)
+            if not w.acked:
+                await _quietly(w.msg.nak(delay=1.0))
+        finally:
+            heartbeat.cancel()
+            self.work.pop(seq, None)
+            self.slots.release()
+
+    async def _heartbeat(self, w: Work) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await _quietly(w.msg.in_progress())
+
+    async def _outcome(self, w: Work) -> dict:
+        """The body to reply with: a stored result, the result of a draft still running it, or a new run."""
+        job = w.record.job
+        done = await self.nc.subscribe(SUBJECTS.done(job.session))  # before any dispatch: no result slips by
+        try:
+            if (body := await self._stored_result(w)) is not None:
+                return body
+            if await self._ping(job.session):  # a cancel of a running job is its draft's to report
+                log.info("job %s: attaching to the draft still running session %s", job.id, job.session)
+                w.state = "running"
+            elif w.cancelled_at is not None:
+                return _cancelled(job.id)
+            elif time.time() > job.deadline:
+                return error_body("deadline_exceeded", "the deadline passed before the job ran", job.id)
+            elif (body := await self._dispatch(w)) is not None:
+                return body
+            return await self._follow(w, done)
+        finally:
+            with contextlib.suppress(Exception):
+                await done.unsubscribe()
+
+    async def _follow(self, w: Work, done) -> dict:
+        """Wait for the draft's done message, pinging the session; dispatch again when the draft died."""
+        job = w.record.job
+        misses = 0
+        while True:
+            with contextlib.suppress(nats.errors.TimeoutError):
+                msg = await done.next_msg(timeout=PING_S)
+                return draft_result(msg.data, msg.headers, job.id)
+            if w.cancelled_at is not None and time.monotonic() - w.cancelled_at > CANCEL_GRACE_S:
+                return _cancelled(job.id)
+            if time.time() > job.deadline + DEADLINE_GRACE_S:
+                return error_body("deadline_exceeded", "no result from the draft by the deadline", job.id)
+            alive = await self._ping(job.session)
+            misses = misses + 1 if alive is False else 0
+            if misses < DEAD_AFTER:
+                continue
+            if (body := await self._stored_result(w)) is not None:
+                return body
+            log.warning(
+                "job %s: the draft running session %s is gone; dispatching again", job.id, job.session
+            )
+            if (body := await self._dispatch(w)) is not None:
+                return body
+            misses = 0
+
+    async def _dispatch(self, w: Work) -> dict | None:
+        """Hand the job to a draft instance; None once one took it, else the body to reply with."""
+        job = w.record.job
+        payload = job.encode()
+        backoff = Backoff(initial=0.1, cap=1.0)
+        while True:
+            if w.cancelled_at is not None:
+                return _cancelled(job.id)
+            if time.time() > job.deadline:
+                return error_body("no_draft", "no draft instance took the job before its deadline", job.id)
+            w.state = "dispatching"
+            try:
+                msg = await bus.request(self.nc, SUBJECTS.draft_start, payload, timeout=START_TIMEOUT_S)
+            except nats.errors.NoRespondersError:
+                w.state = "waiting_for_draft"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(w.cancel_event.wait(), backoff.next())
+                continue
+            except TimeoutError:  # a draft may have taken it after all: the liveness pings will tell
+                log.warning("job %s: no answer from draftwire.draft.start in %gs", job.id, START_TIMEOUT_S)
+                w.state = "running"
+                return None
+            w.state = "running"
+            return start_outcome(msg.data, msg.headers, job.id)
+
+    async def _ping(self, session: str) -> bool | None:
+        """True: a draft runs the session; False: nobody does ("no responders"); None: no answer in time."""
+        try:
+            await self.nc.request(SUBJECTS.draft_session(session), b"", timeout=PING_TIMEOUT_S)
+        except nats.errors.NoRespondersError:
+            return False
+        except TimeoutError:
+            return None
+        return True
+
+    async def _stored_result(self, w: Work) -> dict | None:
+        job = w.record.job
+        try:
+            raw = await self.js.get_last_msg(DONE_STREAM, SUBJECTS.done(job.session))
+        except nats.js.errors.NotFoundError:
+            return None
+        return draft_result(raw.data, raw.headers, job.id)
+
+    async def _ack(self, w: Work) -> None:
+        try:
+            await w.msg.ack_sync(timeout=5)
+        except Exception as exc:  # noqa: BLE001 - the reply is out; a redelivery finds the KV key and only acks
+            log.warning("ack of job %s failed: %r", w.record.job.id, exc)
+        w.acked = True
+        w.state = "done"
+
+    # --- cancel -------------------------------------------------------------------------------------------
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        now = time.time()
+        self.cancels.add(request_id, now)
+        mine = [w for w in self.work.values() if w.record.job.id == request_id]
+        for w in mine:
+            if self.cancels.applies(request_id, w.record.accepted_at, now):
+                w.cancel()
+        if not mine:
+            task = asyncio.create_task(self._cancel_queued(request_id, now))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    async def _cancel_queued(self, request_id: str, now: float) -> None:
+        """A job nobody has fetched yet: the scheduler that deletes it from the stream answers `cancelled`."""
+        try:
+            raw = await self.js.get_last_msg(JOBS_STREAM, SUBJECTS.jobs(request_id))
+            delivered = (await self.js.consumer_info(JOBS_STREAM, JOBS_CONSUMER)).delivered.stream_seq
+            if raw.seq <= delivered:
+                return  # handed to a scheduler already, which got this cancel too (or finds it remembered)
+            record = JobRecord.decode(raw.data)
+            if not self.cancels.applies(request_id, record.accepted_at, now):
+                return
+            await self.js.delete_msg(JOBS_STREAM, raw.seq)  # exactly one scheduler succeeds
+        except (nats.js.errors.Error, nats.errors.Error, RequestError, TimeoutError, ValueError):
+            return  # not there any more, another scheduler won, or JetStream is away: the holder decides
+        log.info("job %s cancelled while queued", request_id)
+        await self._deliver_once(record, _cancelled(request_id))
+
+    # --- introspection ------------------------------------------------------------------------------------
 
     async def sessions_endpoint(self, req: Request) -> None:
         body = {
             "instance": self.instance,
-            "sessions": sessions_snapshot(list(self.sessions.values()), time.monotonic()),
+            "sessions": sessions_snapshot(list(self.work.values()), time.monotonic(), time.time()),
         }
         await req.respond(json.dumps(body).encode())
+
+
+def _cancelled(request_id: str) -> dict:
+    return error_body("cancelled", "the request was cancelled", request_id)
 
 
 async def _quietly(aw) -> None:
@@ -588,8 +640,13 @@ async def _quietly(aw) -> None:
 
 def defaults_from_args(args) -> SpecParams:
     try:
-        defaults = SpecParams(mode=args.default_mode, gamma=args.default_gamma, k=args.default_k,
-                              policy=args.default_policy, pipeline=args.default_pipeline)
+        defaults = SpecParams(
+            mode=args.default_mode,
+            gamma=args.default_gamma,
+            k=args.default_k,
+            policy=args.default_policy,
+            pipeline=args.default_pipeline,
+        )
     except ParamError as exc:
         raise SystemExit(f"draftwire-scheduler: error: {exc}") from None
     if not args.request_timeout > 0:
@@ -606,11 +663,12 @@ async def start(ctx: ServiceContext) -> Scheduler:
     scheduler = Scheduler(ctx.nc, ctx.tracer, ctx.instance, defaults, args.request_timeout, args.max_inflight)
     await scheduler.start()
     ctx.cleanups.append(scheduler.stop)
-    await register(
+    await register(  # last: a prompt is accepted only once everything that serves it is in place
         ctx,
         "draftwire-scheduler",
-        "takes prompts from the durable queue and runs them on draft instances",
+        "accepts prompts into the durable job queue and runs them on draft instances",
         [
+            (SUBJECTS.prompts, scheduler.prompts_endpoint, "schedulers"),
             (SESSIONS_SUBJECT, scheduler.sessions_endpoint, "schedulers"),
             (f"{SESSIONS_SUBJECT}.{ctx.instance}", scheduler.sessions_endpoint, ctx.instance),
         ],
@@ -620,8 +678,12 @@ async def start(ctx: ServiceContext) -> Scheduler:
             "default_k": str(defaults.k),
             "default_policy": defaults.policy,
             "default_pipeline": str(defaults.pipeline).lower(),
+            "request_timeout_s": f"{args.request_timeout:g}",
         },
     )
+    # nats-py's flush() can send its PING ahead of still-queued SUBs, so "flushed" does not yet mean "others
+    # can reach us"; our own request on the last endpoint is answered only once the server holds them all.
+    await ctx.nc.request(f"{SESSIONS_SUBJECT}.{ctx.instance}", b"", timeout=5)
     ctx.ready_info["mode"] = defaults.mode
     log.info(
         "scheduling: default %s gamma=%d k=%d, timeout %gs, %d in flight",
@@ -639,12 +701,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = [
-    "ReplyBook",
+    "RecentCancels",
     "Scheduler",
-    "build_job",
     "build_parser",
+    "draft_result",
     "main",
-    "resolve_sampling",
-    "resolve_spec",
     "start",
+    "start_outcome",
 ]

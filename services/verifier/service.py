@@ -6,6 +6,12 @@ sticks to `draftwire.verify.<instance>` (session affinity keeps the KV cache war
 handled by `shared.core.speculation.verify_bytes`, the same function the in-process engine calls; a bad message gets an
 `ErrorReply`, never an exception that could stop the service. Model work runs in one worker thread so the
 event loop keeps answering pings and other sessions' messages while the target computes.
+
+Besides verifying, every instance answers `draftwire.verifier.info` (queue group `verifiers`) with the target's
+identity (model, vocab size, EOS ids, context length: what the device needs to bound and stop a generation,
+plus this instance's live `sessions` and `rounds` counts), and drops a session's KV cache as soon as its
+`CloseSession` arrives on `draftwire.sessions.close` (every instance listens; whoever holds it frees it). A
+close runs on the model thread like a verification, so it never races one.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import msgpack
 from nats.micro import Request
 from opentelemetry import trace
 
 from shared.core.protocol import MAX_MESSAGE_BYTES, ErrorReply
-from shared.core.speculation import verify_bytes
+from shared.core.speculation import handle_close, verify_bytes
 from shared.core.verifier_sessions import VerifierCore
 from shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
 from shared.io.service_shell import ServiceContext, add_model_flags, env_int, register, run, service_parser
@@ -46,8 +53,11 @@ async def start(ctx: ServiceContext) -> None:
     ctx.cleanups.append(lambda: asyncio.to_thread(worker.shutdown, True))
     headers = {INSTANCE_HEADER: ctx.instance}
     loop = asyncio.get_running_loop()
+    rounds = 0
 
     async def handle(req: Request) -> None:
+        nonlocal rounds
+        rounds += 1
         with ctx.tracer.start_as_current_span(
             "verify", context=extract_context(req.headers), kind=trace.SpanKind.SERVER
         ) as span:
@@ -64,6 +74,17 @@ async def start(ctx: ServiceContext) -> None:
             span.set_attribute("draftwire.downlink_bytes", len(reply))
             await req.respond(reply, headers=headers)
 
+    async def handle_info(req: Request) -> None:
+        await req.respond(msgpack.packb({
+            "instance": ctx.instance, "model": model.name, "vocab_size": model.vocab_size,
+            "eos_token_ids": list(model.eos_token_ids), "context_length": model.context_length,
+            "sessions": core.sessions, "rounds": rounds,
+        }))
+
+    async def on_close(msg) -> None:
+        if await loop.run_in_executor(worker, handle_close, core, msg.data) is not None:
+            log.warning("ignored a malformed message on %s", SUBJECTS.sessions_close)
+
     await register(
         ctx,
         "draftwire-verifier",
@@ -71,9 +92,11 @@ async def start(ctx: ServiceContext) -> None:
         [
             (SUBJECTS.verify, handle, VERIFY_QUEUE),
             (SUBJECTS.verify_instance(ctx.instance), handle, ctx.instance),
+            (SUBJECTS.verifier_info, handle_info, VERIFY_QUEUE),
         ],
         metadata={"model": args.target_model, "dtype": args.target_dtype},
     )
+    await ctx.nc.subscribe(SUBJECTS.sessions_close, cb=on_close)
     log.info("serving %s (%s) on %s and %s", model.name, model.dtype, SUBJECTS.verify,
              SUBJECTS.verify_instance(ctx.instance))
 

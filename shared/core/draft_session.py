@@ -2,7 +2,11 @@
 
 `DraftSession` owns the committed token history and the draft model's KV cache. It produces a
 `VerifyRequest` per round and consumes the `Verdict`; the in-process engine and the draft service both drive
-it, so the bytes they send are the same.
+it, so the bytes they send are the same. It keeps the `session_digest` of what it committed, so every request
+proves to the verifier which generation it continues, and it carries the generation's deadline to every
+verifier that opens the session. A verdict is untrusted input: one that does not answer the request, or names
+a token outside the vocabulary, is `BadVerdict` rather than a corrupted history. `eos_ids` are the target's:
+losslessness is with respect to the target, whose distribution includes when to stop.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared.core import session_digest
 from shared.core.params import SamplingParams, SpecParams
 from shared.core.proposal import ProposalBlock, dequantize, sample_index, sparse_row
 from shared.core.protocol import Verdict, VerifyRequest
@@ -21,6 +26,12 @@ from shared.core.rejection_sampling import correction
 from shared.core.rng import CORRECTION_SIDE, DRAFT_SIDE, round_rng
 from shared.core.warpers import mask_eos, warp
 from shared.models.runtime import LoadedModel
+
+
+class BadVerdict(ValueError):
+    """The verifier's answer cannot be applied to the request it answers (wrong round, token out of range)."""
+
+    code = "bad_verdict"
 
 
 @dataclass
@@ -51,17 +62,20 @@ class DraftSession:
     prompt_ids: list[int]
     params: SamplingParams
     spec: SpecParams
-    eos_ids: tuple[int, ...]
+    eos_ids: tuple[int, ...]  # the target's
     vocab_size: int
+    deadline: float = 0.0  # unix seconds, 0 = none; sent to every verifier that opens the session
     committed: list[int] = field(default_factory=list)
     round: int = 0
     finish_reason: str | None = None
     verifier_knows_session: bool = False  # False -> the next request carries history + params
+    digest: int = field(default=session_digest.EMPTY, init=False)  # of `committed`, kept as it grows
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError("the prompt is empty after tokenization")
         self.committed = list(self.prompt_ids)
+        self.digest = session_digest.of(self.committed)
         self._seq = self.model.new_sequence() if self.model is not None else None
         self._rows: dict[int, list] = {}  # DSSD: round -> the proposal rows, for the device-side correction
 
@@ -112,6 +126,8 @@ class DraftSession:
             params=self.params if reopen else None,
             prompt_len=len(self.prompt_ids) if reopen else None,
             sent_at=time.time(),
+            digest=self.digest,
+            deadline=self.deadline if reopen else 0.0,
         )
         return req, time.perf_counter() - t0
 
@@ -171,25 +187,36 @@ class DraftSession:
             history=np.asarray(self.committed, dtype=np.int64),
             params=self.params,
             prompt_len=len(self.prompt_ids),
+            deadline=self.deadline,
         )
 
     def apply(self, req: VerifyRequest, verdict: Verdict) -> list[int]:
-        """Commit the accepted prefix and the target's token; returns the newly committed tokens."""
+        """Commit the accepted prefix and the target's token; returns the newly committed tokens.
+
+        Raises BadVerdict, committing nothing, when the verdict cannot be this round's answer."""
         if verdict.session != self.session or verdict.base != req.base or verdict.round != req.round:
-            raise ValueError(
+            raise BadVerdict(
                 f"verdict for {verdict.session}/{verdict.round}@{verdict.base} does not answer "
                 f"request {req.session}/{req.round}@{req.base}"
             )
         if not 0 <= verdict.n_accepted <= len(req.tokens):
-            raise ValueError(f"verdict accepts {verdict.n_accepted} of {len(req.tokens)} draft tokens")
-        self.verifier_knows_session = True
-        self.round += 1
-        rows = self._rows.pop(req.round, None)
+            raise BadVerdict(f"verdict accepts {verdict.n_accepted} of {len(req.tokens)} draft tokens")
+        rows = self._rows.get(req.round)
         extra = int(verdict.token)
-        if verdict.residual is not None:  # DSSD rejection: the edge sent p_j, the correction is drawn here
+        if verdict.residual is None:
+            if not 0 <= extra < self.vocab_size:
+                raise BadVerdict(f"verdict token {extra} is outside the vocabulary [0, {self.vocab_size})")
+        else:  # DSSD rejection: the edge sent p_j, the correction is drawn here
             j = verdict.n_accepted
             if rows is None or j >= len(req.tokens) or verdict.residual.vocab_size != self.vocab_size:
-                raise ValueError(f"verdict carries a target row for position {j} that this round did not draft")
+                raise BadVerdict(f"verdict carries a target row for position {j} that this round did not draft")
+            if not -1 <= extra < self.vocab_size:
+                raise BadVerdict(f"verdict token {extra} is neither -1 nor in the vocabulary [0, {self.vocab_size})")
+        self.verifier_knows_session = True
+        self.round += 1
+        self._rows.pop(req.round, None)
+        if verdict.residual is not None:
+            j = verdict.n_accepted
             q_j = ProposalBlock.from_rows([rows[j]], self.vocab_size, self.spec.quant).dense_row(0)
             u = round_rng(self.params.seed, CORRECTION_SIDE, req.base).random()
             extra = correction(verdict.residual.dense_row(0), q_j, u)
@@ -203,4 +230,5 @@ class DraftSession:
             if len(self.generated) >= self.params.max_new_tokens:
                 self.finish_reason = "length"
                 break
+        self.digest = session_digest.extend(self.digest, new)
         return new

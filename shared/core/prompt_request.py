@@ -2,14 +2,17 @@
 
 Pure functions and frozen dataclasses, no I/O: the scheduler parses and validates a prompt once, at the edge,
 so every malformed request is answered with a `RequestError` whose `code` a client can branch on and whose
-message names the offending field. The draft service decodes `GenerateJob`s with the same module, and
-`GenerateJob.decode` never raises anything but `RequestError`, whatever bytes arrive.
+message names the offending field; a request `parse_prompt` accepts always builds a valid job. The draft
+service decodes `GenerateJob`s with the same module. Only explicit checks raise: `parse_prompt`,
+`GenerateJob.decode` and `JobRecord.decode` raise nothing but `RequestError` whatever bytes arrive, and the
+fuzz tests fail on any other exception rather than a catch-all hiding it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -17,11 +20,7 @@ from dataclasses import asdict, dataclass, fields
 import msgpack
 
 from shared.core.params import (
-    DEFAULT_CONFIDENCE,
-    DEFAULT_GAMMA,
-    DEFAULT_K,
     DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_POLICY,
     MODES,
     ParamError,
     SamplingParams,
@@ -82,10 +81,12 @@ class PromptRequest:
     policy: str | None = None  # fixed | adaptive | confidence
     confidence: float | None = None
     pipeline: bool | None = None
+    timeout_s: float | None = None  # seconds the request may take; clamped to the scheduler's cap
 
 
 REQUEST_FIELDS = tuple(f.name for f in fields(PromptRequest))
-_NULLABLE = frozenset({"id", "seed", "mode", "gamma", "k", "policy", "confidence", "pipeline"})  # JSON null = "not given" for these only
+# JSON null means "not given" for these only
+_NULLABLE = frozenset({"id", "seed", "mode", "gamma", "k", "policy", "confidence", "pipeline", "timeout_s"})
 
 
 def new_request_id() -> str:
@@ -170,8 +171,8 @@ def _decode_body(data: bytes, fmt: str | None) -> tuple[object, str]:
     if (obj := _try_msgpack_map(data)) is not None:
         return obj, "msgpack"
     if data.lstrip(_JSON_WS).startswith(b"{"):
-        try:
-            obj = json.loads(data)
+        try:  # decode first: json.loads(bytes) would also read UTF-16 and UTF-32
+            obj = json.loads(data.decode("utf-8"))
         except (ValueError, RecursionError):
             obj = None
         if isinstance(obj, dict):
@@ -209,7 +210,7 @@ def _fields_from_object(obj: object, fmt: str) -> dict:
     for name in ("max_new_tokens", "min_new_tokens", "seed", "gamma", "k"):
         if name in out:
             _check_type(name, out[name], _is_int(out[name]), "an integer")
-    for name in ("temperature", "top_p", "confidence"):
+    for name in ("temperature", "top_p", "confidence", "timeout_s"):
         if name in out:
             v = out[name]
             _check_type(name, v, isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
@@ -250,21 +251,13 @@ def _validated(kw: dict, new_id: Callable[[], str]) -> PromptRequest:
     mode = kw.get("mode", "auto")
     if mode not in REQUEST_MODES:
         raise RequestError("bad_param", f"mode must be one of {', '.join(REQUEST_MODES)}; got {mode!r}")
+    timeout = kw.get("timeout_s")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise RequestError("bad_param", f"timeout_s must be a finite number of seconds > 0, got {timeout!r}")
     req = PromptRequest(**{**kw, "id": rid or new_id()})
     try:  # ranges are SamplingParams'/SpecParams' business: one set of rules and messages everywhere
-        SamplingParams(
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed or 0,
-            min_new_tokens=req.min_new_tokens,
-            max_new_tokens=req.max_new_tokens,
-        )
-        SpecParams(
-            gamma=req.gamma if req.gamma is not None else DEFAULT_GAMMA,
-            k=req.k if req.k is not None else DEFAULT_K,
-            policy=req.policy or DEFAULT_POLICY,
-            confidence=req.confidence if req.confidence is not None else DEFAULT_CONFIDENCE,
-        )
+        resolve_sampling(req, lambda: 0)
+        resolve_spec(req, SpecParams())  # what build_job builds: an accepted request always runs
     except ParamError as exc:
         raise RequestError("bad_param", str(exc)) from None
     return req
@@ -285,9 +278,6 @@ def parse_prompt(
     except RequestError as exc:
         exc.format = exc.format or guess_format(data, headers)
         raise
-    except Exception as exc:  # noqa: BLE001 - belt and braces: callers rely on "only RequestError"
-        message = f"unreadable request: {type(exc).__name__}: {exc}"
-        raise RequestError("bad_request", message, fmt=guess_format(data, headers)) from None
 
 
 def _parse(
@@ -361,12 +351,7 @@ class GenerateJob:
     @classmethod
     def decode(cls, data: bytes) -> GenerateJob:
         """Strict decode; RequestError (never another exception type) on anything malformed."""
-        try:
-            return _decode_job(data)
-        except RequestError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - belt and braces: the contract is "only RequestError"
-            raise RequestError("bad_request", f"malformed job: {type(exc).__name__}: {exc}") from None
+        return _decode_job(data)
 
 
 def _decode_job(data: bytes) -> GenerateJob:
@@ -393,10 +378,12 @@ def _decode_job(data: bytes) -> GenerateJob:
         raise RequestError("bad_request", f"job stream/format invalid: {stream!r}, {fmt!r}", request_id=rid)
     session, deadline = obj["session"], obj["deadline"]
     if not isinstance(session, str) or not _valid_token(session):
-        raise RequestError("bad_request", f"job session must be a valid NATS token, got {session!r}", request_id=rid)
+        message = f"job session must be a valid NATS token, got {session!r}"
+        raise RequestError("bad_request", message, request_id=rid)
     if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline) \
             or deadline < 0:
-        raise RequestError("bad_request", f"job deadline must be unix seconds >= 0, got {deadline!r}", request_id=rid)
+        message = f"job deadline must be unix seconds >= 0, got {deadline!r}"
+        raise RequestError("bad_request", message, request_id=rid)
     params, spec = _params(SamplingParams, obj["params"], rid), _params(SpecParams, obj["spec"], rid)
     return GenerateJob(rid, prompt, params, spec, stream, fmt, session, float(deadline))
 
@@ -411,6 +398,107 @@ def _params(cls, value: object, rid: str):
         return cls(**value)
     except ParamError as exc:
         raise RequestError("bad_param", str(exc), request_id=rid) from None
+
+
+# --- request -> job (the scheduler's policy) ----------------------------------------------------------------
+
+
+def fresh_seed() -> int:
+    return secrets.randbelow(2**63)
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(16)
+
+
+def resolve_spec(req: PromptRequest, defaults: SpecParams) -> SpecParams:
+    """Mode `auto` and unset gamma/k/policy/pipeline take the scheduler's defaults; request values win."""
+    return SpecParams(
+        mode=defaults.mode if req.mode == "auto" else req.mode,
+        gamma=defaults.gamma if req.gamma is None else req.gamma,
+        k=defaults.k if req.k is None else req.k,
+        quant=defaults.quant,
+        policy=defaults.policy if req.policy is None else req.policy,
+        confidence=defaults.confidence if req.confidence is None else req.confidence,
+        pipeline=defaults.pipeline if req.pipeline is None else req.pipeline,
+    )
+
+
+def resolve_sampling(req: PromptRequest, draw_seed: Callable[[], int] = fresh_seed) -> SamplingParams:
+    """No seed means a fresh random one; the draft reports it in the stats, so any sample can be replayed."""
+    return SamplingParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=draw_seed() if req.seed is None else req.seed,
+        min_new_tokens=req.min_new_tokens,
+        max_new_tokens=req.max_new_tokens,
+    )
+
+
+def request_timeout(req: PromptRequest, cap: float) -> float:
+    """The request's `timeout_s`, or the cap when it has none or asks for more (clamped, not refused)."""
+    return cap if req.timeout_s is None else min(req.timeout_s, cap)
+
+
+def build_job(
+    req: PromptRequest,
+    fmt: str,
+    defaults: SpecParams,
+    *,
+    now: float,
+    max_timeout: float,
+    draw_seed: Callable[[], int] = fresh_seed,
+    new_session: Callable[[], str] = new_session_id,
+) -> GenerateJob:
+    """The job for an accepted request: a fresh session id and an absolute deadline (unix seconds)."""
+    return GenerateJob(
+        id=req.id,
+        prompt=req.prompt,
+        params=resolve_sampling(req, draw_seed),
+        spec=resolve_spec(req, defaults),
+        stream=req.stream,
+        format=fmt,
+        session=new_session(),
+        deadline=now + request_timeout(req, max_timeout),
+    )
+
+
+_RECORD_KEYS = frozenset({"job", "reply", "accepted_at"})
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """An accepted job as the jobs stream keeps it: all a replacement scheduler needs to answer it.
+
+    The job carries the session id, the deadline and the reply format; `reply` is the requester's reply
+    subject (None for fire-and-forget), `accepted_at` the unix time the job was stored.
+    """
+
+    job: GenerateJob
+    reply: str | None
+    accepted_at: float
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"job": self.job.encode(), "reply": self.reply, "accepted_at": self.accepted_at})
+
+    @classmethod
+    def decode(cls, data: bytes) -> JobRecord:
+        """Strict decode; RequestError (never another exception type) on anything malformed."""
+        try:
+            obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=False)
+        except Exception as exc:  # noqa: BLE001 - msgpack raises a zoo (ExtraData, FormatError, ...)
+            message = f"job record is not valid msgpack: {type(exc).__name__}"
+            raise RequestError("bad_encoding", message) from None
+        if not isinstance(obj, dict) or set(obj) != _RECORD_KEYS:
+            raise RequestError("bad_request", "a job record must be a msgpack map of job, reply, accepted_at")
+        job, reply, at = obj["job"], obj["reply"], obj["accepted_at"]
+        if not isinstance(job, bytes):
+            raise RequestError("bad_request", f"job record: job must be bytes, got {type(job).__name__}")
+        if reply is not None and not (isinstance(reply, str) and reply):
+            raise RequestError("bad_request", f"job record: reply must be a subject or nil, got {reply!r}")
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+            raise RequestError("bad_request", f"job record: accepted_at must be unix seconds, got {at!r}")
+        return cls(GenerateJob.decode(job), reply, float(at))
 
 
 # --- replies ----------------------------------------------------------------------------------------------

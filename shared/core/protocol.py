@@ -5,28 +5,34 @@ msgpack `bin` (no per-element framing); token ids take 2 bytes when the vocabula
 rebuild the draft's q bit for bit, so quantized probabilities cross exactly as `ProposalBlock.values` holds
 them. Every decoder treats its input as untrusted: anything malformed raises `ProtocolError` (a `ValueError`
 with a short `code`) and never anything else, so a service can answer with an `ErrorReply` instead of dying.
+That error comes only from explicit checks (and from msgpack's own errors for malformed bytes): any other
+exception out of a decoder is a bug in this module, and the fuzz tests fail on it rather than hide it.
 Encoding runs the same checks (after coercing numpy scalars / array-likes), so `encode()` of an invalid
 message raises `ProtocolError` too and a peer never receives bytes it would reject. Unknown keys are ignored
 on decode (forward compatibility); optional fields that are None are left out of the map.
 
 Key table (every message is one map):
 
-    envelope      v  schema version (int, == SCHEMA_VERSION)     t  type tag: "vr" | "vd" | "er"
+    envelope      v  schema version (int, == SCHEMA_VERSION)     t  type tag: "vr" | "vd" | "er" | "cs"
     VerifyRequest s  session (str, non-empty)     r  round (int >= 0)        b  base (int >= 1)
                   l  last_token (int)             n  vocab_size (int)        x  tokens (bin, ids)
                   p  proposals (block map)        h  history (bin, ids)      sp params (map, below)
                   pl prompt_len (int)             dp draft_probs (bin <f8)   ts sent_at (float)
+                  hd digest (uint64, always)      dl deadline (float, unix s; 0 = none; iff h)
     Verdict       s  session    r  round    b  base    a  n_accepted (int)    k  token (int)
                   vs verify_s (float)   rs residual (block map)   n  residual's vocab_size (iff rs)   ts sent_at
     ErrorReply    c  code (str)    m  message (str)    s  session (str)    id request_id (str)
+    CloseSession  s  session (str, non-empty)
     block map     q  quant ("f16" | "u8" | "f32")   cw counts item size (1, 2 or 4)   c  counts (bin <u{cw})
                   i  indices (bin, ids; absent = dense rows)   d  values (bin <f2 f16, u1 u8, <f4 f32)
     params map    te temperature   tp top_p   sd seed   mn min_new_tokens   mx max_new_tokens
 
 "ids" are `<u2` when vocab_size <= 65536, else `<u4`. Decoded integer arrays are int64, values float16/uint8.
-Invariants beyond types: gamma <= MAX_GAMMA (both tokens and proposal rows); history, params and prompt_len
-travel together (a session (re)open) with len(history) == base, history[-1] == last_token and
-1 <= prompt_len <= base; proposals may be None only when gamma == 0 or draft_probs is sent (DSSD).
+Invariants beyond types: gamma <= MAX_GAMMA (both tokens and proposal rows); history, params, prompt_len and
+deadline travel together (a session (re)open) with len(history) == base, history[-1] == last_token,
+digest == session_digest.of(history) and 1 <= prompt_len <= base; a deadline without history is refused (it
+must be 0 then: the edge keeps the opening one); proposals may be None only when gamma == 0 or draft_probs is
+sent (DSSD). `digest` is always the digest of the first `base` committed tokens (see session_digest).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
+from shared.core import session_digest
 from shared.core.params import QUANTS, ParamError, SamplingParams
 from shared.core.proposal import ProposalBlock, quantize
 
@@ -47,7 +54,9 @@ MAX_GAMMA = 64
 MAX_HISTORY = 1 << 20
 MAX_VOCAB = 1 << 32
 _INT_MAX = 2**63 - 1
+_U64_MAX = 2**64 - 1
 _MAX_STR = 1 << 20
+MAX_ERROR_MESSAGE = 1000  # characters: errors quote untrusted values, and must not echo a megabyte back
 _NATIVE_VALUES = {"f16": np.dtype(np.float16), "u8": np.dtype(np.uint8), "f32": np.dtype(np.float32)}
 _WIRE_VALUES = {"f16": "<f2", "u8": "u1", "f32": "<f4"}
 _PARAM_KEYS = {"temperature": "te", "top_p": "tp", "seed": "sd", "min_new_tokens": "mn", "max_new_tokens": "mx"}
@@ -56,16 +65,22 @@ _PARAM_KEYS = {"temperature": "te", "top_p": "tp", "seed": "sd", "min_new_tokens
 class ProtocolError(ValueError):
     """A message is malformed or invalid. `code` is short and stable (goes into ErrorReply.code):
 
-    bad_msgpack, bad_version, bad_type, bad_field, bad_shape, bad_index, bad_prob, oversize.
+    bad_msgpack, bad_version, bad_type, bad_field, bad_shape, bad_index, bad_prob, bad_digest, oversize.
     """
 
     def __init__(self, code: str, message: str = "") -> None:
+        message = brief(message)
         super().__init__(code, message)
         self.code = code
         self.message = message
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+def brief(message: str, limit: int = MAX_ERROR_MESSAGE) -> str:
+    """`message` cut to `limit` characters: an error message fit for an ErrorReply whatever it quotes."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 def _id_dtype(vocab_size: int) -> str:
@@ -93,8 +108,15 @@ def _as_str(x: Any, name: str) -> str:
     return x
 
 
+def _as_array(x: Any, name: str) -> np.ndarray:
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as e:  # ragged nesting, objects numpy cannot hold
+        raise ProtocolError("bad_shape", f"{name} is not an array ({e})") from e
+
+
 def _as_int_array(x: Any, name: str) -> np.ndarray:
-    a = np.asarray(x)
+    a = _as_array(x, name)
     if a.ndim != 1:
         raise ProtocolError("bad_shape", f"{name} must be 1-D, got shape {a.shape}")
     if a.size == 0:
@@ -112,7 +134,7 @@ def _norm_block(block: Any, name: str) -> ProposalBlock:
     quant = block.quant
     if quant not in QUANTS:
         raise ProtocolError("bad_field", f"{name}.quant must be one of {QUANTS}, got {quant!r}")
-    values = np.asarray(block.values)
+    values = _as_array(block.values, f"{name}.values")
     if values.dtype != _NATIVE_VALUES[quant] or values.ndim != 1:
         raise ProtocolError(
             "bad_field", f"{name}.values must be 1-D {_NATIVE_VALUES[quant]} for quant {quant!r}, got {values.dtype}"
@@ -193,6 +215,16 @@ def _check_ids(ids: np.ndarray, vocab_size: int, name: str) -> None:
         raise ProtocolError("bad_index", f"{name} must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
 
 
+def _check_str(x: str, name: str) -> None:
+    """What msgpack can carry and a peer will take: UTF-8 encodable (no lone surrogates), <= _MAX_STR bytes."""
+    try:
+        size = len(x.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ProtocolError("bad_field", f"{name} is not valid unicode ({e.reason})") from e
+    if size > _MAX_STR:
+        raise ProtocolError("oversize", f"{name} of {size} bytes exceeds {_MAX_STR}")
+
+
 def _check_finite(x: float, name: str, lo: float = -math.inf) -> None:
     if not math.isfinite(x) or x < lo:
         raise ProtocolError("bad_field", f"{name} must be finite and >= {lo}, got {x!r}")
@@ -202,6 +234,7 @@ def _check_round_header(session: str, round_: int, base: int) -> None:
     """Fields every round message carries: which session, which round, at which committed length."""
     if not session:
         raise ProtocolError("bad_field", "session must be non-empty")
+    _check_str(session, "session")
     if not 0 <= round_ <= _INT_MAX:
         raise ProtocolError("bad_field", f"round must be >= 0, got {round_}")
     if not 1 <= base <= _INT_MAX:
@@ -294,16 +327,6 @@ def _params_from_wire(m: dict) -> SamplingParams:
 # ---- envelope --------------------------------------------------------------------------------------------
 
 
-def _guard(fn, *args):
-    """Run fn; anything but a ProtocolError it raises (a bug, or input we failed to foresee) becomes one."""
-    try:
-        return fn(*args)
-    except ProtocolError:
-        raise
-    except Exception as e:  # the contract is: ProtocolError and nothing else
-        raise ProtocolError("bad_field", f"malformed message ({type(e).__name__}: {e})") from e
-
-
 def _unpack(data: Any) -> dict:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("bad_msgpack", f"expected bytes, got {type(data).__name__}")
@@ -315,7 +338,7 @@ def _unpack(data: Any) -> dict:
             data, raw=False, strict_map_key=True, use_list=True, max_bin_len=MAX_MESSAGE_BYTES,
             max_str_len=_MAX_STR, max_array_len=4096, max_map_len=4096, max_ext_len=0,
         )
-    except Exception as e:  # msgpack raises a zoo of types for bad input
+    except (ValueError, msgpack.UnpackException) as e:  # malformed, truncated, trailing or too deep
         raise ProtocolError("bad_msgpack", f"not a msgpack message ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise ProtocolError("bad_msgpack", f"a message is a map, got {type(obj).__name__}")
@@ -358,25 +381,17 @@ class _Message:
 
     def encode(self) -> bytes:
         """Validate (raising ProtocolError, like decode would) and serialise."""
-
-        def run() -> bytes:
-            msg = self._normalized()
-            msg._check()
-            return _pack(self.TAG, msg._wire())
-
-        return _guard(run)
+        msg = self._normalized()
+        msg._check()
+        return _pack(self.TAG, msg._wire())
 
     @classmethod
     def decode(cls, data: bytes):
         """Parse untrusted bytes into this message type; ProtocolError (code "bad_type" for another type)."""
-
-        def run():
-            obj = _unpack(data)
-            if obj["t"] != cls.TAG:
-                raise ProtocolError("bad_type", f"expected a {cls.__name__} ({cls.TAG!r}), got {obj['t']!r}")
-            return cls._from_wire(obj)
-
-        return _guard(run)
+        obj = _unpack(data)
+        if obj["t"] != cls.TAG:
+            raise ProtocolError("bad_type", f"expected a {cls.__name__} ({cls.TAG!r}), got {obj['t']!r}")
+        return cls._from_wire(obj)
 
 
 # ---- messages --------------------------------------------------------------------------------------------
@@ -386,8 +401,9 @@ class _Message:
 class VerifyRequest(_Message):
     """One speculation round, device -> edge: the gamma drafted tokens and the q they were sampled from.
 
-    `history`/`params`/`prompt_len` are sent only when (re)opening a session on a verifier, so a stateless
-    or restarted edge can rebuild its KV cache; otherwise the edge continues from its own committed state.
+    `history`/`params`/`prompt_len`/`deadline` are sent only when (re)opening a session on a verifier, so a
+    stateless or restarted edge can rebuild its KV cache; otherwise the edge continues from its own committed
+    state, and `digest` (of the first `base` committed tokens) proves that state is this generation's.
     """
 
     TAG: ClassVar[str] = "vr"
@@ -404,6 +420,8 @@ class VerifyRequest(_Message):
     prompt_len: int | None = None
     draft_probs: np.ndarray | None = None
     sent_at: float = 0.0
+    digest: int = session_digest.EMPTY
+    deadline: float = 0.0  # unix seconds; 0 = none. Only on opening requests: the edge keeps it per session
 
     @property
     def gamma(self) -> int:
@@ -412,7 +430,7 @@ class VerifyRequest(_Message):
     def _normalized(self) -> VerifyRequest:
         dp = None
         if self.draft_probs is not None:
-            dp = np.asarray(self.draft_probs)
+            dp = _as_array(self.draft_probs, "draft_probs")
             if dp.ndim != 1 or (dp.size and dp.dtype.kind not in "fiu"):
                 raise ProtocolError("bad_field", f"draft_probs must be a 1-D float array, got {dp.dtype}")
             dp = dp.astype(np.float64)
@@ -431,11 +449,16 @@ class VerifyRequest(_Message):
             prompt_len=None if self.prompt_len is None else _as_int(self.prompt_len, "prompt_len"),
             draft_probs=dp,
             sent_at=_as_float(self.sent_at, "sent_at"),
+            digest=_as_int(self.digest, "digest"),
+            deadline=_as_float(self.deadline, "deadline"),
         )
 
     def _check(self) -> None:
         _check_round_header(self.session, self.round, self.base)
         _check_vocab(self.vocab_size)
+        if not 0 <= self.digest <= _U64_MAX:
+            raise ProtocolError("bad_field", f"digest must be an unsigned 64-bit integer, got {self.digest}")
+        _check_finite(self.deadline, "deadline", 0.0)
         if not 0 <= self.last_token < self.vocab_size:
             raise ProtocolError("bad_index", f"last_token {self.last_token} outside [0, {self.vocab_size})")
         g = self.gamma
@@ -463,6 +486,10 @@ class VerifyRequest(_Message):
                 raise ProtocolError("bad_field", "history[-1] differs from last_token")
             if not 1 <= self.prompt_len <= self.base:
                 raise ProtocolError("bad_field", f"prompt_len must be in [1, base], got {self.prompt_len}")
+            if session_digest.of(self.history) != self.digest:
+                raise ProtocolError("bad_digest", "digest is not the digest of history")
+        elif self.deadline:
+            raise ProtocolError("bad_field", "deadline is sent only with history (when opening a session)")
         if self.draft_probs is not None:
             dp = self.draft_probs
             if len(dp) != g:
@@ -475,7 +502,7 @@ class VerifyRequest(_Message):
         ids = _id_dtype(self.vocab_size)
         w = {
             "s": self.session, "r": self.round, "b": self.base, "l": self.last_token, "n": self.vocab_size,
-            "x": self.tokens.astype(ids).tobytes(), "ts": self.sent_at,
+            "x": self.tokens.astype(ids).tobytes(), "ts": self.sent_at, "hd": self.digest,
         }
         if self.proposals is not None:
             w["p"] = _block_wire(self.proposals)
@@ -483,6 +510,7 @@ class VerifyRequest(_Message):
             w["h"] = self.history.astype(ids).tobytes()
             w["sp"] = _params_wire(self.params)
             w["pl"] = self.prompt_len
+            w["dl"] = self.deadline
         if self.draft_probs is not None:
             w["dp"] = self.draft_probs.astype("<f8").tobytes()
         return w
@@ -500,6 +528,7 @@ class VerifyRequest(_Message):
             raise ProtocolError("oversize", f"history of {len(history)} tokens exceeds {MAX_HISTORY}")
         sp = _map(d, "sp")
         dp = _array(d, "dp", "<f8", optional=True)
+        deadline = 0.0 if history is None else _float(d, "dl")
         msg = cls(
             session=_str(d, "s"),
             round=_int(d, "r", 0),
@@ -513,6 +542,8 @@ class VerifyRequest(_Message):
             prompt_len=_int(d, "pl", optional=True),
             draft_probs=None if dp is None else dp.astype(np.float64),
             sent_at=_float(d, "ts"),
+            digest=_int(d, "hd", 0, _U64_MAX),
+            deadline=deadline,
         )
         msg._check()
         return msg
@@ -619,8 +650,9 @@ class ErrorReply(_Message):
     def _check(self) -> None:
         if not self.code:
             raise ProtocolError("bad_field", "code must be non-empty")
-        if max(len(self.message), len(self.session or ""), len(self.request_id or "")) > _MAX_STR:
-            raise ProtocolError("oversize", f"error strings are capped at {_MAX_STR} characters")
+        for name in ("code", "message", "session", "request_id"):
+            if getattr(self, name) is not None:
+                _check_str(getattr(self, name), name)
 
     def _wire(self) -> dict:
         w = {"c": self.code, "m": self.message}
@@ -637,19 +669,42 @@ class ErrorReply(_Message):
         return msg
 
 
-_TYPES: dict[str, type[_Message]] = {c.TAG: c for c in (VerifyRequest, Verdict, ErrorReply)}
+@dataclass(frozen=True, eq=False)
+class CloseSession(_Message):
+    """Device -> every verifier: the generation ended (done, failed or cancelled); free its KV cache now
+    instead of waiting for LRU eviction. Idempotent: closing a session nobody holds does nothing."""
 
-Message = VerifyRequest | Verdict | ErrorReply
+    TAG: ClassVar[str] = "cs"
+
+    session: str
+
+    def _normalized(self) -> CloseSession:
+        return CloseSession(_as_str(self.session, "session"))
+
+    def _check(self) -> None:
+        if not self.session:
+            raise ProtocolError("bad_field", "session must be non-empty")
+        _check_str(self.session, "session")
+
+    def _wire(self) -> dict:
+        return {"s": self.session}
+
+    @classmethod
+    def _from_wire(cls, d: dict) -> CloseSession:
+        msg = cls(_str(d, "s"))
+        msg._check()
+        return msg
+
+
+_TYPES: dict[str, type[_Message]] = {c.TAG: c for c in (VerifyRequest, Verdict, ErrorReply, CloseSession)}
+
+Message = VerifyRequest | Verdict | ErrorReply | CloseSession
 
 
 def decode_any(data: bytes) -> Message:
     """Decode whichever message `data` holds (by its type tag); ProtocolError for anything malformed."""
-
-    def run() -> Message:
-        obj = _unpack(data)
-        return _TYPES[obj["t"]]._from_wire(obj)
-
-    return _guard(run)
+    obj = _unpack(data)
+    return _TYPES[obj["t"]]._from_wire(obj)
 
 
 def is_error(data: bytes) -> bool:

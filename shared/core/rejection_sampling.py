@@ -5,10 +5,15 @@ draft token x_i with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejec
 norm(max(0, p_i - q_i)); if every draft token is accepted emit a bonus sample from p_{gamma+1}. The emitted
 tokens are then distributed exactly as p (Leviathan et al. 2023, Chen et al. 2023). The in-process engine
 and the verifier service both call `verify_block`; nothing else decides acceptance.
+
+It is also where numerics are checked, because a NaN accepts silently: min(1, nan / q) is 1 and `rng.random()
+>= nan` is False. A target row that is not a finite distribution, or a draft probability outside (0, 1], is
+`NonFinite` (error code `non_finite`), never an acceptance.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +24,14 @@ from shared.core.proposal import ProposalBlock, sample_index
 
 class VerificationError(ValueError):
     """The proposal cannot have produced the draft token (q(x) == 0): the sender is broken or lying."""
+
+    code = "bad_proposal"
+
+
+class NonFinite(VerificationError):
+    """A probability is NaN, infinite or out of range (a broken model, or a broken sender): no verdict."""
+
+    code = "non_finite"
 
 
 @dataclass(frozen=True)
@@ -52,9 +65,14 @@ def count_accepted(
     """The accept tests in order: how many draft tokens survive (one uniform drawn per test, stopping at the
     first rejection). Needs only q(x_i) of each drafted token, which is why DSSD can send just that uplink."""
     for i, (x, q_x) in enumerate(zip(draft_tokens, draft_token_probs, strict=True)):
+        q_x, p_x = float(q_x), float(target_probs[i, x])
+        if not (math.isfinite(q_x) and q_x <= 1.0):
+            raise NonFinite(f"draft token {int(x)} at position {i} has proposal probability {q_x!r}")
         if not q_x > 0.0:
             raise VerificationError(f"draft token {int(x)} at position {i} has zero probability in its proposal")
-        if rng.random() >= acceptance_probability(float(target_probs[i, x]), float(q_x)):
+        if not 0.0 <= p_x < math.inf:  # also False for NaN
+            raise NonFinite(f"target probability {p_x!r} of draft token {int(x)} at position {i}")
+        if rng.random() >= acceptance_probability(p_x, q_x):
             return i
     return len(draft_tokens)
 
@@ -64,9 +82,18 @@ def correction(p: np.ndarray, q_dense: np.ndarray, u: float) -> int:
     return sample_index(residual(p, q_dense), u)
 
 
+def check_target_probs(target_probs: np.ndarray) -> None:
+    """Every row a distribution: finite, non-negative, some mass. Raises NonFinite (a NaN logit, an overflow)."""
+    if not bool(np.isfinite(target_probs).all()):
+        raise NonFinite("the target's probabilities hold a NaN or an infinity")
+    if bool((target_probs < 0).any()) or not bool((target_probs.sum(axis=-1) > 0).all()):
+        raise NonFinite("a target row is negative somewhere or has no mass")
+
+
 def _check_rows(target_probs: np.ndarray, gamma: int) -> None:
     if target_probs.shape[0] != gamma + 1:
         raise ValueError(f"need {gamma + 1} target rows for {gamma} draft tokens, got {target_probs.shape[0]}")
+    check_target_probs(target_probs)
 
 
 def verify_block(

@@ -5,7 +5,10 @@ verdict, commit. The link is the only thing that differs between deployments: `I
 `VerifierCore` in this process (encode and decode still happen, so byte counts are real and the codec runs on
 every token); the draft service's link sends the same bytes over NATS. A verifier that lost the session
 answers `unknown_session` and the loop resends the round with the token history, from which the edge rebuilds
-its cache, so no transport-specific code decides anything about speculation.
+its cache, so no transport-specific code decides anything about speculation. Every other refusal (a deadline,
+the context length, a bad proposal, non-finite numbers) is final: `RemoteError` with the verifier's code, never
+a retry. The caller stops a generation between rounds with `should_stop` (cancel, deadline) and frees the
+verifier's copy with `CloseSession` (`handle_close` on the edge).
 """
 
 from __future__ import annotations
@@ -22,20 +25,29 @@ from typing import Protocol
 from opentelemetry import trace
 
 from shared.core.draft_length_policy import DraftLengthPolicy, RoundObservation, make_policy
-from shared.core.draft_session import DraftSession, Prefetch
+from shared.core.draft_session import BadVerdict, DraftSession, Prefetch
 from shared.core.link_profile import LinkProfile
 from shared.core.params import ParamError, SamplingParams, SpecParams
-from shared.core.protocol import ErrorReply, ProtocolError, Verdict, VerifyRequest, decode_any
+from shared.core.protocol import (
+    CloseSession,
+    ErrorReply,
+    ProtocolError,
+    Verdict,
+    VerifyRequest,
+    brief,
+    decode_any,
+)
 from shared.core.rejection_sampling import VerificationError
 from shared.core.round_stats import GenerationStats, RoundStats
-from shared.core.verifier_sessions import SessionUnknown, VerifierCore
+from shared.core.verifier_sessions import RoundRefused, SessionUnknown, VerifierCore
 from shared.models.runtime import LoadedModel
 
 MAX_RESYNCS_PER_ROUND = 3
 
 
 class RemoteError(RuntimeError):
-    """The verifier refused a round for a reason resending cannot fix (bad proposal, protocol error, ...)."""
+    """The verifier refused a round for a reason resending cannot fix (bad proposal, protocol error, ...), or
+    answered with something that cannot be its answer (`bad_verdict`, `bad_reply`)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -51,6 +63,7 @@ class EdgeTransport(Protocol):
 
 Compute = Callable[[Callable[[], object]], Awaitable[object]]
 RoundHook = Callable[[RoundStats, list[int]], Awaitable[None]]
+StopCheck = Callable[[], str | None]
 
 
 async def _inline(fn):
@@ -83,12 +96,15 @@ async def speculate(
     on_round: RoundHook | None = None,
     tracer: trace.Tracer | None = None,
     policy: DraftLengthPolicy | None = None,
+    should_stop: StopCheck | None = None,
 ) -> GenerationResult:
     """Run `session` to completion. `compute` runs model work (a thread in services); `on_round` streams.
 
     The draft-length `policy` (default: the one `session.spec` names) picks each round's gamma and learns from
     its outcome. With `spec.pipeline` the device drafts ahead while the round is in flight (PEARL); that only
     overlaps when `compute` runs off the event loop and the link really waits, as in the draft service.
+    `should_stop` is asked before every round; a reason it returns ("cancelled", "deadline_exceeded") ends the
+    loop at once and becomes the partial result's `finish_reason`. A verifier's refusal raises RemoteError.
     """
     tracer = tracer or trace.get_tracer("draftwire")
     spec = session.spec
@@ -99,6 +115,10 @@ async def speculate(
     prefetch: Prefetch | None = None
     t_start = time.perf_counter()
     while not session.done:
+        reason = should_stop() if should_stop is not None else None
+        if reason:
+            session.finish_reason = reason
+            break
         t0 = time.perf_counter()
         with tracer.start_as_current_span("round") as span:
             gamma = policy.next_gamma()
@@ -114,7 +134,10 @@ async def speculate(
                 with tracer.start_as_current_span("predraft"):
                     ahead = await compute(functools.partial(session.predraft, req, gamma, arrived.is_set))
             verdict, up, down, rebuilt = await in_flight
-            new = session.apply(req, verdict)
+            try:
+                new = session.apply(req, verdict)
+            except BadVerdict as exc:
+                raise RemoteError(BadVerdict.code, str(exc)) from exc
             prefetch = ahead if ahead is not None and ahead.matches(session.committed) else None
             span.set_attributes({"draftwire.accepted": verdict.n_accepted, "draftwire.uplink_bytes": up})
         rs = RoundStats(
@@ -173,19 +196,28 @@ async def _exchange(
 
 
 def verify_bytes(core: VerifierCore, uplink: bytes) -> bytes:
-    """The edge's whole job for one message: decode, verify, encode; any refusal becomes an ErrorReply."""
+    """The edge's whole job for one message: decode, verify, encode; any refusal becomes an ErrorReply whose
+    code is the refusal's (`unknown_session`, `deadline_exceeded`, `context_length_exceeded`, `non_finite`,
+    `bad_proposal`, or a ProtocolError's)."""
     try:
         req = VerifyRequest.decode(uplink)
     except ProtocolError as exc:
         return ErrorReply(code=exc.code, message=str(exc)).encode()
     try:
         return core.handle(req).encode()
-    except SessionUnknown as exc:
-        return ErrorReply(code=SessionUnknown.code, message=str(exc), session=req.session).encode()
+    except (SessionUnknown, RoundRefused, ProtocolError, VerificationError) as exc:
+        return ErrorReply(code=exc.code, message=brief(str(exc)), session=req.session).encode()
+
+
+def handle_close(core: VerifierCore, data: bytes) -> bytes | None:
+    """A `CloseSession` from `draftwire.sessions.close`: free that session's cache. Never raises: returns
+    None when done (closing an unknown session is fine), or an encoded ErrorReply for a malformed message."""
+    try:
+        msg = CloseSession.decode(data)
     except ProtocolError as exc:
-        return ErrorReply(code=exc.code, message=str(exc), session=req.session).encode()
-    except VerificationError as exc:
-        return ErrorReply(code="bad_proposal", message=str(exc), session=req.session).encode()
+        return ErrorReply(code=exc.code, message=str(exc)).encode()
+    core.close(msg.session)
+    return None
 
 
 @dataclass
@@ -216,7 +248,10 @@ def new_session(
     params: SamplingParams,
     spec: SpecParams,
     session_id: str | None = None,
+    deadline: float = 0.0,
 ) -> DraftSession:
+    """A generation on the device. `eos_ids` and `vocab_size` are the target's (in a service: learnt from the
+    verifier), never the draft's: stopping is part of the target's distribution. `deadline`: unix seconds."""
     if spec.mode != "ar" and draft is None:
         raise ParamError(f"mode {spec.mode!r} needs a draft model")
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -228,6 +263,7 @@ def new_session(
         spec=spec,
         eos_ids=eos_ids,
         vocab_size=vocab_size,
+        deadline=deadline,
     )
 
 
@@ -271,6 +307,7 @@ __all__ = [
     "LocalEngine",
     "RemoteError",
     "check_pair",
+    "handle_close",
     "new_session",
     "speculate",
     "verify_bytes",

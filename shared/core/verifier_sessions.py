@@ -6,20 +6,30 @@ this core does not hold (evicted, restarted, or served by another instance) rais
 device answers by resending the token history, from which the cache is rebuilt. A generation therefore never
 fails because a cache was lost, and the seeded per-round RNG makes the rebuilt session draw what the lost one
 would have.
+
+A verifier must never verify against another generation's cache, so a continuing round is served only when
+this core's copy has the request's committed length and `session_digest` (equal length and last token are not
+enough: two sessions can share both). Any mismatch drops the copy and asks for the history. Work is bounded
+at the edge too: a session's opening request brings its deadline, after which rounds are refused
+(`deadline_exceeded`) and the session dropped; a prompt plus `max_new_tokens`, or a round, that would run past
+the target's context length is refused (`context_length_exceeded`). Refusals carry the `code` that
+`speculation.verify_bytes` puts in the ErrorReply.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared.core import session_digest
 from shared.core.params import SamplingParams
 from shared.core.proposal import ProposalBlock, support_row
 from shared.core.protocol import ProtocolError, Verdict, VerifyRequest
-from shared.core.rejection_sampling import split_verify, verify_block
+from shared.core.rejection_sampling import NonFinite, split_verify, verify_block
 from shared.core.rng import VERIFY_SIDE, round_rng
 from shared.core.warpers import mask_eos, warp
 from shared.models.runtime import KVSequence, LoadedModel
@@ -31,22 +41,47 @@ class SessionUnknown(LookupError):
     code = "unknown_session"
 
 
+class RoundRefused(RuntimeError):
+    """The round cannot be served and resending cannot fix it; the session is dropped. `code` names why."""
+
+    code = "refused"
+
+
+class DeadlineExceeded(RoundRefused):
+    code = "deadline_exceeded"
+
+
+class ContextLengthExceeded(RoundRefused):
+    code = "context_length_exceeded"
+
+
 @dataclass
 class _Session:
     committed: list[int]
+    digest: int  # session_digest of `committed`
     prompt_len: int
     params: SamplingParams
+    deadline: float  # unix seconds, 0 = none
     seq: KVSequence
     last_used: float = field(default_factory=time.monotonic)
 
 
 class VerifierCore:
-    def __init__(self, model: LoadedModel, max_sessions: int = 64, max_cached_tokens: int = 262_144) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_sessions: int = 64,
+        max_cached_tokens: int = 262_144,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock` is unix time (deadlines are absolute); tests pass their own."""
         if max_sessions < 1 or max_cached_tokens < 1:
             raise ValueError("max_sessions and max_cached_tokens must be >= 1")
         self.model = model
+        self.context_length = int(model.context_length)
         self.max_sessions = max_sessions
         self.max_cached_tokens = max_cached_tokens
+        self.clock = clock
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self.evictions = 0
 
@@ -61,7 +96,9 @@ class VerifierCore:
         self._sessions.pop(session, None)
 
     def handle(self, req: VerifyRequest) -> Verdict:
-        """Verify one round. Raises SessionUnknown, ProtocolError or VerificationError; never half-commits."""
+        """Verify one round of a request that passed the codec's checks (so an opening request's digest is
+        its history's). Raises SessionUnknown, RoundRefused, ProtocolError or VerificationError (NonFinite
+        among them); commits nothing unless it returns a Verdict."""
         t0 = time.perf_counter()
         if req.vocab_size != self.model.vocab_size:
             raise ProtocolError(
@@ -70,6 +107,7 @@ class VerifierCore:
         sess = self._session_for(req)
         tokens = [int(t) for t in req.tokens]
         logits = sess.seq.next_logits(sess.committed + tokens, len(tokens) + 1).numpy()
+        _check_logits(logits)  # greedy would turn a NaN row into a confident one-hot
         p = sess.params
         logits = mask_eos(logits, self.model.eos_token_ids, req.base - sess.prompt_len, p.min_new_tokens)
         probs = warp(logits, p.temperature, p.top_p)
@@ -88,6 +126,7 @@ class VerifierCore:
             n_accepted, token = outcome.n_accepted, outcome.token
             emitted = tokens[:n_accepted] + [token]
         sess.committed.extend(emitted)  # after a DSSD rejection the device's correction arrives next round
+        sess.digest = session_digest.extend(sess.digest, emitted)
         sess.last_used = time.monotonic()
         self._evict()
         return Verdict(
@@ -102,23 +141,45 @@ class VerifierCore:
         )
 
     def _session_for(self, req: VerifyRequest) -> _Session:
+        """The session this round continues, (re)built from the history of an opening request; checks the
+        request's length and digest against it, then its deadline and the context length."""
         sess = self._sessions.get(req.session)
         if req.history is not None:
+            budget = req.prompt_len + req.params.max_new_tokens
+            if budget > self.context_length:
+                self._sessions.pop(req.session, None)
+                raise ContextLengthExceeded(
+                    f"prompt of {req.prompt_len} tokens + max_new_tokens {req.params.max_new_tokens} exceeds the "
+                    f"target's context length {self.context_length}"
+                )
             history = [int(t) for t in req.history]
             if sess is None:
-                sess = _Session(history, req.prompt_len, req.params, self.model.new_sequence())
+                sess = _Session(history, req.digest, req.prompt_len, req.params, req.deadline,
+                                self.model.new_sequence())
             else:  # keep the KV cache: next_logits reuses whatever prefix still matches
-                sess.committed, sess.prompt_len, sess.params = history, req.prompt_len, req.params
+                sess.committed, sess.digest, sess.prompt_len = history, req.digest, req.prompt_len
+                sess.params, sess.deadline = req.params, req.deadline
             self._sessions[req.session] = sess
         elif sess is None:
             raise SessionUnknown(f"session {req.session!r} is not held by this verifier; resend with history")
-        elif len(sess.committed) == req.base - 1:  # the device committed one token we did not choose
-            sess.committed.append(int(req.last_token))
-        elif len(sess.committed) != req.base or sess.committed[-1] != req.last_token:
+        else:
+            if len(sess.committed) == req.base - 1:  # the device committed one token we did not choose
+                sess.committed.append(int(req.last_token))
+                sess.digest = session_digest.extend(sess.digest, [int(req.last_token)])
+            if len(sess.committed) != req.base or sess.digest != req.digest:
+                self._sessions.pop(req.session, None)
+                raise SessionUnknown(
+                    f"session {req.session!r} is out of sync (verifier at {len(sess.committed)} tokens, request "
+                    f"at {req.base}, or another generation's tokens); resend with history"
+                )
+        if sess.deadline and self.clock() > sess.deadline:
             self._sessions.pop(req.session, None)
-            raise SessionUnknown(
-                f"session {req.session!r} is out of sync (verifier at {len(sess.committed)} tokens, "
-                f"request at {req.base}); resend with history"
+            raise DeadlineExceeded(f"session {req.session!r} is past its deadline")
+        if req.base + req.gamma + 1 > self.context_length:
+            self._sessions.pop(req.session, None)
+            raise ContextLengthExceeded(
+                f"a round of {req.gamma} draft tokens at {req.base} committed runs past the target's context length "
+                f"{self.context_length}"
             )
         self._sessions.move_to_end(req.session)
         return sess
@@ -131,4 +192,10 @@ class VerifierCore:
         ):
             self._sessions.popitem(last=False)
             self.evictions += 1
+
+
+def _check_logits(logits: np.ndarray) -> None:
+    """-inf is a legal mask; NaN, +inf, or a row with no finite logit is a broken forward pass."""
+    if bool(np.isnan(logits).any() | np.isposinf(logits).any()) or not bool(np.isfinite(logits).any(axis=-1).all()):
+        raise NonFinite("the target's logits hold a NaN, a +inf, or a row without a finite value")
 

@@ -22,6 +22,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     ConsumerInfo,
+    DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -37,9 +38,12 @@ from shared.io.nats_server import is_reachable
 log = logging.getLogger(__name__)
 
 ROOT = "draftwire"
-PROMPT_STREAM = "DRAFTWIRE_PROMPTS"
-PROMPT_CONSUMER = "DRAFTWIRE_SCHEDULER"
-REPLY_CLAIMS_BUCKET = "DRAFTWIRE_REPLY_CLAIMS"
+JOBS_STREAM = "DRAFTWIRE_JOBS"
+JOBS_CONSUMER = "DRAFTWIRE_SCHEDULER"
+SUBMIT_STREAM = "DRAFTWIRE_SUBMIT"
+SUBMIT_CONSUMER = "DRAFTWIRE_SUBMIT_INTAKE"
+DONE_STREAM = "DRAFTWIRE_DONE"
+DELIVERED_BUCKET = "DRAFTWIRE_DELIVERED"
 VERIFY_QUEUE = "verifiers"
 INSTANCE_HEADER = "Draftwire-Instance"  # verifier replies name their instance: the device sticks to it
 _BAD_TOKEN = re.compile(r"[\s.*>]")
@@ -69,7 +73,7 @@ class Subjects:
     submit: str = f"{ROOT}.submit"  # JetStream, fire-and-forget; results on `results.<id>`
     cancel_all: str = f"{ROOT}.cancel.*"
     jobs_all: str = f"{ROOT}.jobs.*"  # internal: accepted jobs, one per request id in flight
-    done_all: str = f"{ROOT}.done.*"  # internal: each session's final result, kept for a replacement scheduler
+    done_all: str = f"{ROOT}.done.*"  # internal: each session's final result, kept for a new scheduler
     verify: str = f"{ROOT}.verify"
     verifier_info: str = f"{ROOT}.verifier.info"
     sessions_close: str = f"{ROOT}.sessions.close"
@@ -196,111 +200,177 @@ async def publish(nc: Client, subject: str, payload: bytes, headers: dict[str, s
     await nc.publish(subject, payload, headers=inject_headers(headers))
 
 
-# --- JetStream prompt queue ---------------------------------------------------------------------------------
+# --- JetStream: jobs, fire-and-forget submissions, results, deliveries -----------------------------------
+#
+# Every create is idempotent and updates a stream whose editable settings changed, so each service can ensure
+# what it uses at start, in any order.
+
+JOBS_MAX_AGE_S = 24 * 3600.0  # far beyond any request timeout: a job leaves the queue by its ack, not by age
+DONE_MAX_AGE_S = 15 * 60.0
 
 
-async def ensure_prompt_stream(
-    js: JetStreamContext,
-    *,
-    ack_wait: float = 60.0,
-    max_deliver: int = 3,
-    max_ack_pending: int = 256,
-    max_age: float = 24 * 3600.0,
-    storage: StorageType = StorageType.FILE,
-    create_consumer: bool = True,
-) -> ConsumerInfo | None:
-    """Create or update the prompt stream and (by default) its durable pull consumer.
-
-    Work-queue retention: a prompt stays stored until the scheduler acks it, and the ack deletes it. The
-    scheduler acks only after the result was delivered, so "acked" means "done" and a scheduler crash
-    mid-generation leaves the prompt to be redelivered after `ack_wait`. A work-queue stream allows one
-    consumer per subject, so all schedulers share the durable `PROMPT_CONSUMER` (pull consumers load-balance);
-    to observe prompts, subscribe with core NATS on `draftwire.prompts` instead of adding a consumer.
-
-    no_ack: a stream answers every captured publish that has a reply subject with a PubAck, so a user's
-    `nc.request("draftwire.prompts", ...)` would get `{"stream": ..., "seq": ...}` instead of its result.
-    The stream therefore sends no PubAcks, and `js.publish()` to this subject times out waiting for one
-    (the prompt is stored all the same): publish prompts with core NATS. JetStream does not keep the
-    publisher's reply subject either; the scheduler records it from its own core subscription.
-
-    ack_wait: long enough for a short request, not for a long generation: the scheduler calls
-    `msg.in_progress()` every few seconds while it works, which resets the timer. max_deliver bounds retries
-    of a poison prompt; max_ack_pending bounds prompts in flight across all schedulers.
-    """
-    config = StreamConfig(
-        name=PROMPT_STREAM,
-        description="draftwire user prompts awaiting a scheduler",
-        subjects=[SUBJECTS.prompts],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=storage,
-        max_age=max_age,
-        no_ack=True,
-    )
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != 10058:  # "stream name already in use with a different configuration"
             raise
         await js.update_stream(config)
+
+
+async def ensure_jobs_stream(
+    js: JetStreamContext,
+    *,
+    ack_wait: float = 4.0,
+    max_ack_pending: int = 1024,
+    max_msgs: int = 100_000,
+    max_bytes: int = 1 << 30,
+    storage: StorageType = StorageType.FILE,
+) -> ConsumerInfo:
+    """The accepted jobs (`draftwire.jobs.<id>`) and the durable pull consumer all schedulers share.
+
+    Work-queue retention: a job stays stored until a scheduler acks it, after the reply went out, and the ack
+    deletes it. One message per subject with "discard new per subject": while a job with id X is in flight, a
+    second `js.publish` to `draftwire.jobs.X` is refused (err_code 10077, "maximum messages per subject
+    exceeded"), which is how the scheduler detects a duplicate id. A full stream is refused with the same
+    code ("maximum messages exceeded"): the intake answers that as overloaded.
+
+    ack_wait is short: a scheduler that works on a job sends in-progress acks every second, so one that
+    died hands its jobs to another within seconds. max_deliver is unlimited because every job carries its
+    deadline (a late redelivery answers `deadline_exceeded` at once); max_ack_pending bounds the jobs in
+    flight across all schedulers.
+    """
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=JOBS_STREAM,
+            description="draftwire accepted jobs awaiting or under a scheduler",
+            subjects=[SUBJECTS.jobs_all],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=storage,
+            max_msgs_per_subject=1,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            max_msgs=max_msgs,
+            max_bytes=max_bytes,
+            max_age=JOBS_MAX_AGE_S,
+        ),
+    )
+    config = ConsumerConfig(
+        durable_name=JOBS_CONSUMER,
+        name=JOBS_CONSUMER,
+        description="schedulers pull jobs; ack after the reply was delivered",
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=-1,
+        max_ack_pending=max_ack_pending,
+        filter_subject=SUBJECTS.jobs_all,
+    )
+    return await js.add_consumer(JOBS_STREAM, config)
+
+
+async def ensure_submit_stream(
+    js: JetStreamContext,
+    *,
+    create_consumer: bool = True,
+    ack_wait: float = 30.0,
+    duplicate_window: float = 120.0,
+    max_msgs: int = 100_000,
+    max_bytes: int = 1 << 30,
+    max_age: float = 24 * 3600.0,
+    storage: StorageType = StorageType.FILE,
+) -> ConsumerInfo | None:
+    """Fire-and-forget submissions on `draftwire.submit`, kept until a scheduler turned them into jobs.
+
+    A work queue with PubAcks, so `js.publish` confirms a submission was stored; a `Nats-Msg-Id` header
+    dedupes a publisher's retries within `duplicate_window`. Full means refused (discard new), never
+    silently dropping the oldest. A scheduler acks a submission once its job is stored (or it was
+    answered with an error on `draftwire.results.<id>`); `ack_wait` only has to cover that.
+    """
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=SUBMIT_STREAM,
+            description="draftwire fire-and-forget prompts awaiting a scheduler",
+            subjects=[SUBJECTS.submit],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=storage,
+            duplicate_window=duplicate_window,
+            discard=DiscardPolicy.NEW,
+            max_msgs=max_msgs,
+            max_bytes=max_bytes,
+            max_age=max_age,
+        ),
+    )
     if not create_consumer:
         return None
-    return await ensure_prompt_consumer(
-        js, ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=max_ack_pending
+    config = ConsumerConfig(
+        durable_name=SUBMIT_CONSUMER,
+        name=SUBMIT_CONSUMER,
+        description="schedulers turn submissions into jobs; ack once the job is stored",
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=-1,
+        filter_subject=SUBJECTS.submit,
+    )
+    return await js.add_consumer(SUBMIT_STREAM, config)
+
+
+async def ensure_done_stream(js: JetStreamContext, *, storage: StorageType = StorageType.FILE) -> None:
+    """Each session's final result or error (`draftwire.done.<session>`), kept for a replacement scheduler.
+
+    The draft publishes there (with `js.publish`) and the scheduler reads it live (a core subscription) and
+    after the fact (`js.get_last_msg`); limits retention, one message per subject, for 15 minutes.
+    """
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=DONE_STREAM,
+            description="draftwire final results by session",
+            subjects=[SUBJECTS.done_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=storage,
+            max_msgs_per_subject=1,
+            max_age=DONE_MAX_AGE_S,
+            max_bytes=1 << 30,
+        ),
     )
 
 
-async def ensure_reply_claims(js: JetStreamContext, *, ttl: float) -> KeyValue:
-    """The KV bucket in which schedulers claim reply subjects, one winner each (see the scheduler's docs).
-
-    In memory with a TTL: a claim only has to outlive the requests it arbitrates. If the bucket exists with
-    other settings (another scheduler chose another TTL), it is used as it is.
-    """
+async def ensure_delivered_bucket(js: JetStreamContext, *, ttl: float) -> KeyValue:
+    """The KV bucket in which a scheduler creates key `<session>` before replying: the one that creates it
+    replies, any other (a replacement racing a slow original) does not. If the bucket exists with another TTL
+    (another scheduler has another timeout), it is used as it is."""
     config = KeyValueConfig(
-        bucket=REPLY_CLAIMS_BUCKET,
-        description="draftwire: which scheduler answers which reply subject",
+        bucket=DELIVERED_BUCKET,
+        description="draftwire: sessions whose reply was sent",
         history=1,
         ttl=ttl,
-        storage=StorageType.MEMORY,
+        storage=StorageType.FILE,
     )
     try:
         return await js.create_key_value(config)
     except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != 10058:  # "stream name already in use with a different configuration"
+        if exc.err_code != 10058:
             raise
-        return await js.key_value(REPLY_CLAIMS_BUCKET)
+        return await js.key_value(DELIVERED_BUCKET)
 
 
-async def ensure_prompt_consumer(
-    js: JetStreamContext, *, ack_wait: float = 60.0, max_deliver: int = 3, max_ack_pending: int = 256
-) -> ConsumerInfo:
-    """Create or update the durable pull consumer (editable fields such as ack_wait are updated in place).
-
-    We create it explicitly because js.pull_subscribe() only creates a missing durable and never updates it.
-    """
-    config = ConsumerConfig(
-        durable_name=PROMPT_CONSUMER,
-        name=PROMPT_CONSUMER,
-        description="schedulers pull prompts; ack after the result was delivered",
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=ack_wait,
-        max_deliver=max_deliver,
-        max_ack_pending=max_ack_pending,
-        filter_subject=SUBJECTS.prompts,
-    )
-    return await js.add_consumer(PROMPT_STREAM, config)
+async def jobs_subscription(js: JetStreamContext) -> JetStreamContext.PullSubscription:
+    """Bind to the shared jobs consumer; `await sub.fetch(n, timeout)` raises nats.errors.TimeoutError when
+    nothing is queued."""
+    return await js.pull_subscribe_bind(JOBS_CONSUMER, stream=JOBS_STREAM)
 
 
-async def prompt_subscription(js: JetStreamContext) -> JetStreamContext.PullSubscription:
-    """Bind to the durable prompt consumer; `await sub.fetch(n, timeout)` raises nats.errors.TimeoutError
-    when nothing is queued."""
-    return await js.pull_subscribe_bind(PROMPT_CONSUMER, stream=PROMPT_STREAM)
+async def submit_subscription(js: JetStreamContext) -> JetStreamContext.PullSubscription:
+    return await js.pull_subscribe_bind(SUBMIT_CONSUMER, stream=SUBMIT_STREAM)
 
 
 # --- micro services ----------------------------------------------------------------------------------------
 
 
 def endpoint_name(subject: str) -> str:
-    """A micro endpoint name ([A-Za-z0-9_-]) derived from its subject: `draftwire.verify.v1` -> `verify-v1`."""
+    """A micro endpoint name ([A-Za-z0-9_-]) from its subject: `draftwire.verify.v1` -> `verify-v1`."""
     stem = subject.removeprefix(f"{ROOT}.")
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", stem.replace(">", "all").replace("*", "any")).strip("-")
     return name or "endpoint"

@@ -53,8 +53,8 @@ def env_float(name: str, default: float) -> float:
         raise SystemExit(f"draftwire: error: DRAFTWIRE_{name} must be a number, got {raw!r}") from None
 
 
-def default_instance(service: str) -> str:
-    return f"{service}-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+def default_instance(service: str, pid: int | None = None) -> str:
+    return f"{service}-{socket.gethostname().split('.')[0]}-{os.getpid() if pid is None else pid}"
 
 
 def service_parser(service: str, description: str) -> argparse.ArgumentParser:

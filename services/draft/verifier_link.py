@@ -1,0 +1,274 @@
+"""How the device reaches the verifiers: discovery, the target's identity, and one session's link to the edge.
+
+A session addresses one verifier instance directly (`draftwire.verify.<instance>`), so its KV cache stays
+warm, and while a round is in flight it pings that instance's micro service (`$SRV.PING.<name>.<id>`):
+NATS answers "no responders" the moment the instance's connection is gone, which ends the wait at once
+instead of after a timeout. The round then goes to another verifier, which answers `unknown_session`, and the
+speculation loop resends it with the token history. The verify timeout stays as the backstop for a verifier
+that is connected but hung. Instances are found with micro discovery (`$SRV.PING.draftwire-verifier`); when
+none is known the round goes to the `verifiers` queue group and the reply names who took it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import msgpack
+import nats.errors
+from nats.aio.client import Client
+from opentelemetry import trace
+
+from shared.core.backoff import Backoff
+from shared.core.protocol import Verdict, VerifyRequest, decode_any
+from shared.core.speculation import RemoteError
+from shared.io import bus
+from shared.io.bus import INSTANCE_HEADER, SUBJECTS
+
+log = logging.getLogger("draftwire.draft")
+
+VERIFIER_SERVICE = "draftwire-verifier"
+SERVICE_ERROR_HEADER = "Nats-Service-Error"
+PING_EVERY_S = 0.5  # liveness ping of the addressed verifier while a round is in flight
+PING_TIMEOUT_S = 1.0  # a ping that times out is not proof of death: the verify timeout decides then
+DISCOVERY_WAIT_S = 0.5  # for the first discovery reply ("no responders" comes at once)
+DISCOVERY_QUIET_S = 0.1  # further replies are collected until none came for this long
+DISCOVERY_TTL_S = 10.0  # rediscover at most this often unless the known instances ran out
+INFO_TIMEOUT_S = 2.0
+
+
+class VerifierGone(Exception):
+    """The addressed verifier's connection is gone (its micro ping has no responders)."""
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """The target model as its verifiers describe it on `draftwire.verifier.info`."""
+
+    model: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    context_length: int
+
+    @classmethod
+    def decode(cls, data: bytes) -> TargetInfo:
+        """ValueError on anything but a well-formed info reply."""
+        try:
+            obj = msgpack.unpackb(data, raw=False)
+            info = cls(str(obj["model"]), int(obj["vocab_size"]), tuple(int(t) for t in obj["eos_token_ids"]),
+                       int(obj["context_length"]))
+        except Exception as exc:  # noqa: BLE001 - msgpack and field errors alike mean "not an info reply"
+            raise ValueError(f"bad verifier info reply: {type(exc).__name__}: {exc}") from None
+        if info.vocab_size < 1 or info.context_length < 1:
+            raise ValueError(f"bad verifier info reply: {info}")
+        return info
+
+
+class VerifierDirectory:
+    """Verifier instances known from micro discovery (instance name -> micro service id), and the target info.
+
+    Shared by every session of a draft instance: one discovery and one info fetch serve them all.
+    """
+
+    def __init__(self, nc: Client, rng: random.Random | None = None) -> None:
+        self.nc = nc
+        self.ids: dict[str, str] = {}
+        self.rng = rng or random.Random()
+        self._refreshed = float("-inf")
+        self._refresh_lock = asyncio.Lock()
+        self._info: TargetInfo | None = None
+        self._background: asyncio.Future | None = None
+
+    async def refresh(self) -> None:
+        """Ask every verifier for its identity; while one refresh runs, others wait for it instead."""
+        if self._refresh_lock.locked():
+            async with self._refresh_lock:
+                return
+        async with self._refresh_lock:
+            found = await _discover(self.nc, VERIFIER_SERVICE)
+            self.ids = found
+            self._refreshed = time.monotonic()
+
+    async def pick(self, exclude: set[str]) -> tuple[str, str] | None:
+        """A known live instance (name, service id) other than `exclude`, chosen at random to spread sessions."""
+        age = time.monotonic() - self._refreshed
+        if not set(self.ids) - exclude:
+            if age > PING_EVERY_S:
+                await self.refresh()
+        elif age > DISCOVERY_TTL_S and (self._background is None or self._background.done()):
+            self._background = asyncio.ensure_future(self.refresh())  # meanwhile, what we know will do
+        candidates = sorted(set(self.ids) - exclude)
+        if not candidates:
+            return None
+        name = self.rng.choice(candidates)
+        return name, self.ids[name]
+
+    def service_id(self, instance: str) -> str | None:
+        return self.ids.get(instance)
+
+    def forget(self, instance: str) -> None:
+        self.ids.pop(instance, None)
+
+    async def target(self, give_up_at: float) -> TargetInfo:
+        """The target's info, fetched once and cached; waits (with backoff) for a verifier until `give_up_at`
+        (unix seconds). Raises RemoteError("no_verifier") when none answered in time."""
+        backoff = Backoff(initial=0.05, cap=2.0)
+        while self._info is None:
+            try:
+                self._info = await self.fetch_target(min(INFO_TIMEOUT_S, max(0.05, give_up_at - time.time())))
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, ValueError) as exc:
+                left = give_up_at - time.time()
+                if left <= 0:
+                    raise RemoteError("no_verifier", f"no verifier answered {SUBJECTS.verifier_info}: "
+                                                     f"{type(exc).__name__}") from None
+                await asyncio.sleep(min(backoff.next(), left))
+        return self._info
+
+    def cached_target(self) -> TargetInfo | None:
+        return self._info
+
+    async def fetch_target(self, timeout: float = INFO_TIMEOUT_S) -> TargetInfo:
+        msg = await self.nc.request(SUBJECTS.verifier_info, b"", timeout=timeout)
+        return TargetInfo.decode(msg.data)
+
+    def drop_target(self) -> None:
+        """Forget the cached info (the next `target()` refetches it): call when the edge disagrees with it."""
+        self._info = None
+
+
+async def _discover(nc: Client, service: str) -> dict[str, str]:
+    """instance -> service id of every running instance of a micro service (empty at once if there is none)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    found: dict[str, str] = {}
+    try:
+        await nc.publish(f"$SRV.PING.{service}", b"", reply=inbox)
+        wait = DISCOVERY_WAIT_S
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=wait)
+            except nats.errors.TimeoutError:
+                break
+            if (msg.headers or {}).get("Status") == "503":  # no responders
+                break
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                ping = json.loads(msg.data)
+                found[bus.validate_token(ping["metadata"]["instance"], "instance")] = str(ping["id"])
+            wait = DISCOVERY_QUIET_S
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return found
+
+
+class NatsEdge:
+    """One session's path to the edge (an `EdgeTransport`): sticky to one verifier instance, failing over fast.
+
+    `verify_timeout` bounds one round trip to a verifier that still answers pings (hung); `verifier_wait`
+    bounds how long a round may wait for any verifier at all.
+    """
+
+    def __init__(self, nc: Client, directory: VerifierDirectory, tracer, verify_timeout: float,
+                 verifier_wait: float) -> None:
+        self.nc = nc
+        self.directory = directory
+        self.tracer = tracer
+        self.verify_timeout = verify_timeout
+        self.verifier_wait = verifier_wait
+        self.instance: str | None = None
+        self.instances: list[str] = []  # every instance that answered, in order (for stats)
+        self.failovers = 0
+        self._failed: set[str] = set()
+
+    async def exchange(self, uplink: bytes, req: VerifyRequest) -> bytes:
+        give_up = time.monotonic() + self.verifier_wait
+        backoff = Backoff(initial=0.05, cap=2.0)
+        while True:
+            if self.instance is None and (picked := await self.directory.pick(self._failed)) is not None:
+                self.instance = picked[0]
+            instance = self.instance
+            subject = SUBJECTS.verify_instance(instance) if instance else SUBJECTS.verify
+            try:
+                msg = await self._round_trip(subject, uplink, instance)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, VerifierGone) as exc:
+                if instance is not None:
+                    log.warning("verifier %s unavailable (%s); failing over", instance, type(exc).__name__)
+                    self.failovers += 1
+                    self._failed.add(instance)
+                    self.directory.forget(instance)
+                    self.instance = None
+                    continue
+                if time.monotonic() > give_up:
+                    raise RemoteError("no_verifier", f"no verifier answered for {self.verifier_wait:.0f}s") from exc
+                self._failed.clear()  # everyone failed once: a restarted instance may be back under its name
+                await asyncio.sleep(backoff.next())
+                continue
+            headers = msg.headers or {}
+            if SERVICE_ERROR_HEADER in headers:
+                raise RemoteError("verifier_error", headers.get(SERVICE_ERROR_HEADER, "unknown"))
+            answered = headers.get(INSTANCE_HEADER)
+            if answered and answered != self.instance:
+                self.instance = answered
+            if answered and (not self.instances or self.instances[-1] != answered):
+                self.instances.append(answered)
+            return msg.data
+
+    async def _round_trip(self, subject: str, uplink: bytes, instance: str | None):
+        """One request, raced against a liveness watch of the addressed instance (when it is known)."""
+        with self.tracer.start_as_current_span("verify_rpc", kind=trace.SpanKind.CLIENT) as span:
+            span.set_attributes({"draftwire.uplink_bytes": len(uplink), "messaging.destination": subject})
+            t_send = time.time_ns()
+            rpc = asyncio.ensure_future(bus.request(self.nc, subject, uplink, timeout=self.verify_timeout))
+            watch = asyncio.ensure_future(self._watch(instance)) if instance else None
+            try:
+                if watch is not None:
+                    await asyncio.wait({rpc, watch}, return_when=asyncio.FIRST_COMPLETED)
+                    if not rpc.done():
+                        watch.result()  # re-raises a watch bug rather than hiding it
+                        raise VerifierGone(instance)
+                msg = await rpc
+            finally:
+                for fut in (rpc, watch):
+                    if fut is not None and not fut.done():
+                        fut.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await fut
+            self._link_spans(t_send, time.time_ns(), msg.data)
+            return msg
+
+    async def _watch(self, instance: str) -> None:
+        """Return as soon as `instance` has no responders; run until cancelled otherwise."""
+        while True:
+            await asyncio.sleep(PING_EVERY_S)
+            service_id = self.directory.service_id(instance)
+            if service_id is None:  # reached through the queue group: learn its id for the next ping
+                await self.directory.refresh()
+                continue
+            try:
+                await self.nc.request(f"$SRV.PING.{VERIFIER_SERVICE}.{service_id}", b"", timeout=PING_TIMEOUT_S)
+            except nats.errors.NoRespondersError:
+                log.warning("verifier %s (%s) has no responders", instance, service_id)
+                return
+            except nats.errors.TimeoutError:
+                continue  # slow is not dead: the verify timeout is the backstop
+
+    def _link_spans(self, t_send: int, t_recv: int, downlink: bytes) -> None:
+        """Split the round trip into uplink / edge / downlink spans from the verdict's own timestamps."""
+        try:
+            reply = decode_any(downlink)
+        except ValueError:
+            return
+        if not isinstance(reply, Verdict) or reply.sent_at <= 0:
+            return
+        down_ns = max(0, min(t_recv - int(reply.sent_at * 1e9), t_recv - t_send))
+        up_ns = max(0, t_recv - t_send - down_ns - int(reply.verify_s * 1e9))
+        self.tracer.start_span("uplink", start_time=t_send).end(end_time=t_send + up_ns)
+        self.tracer.start_span("downlink", start_time=t_recv - down_ns).end(end_time=t_recv)
+
+
+__all__ = ["NatsEdge", "TargetInfo", "VerifierDirectory", "VerifierGone"]

@@ -1,0 +1,133 @@
+"""A stand-in for the draft service that implements the draft's side of docs/sessions.md, with no model.
+
+It takes jobs on `draftwire.draft.start` (queue group `drafts`) and answers `{"accepted": true}` at once,
+answers pings on `draftwire.draft.session.<session>` while it runs the session, honours
+`draftwire.cancel.<id>`, and after `delay` seconds publishes a canned result (the prompt upper-cased) to
+`draftwire.done.<session>` with `js.publish`. `die()` makes it vanish the way a killed process does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import msgpack
+
+from shared.core.prompt_request import GenerateJob
+from shared.io.bus import SUBJECTS, ensure_done_stream
+
+
+def canned(job: GenerateJob, instance: str = "fake-draft") -> dict:
+    return {
+        "id": job.id,
+        "text": job.prompt.upper(),
+        "token_ids": list(job.prompt.encode())[:16],
+        "finish_reason": "length",
+        "stats": {
+            "rounds": 2,
+            "acceptance_rate": 0.75,
+            "mode": job.spec.mode,
+            "gamma": job.spec.gamma,
+            "k": job.spec.k,
+            "seed": job.params.seed,
+            "draft_instance": instance,
+        },
+    }
+
+
+class FakeDraft:
+    """behaviour: "ok" (done after `delay`), "hold" (done once `release` is set), "hang" (never done, but
+    alive), "reject" (answers the start with an error body), "silent" (takes the start, never answers it)."""
+
+    def __init__(
+        self,
+        nc,
+        behaviour: str = "ok",
+        *,
+        delay: float = 0.0,
+        instance: str = "fake-draft",
+        cancels: bool = True,
+    ) -> None:
+        self.nc, self.js, self.behaviour, self.delay, self.instance = (
+            nc,
+            nc.jetstream(),
+            behaviour,
+            delay,
+            instance,
+        )
+        self.cancels = cancels  # False: ignores draftwire.cancel.<id>, like a draft too busy to notice
+        self.jobs: list[GenerateJob] = []
+        self.headers: list[dict] = []
+        self.pings = 0
+        self.received = asyncio.Event()
+        self.release = asyncio.Event()
+        self._running: dict[str, tuple[GenerateJob, object, asyncio.Task]] = {}  # by request id
+        self._subs: list = []
+
+    async def start(self) -> FakeDraft:
+        await ensure_done_stream(self.js)
+        self._subs = [
+            await self.nc.subscribe(SUBJECTS.draft_start, queue="drafts", cb=self._on_start),
+            await self.nc.subscribe(SUBJECTS.cancel_all, cb=self._on_cancel),
+        ]
+        await self.nc.flush()
+        return self
+
+    async def die(self) -> None:
+        """Stop answering anything and never publish: what the scheduler sees of a SIGKILLed draft."""
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for _, session_sub, task in list(self._running.values()):
+            task.cancel()
+            with contextlib.suppress(Exception):
+                await session_sub.unsubscribe()
+        self._running.clear()
+        await self.nc.flush()
+
+    stop = die
+
+    async def _on_start(self, msg) -> None:
+        job = GenerateJob.decode(msg.data)
+        self.jobs.append(job)
+        self.headers.append(dict(msg.headers or {}))
+        self.received.set()
+        if self.behaviour == "silent":
+            return
+        if self.behaviour == "reject":
+            body = {"error": {"code": "context_length_exceeded", "message": "prompt too long"}}
+            await msg.respond(msgpack.packb(body))
+            return
+        session_sub = await self.nc.subscribe(SUBJECTS.draft_session(job.session), cb=self._on_ping)
+        task = asyncio.create_task(self._run(job))
+        self._running[job.id] = (job, session_sub, task)
+        await msg.respond(msgpack.packb({"accepted": True, "instance": self.instance}))
+
+    async def _on_ping(self, msg) -> None:
+        self.pings += 1
+        await msg.respond(msgpack.packb({"instance": self.instance, "round": 1}))
+
+    async def _on_cancel(self, msg) -> None:
+        rid = msg.subject.rsplit(".", 1)[-1]
+        if self.cancels and rid in self._running:
+            job = self._running[rid][0]
+            body = {"error": {"code": "cancelled", "message": "cancelled"}, "text": "PART", "token_ids": [1]}
+            await self._finish(job, body)
+
+    async def _run(self, job: GenerateJob) -> None:
+        if self.behaviour == "hang":
+            return
+        if self.behaviour == "hold":
+            await self.release.wait()
+        await asyncio.sleep(self.delay)
+        await self._finish(job, canned(job, self.instance))
+
+    async def _finish(self, job: GenerateJob, body: dict) -> None:
+        entry = self._running.pop(job.id, None)
+        if entry is None:
+            return
+        await self.js.publish(SUBJECTS.done(job.session), msgpack.packb(body))
+        with contextlib.suppress(Exception):
+            await entry[1].unsubscribe()
+        if entry[2] is not asyncio.current_task():
+            entry[2].cancel()
