@@ -56,9 +56,13 @@ class FakeDraft:
             instance,
         )
         self.cancels = cancels  # False: ignores draftwire.cancel.<id>, like a draft too busy to notice
+        self.generated: list[
+            int
+        ] = []  # what session pings report as committed (a resumed run continues after)
         self.jobs: list[GenerateJob] = []
         self.headers: list[dict] = []
         self.pings = 0
+        self.finished: list[str] = []  # sessions whose result is stored and whose session subject is gone
         self.received = asyncio.Event()
         self.release = asyncio.Event()
         self._running: dict[str, tuple[GenerateJob, object, asyncio.Task]] = {}  # by request id
@@ -105,7 +109,7 @@ class FakeDraft:
 
     async def _on_ping(self, msg) -> None:
         self.pings += 1
-        await msg.respond(msgpack.packb({"instance": self.instance, "round": 1}))
+        await msg.respond(msgpack.packb({"instance": self.instance, "round": 1, "generated": self.generated}))
 
     async def _on_cancel(self, msg) -> None:
         rid = msg.subject.rsplit(".", 1)[-1]
@@ -129,5 +133,7 @@ class FakeDraft:
         await self.js.publish(SUBJECTS.done(job.session), msgpack.packb(body))
         with contextlib.suppress(Exception):
             await entry[1].unsubscribe()
+            await self.nc.flush()  # the server knows the session is gone before anyone is told it finished
+        self.finished.append(job.session)
         if entry[2] is not asyncio.current_task():
             entry[2].cancel()

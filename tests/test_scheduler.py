@@ -10,6 +10,8 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgpack
@@ -18,22 +20,35 @@ import pytest
 from opentelemetry.trace import NoOpTracer, SpanKind
 
 from services.scheduler.service import (
-    ACK_WAIT_S,
     CANCEL_GRACE_S,
     DEADLINE_GRACE_S,
     SESSIONS_SUBJECT,
+    STORE_TRIES,
     RecentCancels,
+    Scheduler,
     Work,
     build_parser,
     defaults_from_args,
     draft_result,
+    session_progress,
     sessions_snapshot,
     start,
     start_outcome,
+    submission_session,
 )
 from shared.core.params import SamplingParams, SpecParams
 from shared.core.prompt_request import GenerateJob, JobRecord
-from shared.io.bus import JOBS_STREAM, SUBJECTS, SUBMIT_STREAM, connect
+from shared.io import bus
+from shared.io.bus import (
+    JOBS_ACK_WAIT_S,
+    JOBS_STREAM,
+    SUBJECTS,
+    SUBMIT_STREAM,
+    connect,
+    ensure_jobs_stream,
+    ensure_submit_stream,
+    submit_subscription,
+)
 from shared.io.service_shell import READY_PREFIX, ServiceContext
 from tests.fake_draft import FakeDraft
 from tests.nats_fixtures import *
@@ -233,7 +248,7 @@ async def _stored(nc, n: int) -> bool:
 
 
 async def test_a_job_longer_than_ack_wait_stays_with_its_scheduler(nats_server, nc):
-    draft = await FakeDraft(nc, delay=ACK_WAIT_S + 1.5).start()
+    draft = await FakeDraft(nc, delay=JOBS_ACK_WAIT_S + 1.5).start()
     # --max-inflight 1: the holder pulls no more, so a redelivery could only go to the other one
     one = ("--max-inflight", "1")
     async with (
@@ -465,9 +480,49 @@ async def test_a_dead_draft_is_replaced_and_the_job_runs_again_in_the_same_sessi
         t0 = time.monotonic()
         body = json.loads((await pending).data)
         assert body["text"] == "AGAIN" and body["stats"]["draft_instance"] == "draft-b"
-        assert time.monotonic() - t0 < 4, "two missed pings a second apart, then a new dispatch"
+        assert time.monotonic() - t0 < 4, "two missed pings half a second apart, then a new dispatch"
         assert first.jobs[0].session == second.jobs[0].session, "same job, same session: same seeded output"
         assert first.jobs[0] == second.jobs[0]
+
+
+async def test_a_job_whose_draft_died_resumes_after_the_tokens_it_had_committed(nats_server, nc):
+    first = await FakeDraft(nc, "hang", instance="draft-a").start()
+    first.generated = [11, 12, 13]
+    async with scheduler(nats_server.url):
+        pending = asyncio.ensure_future(
+            nc.request(
+                "draftwire.prompts", b'{"id": "r1", "prompt": "again", "max_new_tokens": 8}', timeout=10
+            )
+        )
+        await asyncio.wait_for(first.received.wait(), 5)
+        await _until(lambda: _pinged(first), what="a session ping that reports progress")
+        second = await FakeDraft(nc, instance="draft-b").start()
+        await first.die()
+        assert json.loads((await pending).data)["stats"]["draft_instance"] == "draft-b"
+        assert first.jobs[0].resume == () and second.jobs[0].resume == (11, 12, 13)
+        assert replace(second.jobs[0], resume=()) == first.jobs[0]
+
+
+async def _pinged(draft) -> bool:
+    return draft.pings > 0
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ({"generated": [1, 2, 3]}, (1, 2, 3)),
+        ({"generated": []}, ()),
+        ({"round": 1}, None),
+        ({"generated": [1, -2]}, None),
+        ({"generated": [1, True]}, None),
+        ({"generated": list(range(9))}, None),  # more than max_new_tokens
+        ({"generated": "123"}, None),
+        ([1, 2], None),
+    ],
+)
+def test_session_progress_takes_only_a_well_formed_token_list(answer, expected):
+    assert session_progress(msgpack.packb(answer), 8) == expected
+    assert session_progress(b"\xc1 not msgpack", 8) is None
 
 
 async def test_a_stopped_scheduler_hands_its_job_over_and_the_next_one_attaches_to_the_draft(nats_server, nc):
@@ -504,6 +559,162 @@ async def test_only_the_scheduler_that_creates_the_delivered_key_replies(nats_se
 
 def _params() -> SamplingParams:
     return SamplingParams()
+
+
+# --- reply safety: one reply, one run ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lost", [1, STORE_TRIES], ids=["one-puback-lost", "every-puback-lost"])
+async def test_a_job_stored_despite_lost_pubacks_is_answered_exactly_once(nats_server, nc, lost):
+    draft = await FakeDraft(nc, "hold").start()
+    replies = await _results(nc, "_INBOX.lossy")
+    results = await _results(nc, SUBJECTS.results("pa"))
+    async with scheduler(nats_server.url) as sched:
+        real, msg_ids = sched.js.publish, []
+
+        async def lossy(subject, payload=b"", **kw):
+            ack = await real(subject, payload, **kw)
+            if subject.startswith("draftwire.jobs."):
+                msg_ids.append(kw["headers"]["Nats-Msg-Id"])
+                if len(msg_ids) <= lost:
+                    raise nats.errors.TimeoutError  # stored, but the PubAck never came
+            return ack
+
+        sched.js.publish = lossy
+        await nc.publish("draftwire.prompts", b'{"id": "pa", "prompt": "once"}', reply="_INBOX.lossy")
+        if lost == STORE_TRIES:  # given up: claimed, then answered; the stored job must stay silent
+            body = json.loads((await asyncio.wait_for(replies.get(), 5)).data)
+            assert body["error"]["code"] == "unavailable"
+            draft.release.set()
+        else:
+            await _until(lambda: _stored(nc, 1), what="the job stored")
+            draft.release.set()
+            assert json.loads((await asyncio.wait_for(replies.get(), 5)).data)["text"] == "ONCE"
+        await _jobs_empty(nc)
+        await asyncio.sleep(0.5)
+        assert replies.empty() and results.qsize() == 1, "exactly one reply, and one copy on results.<id>"
+        assert len(msg_ids) == min(lost + 1, STORE_TRIES) and len(set(msg_ids)) == 1, msg_ids
+        info = await nc.jetstream().stream_info(JOBS_STREAM)
+        assert info.state.last_seq == 1 and info.config.duplicate_window == 120, "every try stored it once"
+
+
+async def test_a_redelivered_submission_makes_the_same_job_and_is_answered_once(nats_server, nc):
+    draft = await FakeDraft(nc).start()
+    js = nc.jetstream()
+    await ensure_submit_stream(js)
+    await ensure_jobs_stream(js)
+    results = await _results(nc, SUBJECTS.results("sub1"))
+    await js.publish(SUBJECTS.submit, b'{"id": "sub1", "prompt": "once"}')
+    (submission,) = await (await submit_subscription(js)).fetch(1, timeout=2)  # the scheduler never sees it
+    async with scheduler(nats_server.url) as sched:
+        await sched._take_submission(submission)
+        assert json.loads((await asyncio.wait_for(results.get(), 5)).data)["text"] == "ONCE"
+        await _jobs_empty(nc)
+        await sched._take_submission(submission)  # delivered again (its ack was lost): the same job, deduped
+        await asyncio.sleep(1.0)
+        assert results.empty() and len(draft.jobs) == 1
+        meta = submission.metadata
+        assert draft.jobs[0].session == submission_session(meta.sequence.stream, meta.timestamp)
+
+
+def test_a_submission_session_is_the_same_at_every_delivery_and_unique_per_submission():
+    t = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    one = submission_session(7, t)
+    assert one == submission_session(7, t) and len(one) == 32 and int(one, 16) >= 0
+    assert one != submission_session(8, t), "another submission"
+    assert one != submission_session(7, t + timedelta(microseconds=1)), "a recreated stream reusing seq 7"
+
+
+async def test_a_failing_results_copy_never_turns_into_a_second_reply(nats_server, nc, monkeypatch):
+    replies = await _results(nc, "_INBOX.answer")
+    real = bus.publish
+
+    async def flaky(client, subject, payload, headers=None):
+        if subject.startswith("draftwire.results."):
+            raise nats.errors.ConnectionClosedError
+        await real(client, subject, payload, headers)
+
+    monkeypatch.setattr(bus, "publish", flaky)
+    async with scheduler(nats_server.url):
+        bad = json.dumps({"id": "bad-2", "prompt": "x", "top_p": 7}).encode()
+        await nc.publish("draftwire.prompts", bad, reply="_INBOX.answer")
+        msg = await asyncio.wait_for(replies.get(), 5)
+        assert json.loads(msg.data)["error"]["code"] == "bad_param"
+        await asyncio.sleep(0.5)
+        assert replies.empty(), "nats.micro answered the handler's exception with a second reply"
+
+
+async def test_a_queued_cancel_whose_answer_fails_is_answered_when_the_job_is_fetched(nats_server, nc):
+    draft = await FakeDraft(nc, "hold").start()
+    async with scheduler(nats_server.url, "--max-inflight", "1") as sched:
+        running = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "r2", "prompt": "a"}', timeout=8)
+        )
+        await asyncio.wait_for(draft.received.wait(), 5)
+        queued = asyncio.ensure_future(
+            nc.request("draftwire.prompts", b'{"id": "q2", "prompt": "b"}', timeout=8)
+        )
+        await _until(lambda: _stored(nc, 2), what="the second job stored")
+        real, failed = sched.delivered.create, []
+
+        async def flaky(key, value):
+            if not failed:
+                failed.append(key)
+                raise nats.errors.TimeoutError  # the KV bucket did not answer this once
+            return await real(key, value)
+
+        sched.delivered.create = flaky
+        await nc.publish(SUBJECTS.cancel("q2"), b"")
+        await _until(lambda: _true(failed), what="the cancel's failed answer")
+        draft.release.set()
+        assert json.loads((await running).data)["text"] == "A"
+        assert json.loads((await queued).data)["error"]["code"] == "cancelled", "the job was kept, not lost"
+        await _jobs_empty(nc)
+        assert [j.id for j in draft.jobs] == ["r2"]
+
+
+async def _true(value) -> bool:
+    return bool(value)
+
+
+async def test_a_draft_that_finishes_just_before_the_first_ping_is_not_run_again(
+    nats_server, nc, monkeypatch
+):
+    async with scheduler(nats_server.url):
+        pass  # the streams
+    draft = await FakeDraft(nc, "hold").start()
+    job = GenerateJob("race", "p", _params(), SpecParams(), session="cd" * 16, deadline=time.time() + 30)
+    await nc.request(SUBJECTS.draft_start, job.encode(), timeout=2)  # a draft runs it; its scheduler died
+    replies = await _results(nc, "_INBOX.race")
+    await nc.jetstream().publish(SUBJECTS.jobs("race"), JobRecord(job, "_INBOX.race", time.time()).encode())
+    real = Scheduler._stored_result
+
+    async def racing(self, w):  # the draft finishes right after the scheduler's first look for the result
+        body = await real(self, w)
+        if body is None and not draft.release.is_set():
+            draft.release.set()
+            await _until(lambda: _true(draft.finished), what="the draft to finish")
+        return body
+
+    monkeypatch.setattr(Scheduler, "_stored_result", racing)
+    async with scheduler(nats_server.url):
+        assert json.loads((await asyncio.wait_for(replies.get(), 5)).data)["text"] == "P"
+        await _jobs_empty(nc)
+    assert len(draft.jobs) == 1, "dispatched again although the result was there"
+
+
+async def test_a_job_whose_reply_was_claimed_already_is_acked_without_running(nats_server, nc):
+    draft = await FakeDraft(nc).start()
+    async with scheduler(nats_server.url) as sched:
+        replies = await _results(nc, "_INBOX.claimed")
+        job = GenerateJob("gone", "p", _params(), SpecParams(), session="ef" * 16, deadline=time.time() + 30)
+        await sched.delivered.create(job.session, b"intake")  # say the intake gave up and answered for it
+        await nc.jetstream().publish(
+            SUBJECTS.jobs("gone"), JobRecord(job, "_INBOX.claimed", time.time()).encode()
+        )
+        await _jobs_empty(nc)
+        await asyncio.sleep(0.3)
+        assert draft.jobs == [] and replies.empty()
 
 
 # --- processes ----------------------------------------------------------------------------------------------

@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--local", action="store_true", help="run in-process instead of through the NATS services")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, stats")
     gen.add_argument("--nats", default=None, help="NATS URL of a running stack (default nats://127.0.0.1:4222)")
-    gen.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the result")
+    gen.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds to wait for the result, sent as the request's timeout_s (its deadline); "
+                     "Ctrl-C cancels the request")
     add_link_flag(gen)
     add_model_flags(gen)
     add_generation_flags(gen)

@@ -7,6 +7,7 @@ It speaks only the public contract (a JSON request on `draftwire.prompts`, the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import uuid
@@ -53,10 +54,16 @@ async def ask(nc, body: dict, timeout: float, on_text=None) -> dict:
                 on_text(chunk.get("text", ""))
 
         sub = await nc.subscribe(SUBJECTS.stream(body["id"]), cb=on_chunk)
+    body = {**body, "timeout_s": timeout}  # the work stops when the client stops waiting
     try:
         msg = await nc.request(SUBJECTS.prompts, json.dumps(body).encode(), timeout=timeout)
         await asyncio.sleep(0)  # let the last stream chunks run their callbacks
         return json.loads(msg.data)
+    except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C: stop the generation too, not only the wait
+        with contextlib.suppress(Exception):
+            await nc.publish(SUBJECTS.cancel(body["id"]), b"")
+            await nc.flush(timeout=1)
+        raise
     finally:
         if sub is not None:
             await sub.unsubscribe()

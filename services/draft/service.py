@@ -44,6 +44,7 @@ from shared.core.draft_session import DraftSession
 from shared.core.params import ParamError
 from shared.core.prompt_request import GenerateJob, RequestError, encode_reply, error_body
 from shared.core.protocol import CloseSession
+from shared.core.rejection_sampling import NonFinite
 from shared.core.round_stats import RoundStats
 from shared.core.speculation import RemoteError, new_session, speculate
 from shared.io import bus
@@ -211,9 +212,10 @@ async def start(ctx: ServiceContext) -> None:
                                              f"{target.model} has {target.vocab_size}")
         run.session = session = new_session(
             model, model, target.eos_token_ids, target.vocab_size, run.prompt_ids, job.params, job.spec,
-            job.session, job.deadline,
+            job.session, job.deadline, job.resume,
         )
         text = TextStream(model.decode)
+        text.push(list(job.resume))  # already streamed by the run that died: deltas continue after it
 
         async def on_round(rs: RoundStats, new: list[int]) -> None:
             event = {"type": "round", "request_id": job.id, "mode": job.spec.mode, "gamma": rs.drafted,
@@ -250,11 +252,12 @@ async def start(ctx: ServiceContext) -> None:
         job = run.job
         try:
             target = directory.cached_target()
-            if target is None:  # no verifier described the target at start: wait for one, then check again
+            if target is None:  # no verifier described the target at start: wait for one
                 give_up = job.deadline or time.time() + min(args.verifier_wait, NO_DEADLINE_WAIT_S)
                 target = await run.unless_stopped(directory.target(give_up))
-                if message := context_error(len(run.prompt_ids), job.params.max_new_tokens, drafter(job), target):
-                    return error_body("context_length_exceeded", message, job.id)
+            # again here: the start reply may have been sent before the target's limit was known
+            if message := context_error(len(run.prompt_ids), job.params.max_new_tokens, drafter(job), target):
+                return error_body("context_length_exceeded", message, job.id)
             await run.unless_stopped(slots.acquire())
             try:
                 return await generate(run, target, link)
@@ -266,6 +269,8 @@ async def start(ctx: ServiceContext) -> None:
             if exc.code not in STOP_CODES:  # the edge refused: what we know of it may be stale
                 directory.drop_target()
             return partial(run, exc.code, exc.message)
+        except NonFinite as exc:
+            return partial(run, exc.code, str(exc))
         except (ParamError, ValueError) as exc:
             return partial(run, "bad_request", str(exc))
         except Exception as exc:
@@ -300,7 +305,8 @@ async def start(ctx: ServiceContext) -> None:
                 body = await execute(run, link)
                 stats = body.setdefault("stats", {})
                 stats.update(draft_instance=ctx.instance, verifier_instances=link.instances,
-                             seed=job.params.seed, session=job.session, failovers=link.failovers)
+                             seed=job.params.seed, session=job.session, failovers=link.failovers,
+                             resumed_tokens=len(job.resume))
                 with contextlib.suppress(Exception):  # best effort: the verifier's LRU is the backstop
                     await ctx.nc.publish(SUBJECTS.sessions_close, CloseSession(job.session).encode())
                 await publish(SUBJECTS.events_request, {
@@ -350,17 +356,28 @@ async def start(ctx: ServiceContext) -> None:
         if prompt_ids is None or job.session in runs:  # (a twin start may have won while we tokenized)
             await req.respond(msgpack.packb(reply))
             return
-        run = runs[job.session] = Run(job, prompt_ids)
+        run = Run(job, prompt_ids)
 
         async def on_session_ping(msg) -> None:
+            # `generated` lets the scheduler resume the job after what is committed, should this instance die
             if msg.reply:
-                await msg.respond(msgpack.packb({"instance": ctx.instance, "round": run.round}))
+                generated = run.session.generated if run.session is not None else list(job.resume)
+                await msg.respond(msgpack.packb({"instance": ctx.instance, "round": run.round,
+                                                 "generated": generated}))
 
         async def on_cancel(_msg) -> None:
             run.cancelled.set()
 
-        run.subs = [await ctx.nc.subscribe(SUBJECTS.draft_session(job.session), cb=on_session_ping),
-                    await ctx.nc.subscribe(SUBJECTS.cancel(job.id), cb=on_cancel)]
+        try:
+            run.subs.append(await ctx.nc.subscribe(SUBJECTS.draft_session(job.session), cb=on_session_ping))
+            run.subs.append(await ctx.nc.subscribe(SUBJECTS.cancel(job.id), cb=on_cancel))
+        except nats.errors.Error as exc:  # a run that cannot be watched or cancelled must not be accepted
+            for sub in run.subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            await req.respond(msgpack.packb(error_body("unavailable", f"cannot watch the run: {exc}", job.id)))
+            return
+        runs[job.session] = run
         run.task = asyncio.create_task(lifecycle(run, extract_context(req.headers)))
         await req.respond(msgpack.packb(reply))
 

@@ -28,12 +28,11 @@ from shared.core.backoff import Backoff
 from shared.core.protocol import Verdict, VerifyRequest, decode_any
 from shared.core.speculation import RemoteError
 from shared.io import bus
-from shared.io.bus import INSTANCE_HEADER, SUBJECTS
+from shared.io.bus import INSTANCE_HEADER, SERVICE_ERROR_HEADER, SUBJECTS
 
 log = logging.getLogger("draftwire.draft")
 
 VERIFIER_SERVICE = "draftwire-verifier"
-SERVICE_ERROR_HEADER = "Nats-Service-Error"
 PING_EVERY_S = 0.5  # liveness ping of the addressed verifier while a round is in flight
 PING_TIMEOUT_S = 1.0  # a ping that times out is not proof of death: the verify timeout decides then
 DISCOVERY_WAIT_S = 0.5  # for the first discovery reply ("no responders" comes at once)

@@ -4,28 +4,37 @@ Intake. `draftwire.prompts` is a micro endpoint in queue group `schedulers`, so 
 request gets "no responders" at once. The handler parses and validates (bad input is answered at once),
 gives the job a fresh session id and an absolute deadline, and stores it with its reply subject on
 `draftwire.jobs.<id>` in DRAFTWIRE_JOBS, waiting for the PubAck; a second job with an id still in flight is
-refused by the stream (one message per subject) and answered `duplicate_id`. The handler never waits for a
-generation. Fire-and-forget prompts (`js.publish` to `draftwire.submit`, stream DRAFTWIRE_SUBMIT) become jobs
-the same way, with no reply subject; their results and errors go to `draftwire.results.<id>` only.
+refused by the stream (one message per subject) and answered `duplicate_id`. A publish whose PubAck does not
+come may have stored the job all the same: it is retried a few times with the same `Nats-Msg-Id:
+job-<session>` (the stream stores it once), and if every try fails the handler claims the job's reply (the
+delivered key, below) before it answers `unavailable`, so a job stored after all never answers too. The
+handler never waits for a generation. Fire-and-forget prompts (`js.publish` to `draftwire.submit`, stream
+DRAFTWIRE_SUBMIT) become jobs the same way, with no reply subject and a session id derived from the
+submission's stream sequence, so a redelivered submission makes the same job and the jobs stream drops the
+copy; their results and errors go to `draftwire.results.<id>` only.
 
 Work. All schedulers pull from one durable consumer with a short ack_wait, send in-progress acks every
-second while working, and hold at most `--max-inflight` jobs each. For a job: a result already in
-DRAFTWIRE_DONE is delivered; a draft still running the session (its session subject answers) is followed;
-otherwise the job goes to `draftwire.draft.start`, retried with backoff while no draft instance exists
-(`no_draft` at the deadline). While it runs the scheduler pings the session every second; "no responders"
-twice means the draft died, and the same job (same session; seeded rounds give the same output) is
-dispatched again. A scheduler killed mid-job stops heartbeating, and JetStream hands the job to another
-one, which resumes it the same way. Past the deadline plus a grace with no result: `deadline_exceeded`.
+second while working, and hold at most `--max-inflight` jobs each. For a job: one whose reply was claimed
+already is only acked; a result already in DRAFTWIRE_DONE is delivered; a draft still running the session
+(its session subject answers) is followed; otherwise the job goes to `draftwire.draft.start`, retried with
+backoff while no draft instance exists (`no_draft` at the deadline). While it runs the scheduler pings the
+session every half second; "no responders" twice in a row (about a second) means the draft died, and the
+same job (same session, resuming after the tokens the last ping reported) is dispatched again. Every
+dispatch first looks for the result once more, so a draft that finished just before its session went quiet
+is not run again. A scheduler killed mid-job stops heartbeating, and JetStream hands the job to another one,
+which resumes it the same way. Past the deadline plus a grace with no result: `deadline_exceeded`.
 
 One reply. Before replying, a scheduler creates key `<session>` in the KV bucket DRAFTWIRE_DELIVERED; one
 that cannot (the key exists) only acks. The reply goes to the stored reply subject and to
 `draftwire.results.<id>`, then the ack deletes the job and frees the id. A scheduler killed between the
-create and the publish loses that reply: at most one reply, never two.
+create and the publish loses that reply: at most one reply, never two. Publishing a reply never raises (the
+micro endpoint would answer the exception with a second reply).
 
-Cancel. `draftwire.cancel.<id>` ends a job that is queued or waiting for a draft at once (`cancelled`); a
-running job is stopped by its draft, whose done message carries `cancelled` and the partial text (if none
-comes within a few seconds the scheduler replies `cancelled` itself). Cancels are remembered for a while,
-so a job fetched after its cancel is answered without running.
+Cancel. `draftwire.cancel.<id>` ends a job that is queued or waiting for a draft at once (`cancelled`; a
+queued job is answered through the delivered key, then deleted); a running job is stopped by its draft,
+whose done message carries `cancelled` and the partial text (if none comes within a few seconds the
+scheduler replies `cancelled` itself). Cancels are remembered for a while, so a job fetched after its cancel
+is answered without running.
 """
 
 from __future__ import annotations
@@ -33,12 +42,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 import msgpack
 import nats.errors
@@ -61,6 +72,7 @@ from shared.core.params import (
 )
 from shared.core.prompt_request import (
     REPLY_CONTENT_TYPES,
+    GenerateJob,
     JobRecord,
     PromptRequest,
     RequestError,
@@ -75,7 +87,9 @@ from shared.io.bus import (
     JOBS_CONSUMER,
     JOBS_STREAM,
     ROOT,
+    SERVICE_ERROR_HEADER,
     SUBJECTS,
+    SUBMIT_STREAM,
     ensure_delivered_bucket,
     ensure_done_stream,
     ensure_jobs_stream,
@@ -91,13 +105,12 @@ from shared.io.service_shell import ServiceContext, env, env_float, env_int, reg
 log = logging.getLogger("draftwire.scheduler")
 
 SESSIONS_SUBJECT = f"{ROOT}.scheduler.sessions"
-ACK_WAIT_S = 4.0  # JetStream hands a job to another scheduler this long after its holder stopped heartbeating
-HEARTBEAT_S = 1.0  # in-progress acks while working, well inside ACK_WAIT_S
-MAX_ACK_PENDING = 1024  # jobs in flight across all schedulers
+HEARTBEAT_S = 1.0  # in-progress acks while working, well inside bus.JOBS_ACK_WAIT_S
 FETCH_S = 1.0  # one pull request's lifetime
-PUBLISH_TIMEOUT_S = 5.0  # waiting for a PubAck
+PUBLISH_TIMEOUT_S = 2.0  # waiting for a PubAck
+STORE_TRIES = 3  # publishes of one job (same Nats-Msg-Id, so JetStream stores it once) before giving up
 START_TIMEOUT_S = 5.0  # the draft answers `draftwire.draft.start` at once; longer means it may not have it
-PING_S = 1.0  # liveness pings of the session subject while the draft runs it
+PING_S = 0.5  # liveness pings of the session subject while the draft runs it
 PING_TIMEOUT_S = 0.5
 DEAD_AFTER = 2  # consecutive "no responders" before the job is dispatched again
 DEADLINE_GRACE_S = 3.0  # the draft enforces the deadline and reports; this long after it we answer ourselves
@@ -105,7 +118,6 @@ CANCEL_GRACE_S = 3.0  # a running job's draft reports its cancel (with the parti
 CLOCK_SLACK_S = 1.0  # a cancel applies to jobs accepted up to this long after it (clocks of two hosts)
 DELIVERED_MARGIN_S = 15 * 60.0
 JS_LIMIT_EXCEEDED = 10077  # a stream refused a message: per subject (a duplicate id) or in total (full)
-SERVICE_ERROR_HEADER = "Nats-Service-Error"
 
 
 def build_parser():
@@ -186,6 +198,33 @@ def start_outcome(data: bytes, headers: Mapping[str, str] | None, request_id: st
     )
 
 
+def job_msg_id(session: str) -> str:
+    """The jobs stream's dedupe key: every publish of one job carries it, so JetStream stores the job once."""
+    return f"job-{session}"
+
+
+def submission_session(stream_seq: int, stored_at: datetime) -> str:
+    """The session id of the job made from one fire-and-forget submission, the same at every delivery.
+
+    A redelivered submission (its ack was lost, or its scheduler died after storing the job) thus makes the
+    same job: the jobs stream drops it as a duplicate (same `job-<session>` message id), and past the dedupe
+    window the delivered key and the stored result still name it. The stored time keeps a recreated stream,
+    whose sequence numbers start over, from reusing the ids of an old one.
+    """
+    key = f"{SUBMIT_STREAM}:{stream_seq}:{stored_at.isoformat()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def store_refusal(exc: nats.js.errors.APIError, request_id: str) -> dict:
+    """The body for a job JetStream refused to store (the refusal is an answer: nothing was stored)."""
+    if exc.err_code == JS_LIMIT_EXCEEDED and "per subject" in (exc.description or ""):
+        message = f"a request with id {request_id!r} is in flight; wait for its result or use another id"
+        return error_body("duplicate_id", message, request_id)
+    if exc.err_code == JS_LIMIT_EXCEEDED:
+        return error_body("overloaded", "the job queue is full; retry later", request_id)
+    return error_body("unavailable", f"could not store the job: {exc.description or exc!r}", request_id)
+
+
 class RecentCancels:
     """Cancels seen lately, bounded and expiring, so a job fetched after its cancel never runs.
 
@@ -225,11 +264,25 @@ class Work:
     cancelled_at: float | None = None  # monotonic
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    progress: tuple[int, ...] = ()  # tokens the draft running it had committed at its last session ping
 
     def cancel(self) -> None:
         if self.cancelled_at is None:
             self.cancelled_at = time.monotonic()
         self.cancel_event.set()
+
+
+def session_progress(data: bytes, max_new_tokens: int) -> tuple[int, ...] | None:
+    """The committed tokens in a draft's session-ping answer; None when the answer carries none usable."""
+    try:
+        generated = msgpack.unpackb(data, raw=False).get("generated")
+    except Exception:  # noqa: BLE001 - msgpack raises a zoo; an unreadable answer just carries no progress
+        return None
+    if not isinstance(generated, list) or len(generated) > max_new_tokens:
+        return None
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in generated):
+        return None
+    return tuple(generated)
 
 
 def sessions_snapshot(work: list[Work], now: float, wall: float) -> list[dict]:
@@ -270,15 +323,20 @@ class Scheduler:
         self._subs: list = []
 
     async def start(self) -> None:
-        await ensure_jobs_stream(self.js, ack_wait=ACK_WAIT_S, max_ack_pending=MAX_ACK_PENDING)
+        await ensure_jobs_stream(self.js)
         await ensure_submit_stream(self.js)
         await ensure_done_stream(self.js)
         self.delivered = await ensure_delivered_bucket(self.js, ttl=2 * self.timeout + DELIVERED_MARGIN_S)
         jobs, submits = await jobs_subscription(self.js), await submit_subscription(self.js)
         self._subs = [jobs, submits, await self.nc.subscribe(SUBJECTS.cancel_all, cb=self._on_cancel)]
         self._tasks = [
-            asyncio.create_task(self._pull_loop(jobs), name="scheduler-jobs"),
-            asyncio.create_task(self._submit_loop(submits), name="scheduler-submit"),
+            asyncio.create_task(
+                self._fetch_loop(jobs, self._admit, what="jobs", slots=self.slots), name="scheduler-jobs"
+            ),
+            asyncio.create_task(
+                self._fetch_loop(submits, self._take_submission, what="submissions", batch=16),
+                name="scheduler-submit",
+            ),
         ]
 
     async def stop(self) -> None:
@@ -307,51 +365,63 @@ class Scheduler:
             body = error_body(exc.code, str(exc), exc.request_id)
             await self._answer(body, exc.format or "json", reply, exc.request_id)
             return
-        if (body := await self._enqueue(parsed, fmt, reply, headers)) is not None:
-            # duplicate_id goes to the requester only: results.<id> belongs to the job already running
-            duplicate = body["error"]["code"] == "duplicate_id"
-            await self._answer(body, fmt, reply, None if duplicate else parsed.id)
+        record = self._record(parsed, fmt, reply)
+        body, maybe_stored = await self._store(record, headers)
+        if body is None:
+            return
+        if maybe_stored and not await self._claim_quietly(record.job):
+            return  # the job may be stored after all, and it is (or will be) its scheduler's to answer
+        # duplicate_id goes to the requester only: results.<id> belongs to the job already running
+        duplicate = body["error"]["code"] == "duplicate_id"
+        await self._answer(body, fmt, reply, None if duplicate else parsed.id)
 
-    async def _enqueue(
-        self, req: PromptRequest, fmt: str, reply: str | None, headers: Mapping[str, str]
-    ) -> dict | None:
-        """Store the job; None once JetStream confirmed it, else the error body to answer with."""
+    def _record(
+        self, req: PromptRequest, fmt: str, reply: str | None, session: str | None = None
+    ) -> JobRecord:
+        """The job record for an accepted request; `session` pins the session id (else a fresh one)."""
         now = time.time()
-        job = build_job(req, fmt, self.defaults, now=now, max_timeout=self.timeout)
-        record = JobRecord(job, reply, now)
-        trace = inject_headers(None, extract_context(headers))  # the worker's span joins the user's trace
-        try:
-            await self.js.publish(
-                SUBJECTS.jobs(job.id), record.encode(), timeout=PUBLISH_TIMEOUT_S, headers=trace or None
-            )
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == JS_LIMIT_EXCEEDED and "per subject" in (exc.description or ""):
-                message = f"a request with id {job.id!r} is in flight; wait for its result or use another id"
-                return error_body("duplicate_id", message, job.id)
-            if exc.err_code == JS_LIMIT_EXCEEDED:
-                return error_body("overloaded", "the job queue is full; retry later", job.id)
-            return error_body("unavailable", f"could not store the job: {exc.description or exc!r}", job.id)
-        except (TimeoutError, nats.errors.Error) as exc:
-            return error_body("unavailable", f"could not store the job: {exc!r}", job.id)
-        return None
+        pinned = {} if session is None else {"new_session": lambda: session}
+        job = build_job(req, fmt, self.defaults, now=now, max_timeout=self.timeout, **pinned)
+        return JobRecord(job, reply, now)
 
-    async def _submit_loop(self, sub) -> None:
-        while not self.stopping:
+    async def _store(self, record: JobRecord, headers: Mapping[str, str]) -> tuple[dict | None, bool]:
+        """Store the job: (None, True) once JetStream confirmed it, else (the error body, whether it may be
+        stored all the same).
+
+        A publish whose PubAck did not come may have stored the job all the same, so it is tried again with
+        the same `Nats-Msg-Id` (JetStream stores one job whatever the number of tries), STORE_TRIES times
+        at most. "Maybe stored" tells the caller that the job could still run and answer.
+        """
+        job = record.job
+        # the worker's span joins the user's trace
+        msg_headers = inject_headers({"Nats-Msg-Id": job_msg_id(job.session)}, extract_context(headers))
+        maybe_stored, failure = False, ""
+        backoff = Backoff(initial=0.1, cap=1.0)
+        for attempt in range(STORE_TRIES):
+            if attempt:
+                await asyncio.sleep(backoff.next())
             try:
-                msgs = await sub.fetch(16, timeout=FETCH_S)
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - reconnects, consumer errors: keep pulling
-                log.warning("fetching submissions failed: %r; retrying", exc)
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
-                await self._take_submission(msg)
+                await self.js.publish(
+                    SUBJECTS.jobs(job.id), record.encode(), timeout=PUBLISH_TIMEOUT_S, headers=msg_headers
+                )
+                return None, True
+            except nats.js.errors.APIError as exc:  # an answer: this try stored nothing
+                return store_refusal(exc, job.id), maybe_stored
+            except nats.js.errors.NoStreamResponseError as exc:  # nobody took the message
+                failure = repr(exc)
+            except (TimeoutError, nats.errors.Error) as exc:  # it may have been stored
+                maybe_stored, failure = True, repr(exc)
+            log.warning(
+                "job %s: storing it failed (try %d of %d): %s", job.id, attempt + 1, STORE_TRIES, failure
+            )
+        return error_body("unavailable", f"could not store the job: {failure}", job.id), maybe_stored
 
     async def _take_submission(self, msg: Msg) -> None:
-        """A fire-and-forget prompt becomes a job; acked once stored or answered, kept while jobs are full."""
+        """A fire-and-forget prompt becomes a job; acked once stored or answered, kept while jobs are full.
+
+        The job's session comes from the submission's place in its stream, so a redelivered submission
+        makes the same job, which the jobs stream then stores once (see `submission_session`).
+        """
         headers = msg.headers or {}
         try:
             req, fmt = parse_prompt(msg.data, headers)
@@ -363,7 +433,9 @@ class Scheduler:
             )
             await _quietly(msg.ack())
             return
-        body = await self._enqueue(req, fmt, None, headers)
+        meta = msg.metadata
+        record = self._record(req, fmt, None, submission_session(meta.sequence.stream, meta.timestamp))
+        body, _ = await self._store(record, headers)  # maybe stored: the retry is deduplicated
         if body is None:
             await _quietly(msg.ack())
         elif body["error"]["code"] == "duplicate_id":
@@ -374,48 +446,82 @@ class Scheduler:
             await _quietly(msg.nak(delay=1.0))
 
     async def _answer(self, body: dict, fmt: str, reply: str | None, request_id: str | None) -> None:
-        """Publish a reply to the requester (if any) and to `results.<id>` (if the id is known)."""
-        data = encode_reply(body, fmt)
-        if len(data) > self.nc.max_payload:
-            message = f"result is {len(data)} bytes, over the server's max_payload {self.nc.max_payload}"
-            data = encode_reply(error_body("oversize", message, request_id), fmt)
-        headers = {"Content-Type": REPLY_CONTENT_TYPES[fmt]}
-        if reply:
-            await bus.publish(self.nc, reply, data, headers)
-        if request_id:
-            await bus.publish(self.nc, SUBJECTS.results(request_id), data, headers)
+        """Publish a reply to the requester (if any) and to `results.<id>` (if the id is known).
 
-    async def _deliver_once(self, record: JobRecord, body: dict) -> bool:
-        """Reply unless another scheduler already did for this session (the KV create decides)."""
-        job = record.job
+        Never raises: it runs inside the micro handler, which would answer an exception with a second reply
+        (a 500) to the same inbox, and after the delivered key, where a retry must not follow either.
+        """
+        try:
+            data = encode_reply(body, fmt)
+            if len(data) > self.nc.max_payload:
+                message = f"result is {len(data)} bytes, over the server's max_payload {self.nc.max_payload}"
+                data = encode_reply(error_body("oversize", message, request_id), fmt)
+            headers = {"Content-Type": REPLY_CONTENT_TYPES[fmt]}
+            subjects = [s for s in (reply, request_id and SUBJECTS.results(request_id)) if s]
+        except Exception:  # nobody can be answered with what we cannot encode
+            log.exception("could not encode the reply to request %s", request_id)
+            return
+        for subject in subjects:
+            try:
+                await bus.publish(self.nc, subject, data, headers)
+            except Exception as exc:  # noqa: BLE001 - a closed or slow connection: this copy is lost
+                log.warning("could not publish the reply to request %s on %s: %r", request_id, subject, exc)
+
+    async def _claim(self, job: GenerateJob) -> bool:
+        """Create the delivered key `<session>`: True for the one scheduler that may answer the job, False
+        for every other (the key exists). Other errors (JetStream away) raise: nobody may answer yet."""
         try:
             await self.delivered.create(job.session, self.instance.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
             log.info("job %s (session %s) was answered already; not replying again", job.id, job.session)
             return False
-        await self._answer(body, job.format, record.reply, job.id)
+        return True
+
+    async def _claim_quietly(self, job: GenerateJob) -> bool:
+        try:
+            return await self._claim(job)
+        except Exception as exc:  # noqa: BLE001 - at most one reply: unsure means no reply
+            log.error("job %s: could not claim its reply (%r); not answering", job.id, exc)
+            return False
+
+    async def _deliver_once(self, record: JobRecord, body: dict) -> bool:
+        """Reply unless another scheduler already did for this session (the KV create decides)."""
+        if not await self._claim(record.job):
+            return False
+        await self._answer(body, record.job.format, record.reply, record.job.id)
+        return True
+
+    async def _answered(self, job: GenerateJob) -> bool:
+        """Whether the job's reply was claimed already (by the intake that gave up storing it, or by an
+        earlier holder): such a job is acked without running. Unsure means no: the claim decides later."""
+        try:
+            await self.delivered.get(job.session)
+        except Exception:  # noqa: BLE001 - KeyNotFoundError, or JetStream away
+            return False
         return True
 
     # --- work ---------------------------------------------------------------------------------------------
 
-    async def _pull_loop(self, sub) -> None:
+    async def _fetch_loop(self, sub, handle, *, what: str, batch: int = 1, slots=None) -> None:
+        """Pull messages and hand each to `handle` until stopped. With `slots` (then batch 1), a slot is taken
+        before each fetch and a fetched message owns it (its handler releases it)."""
         while not self.stopping:
-            await self.slots.acquire()
+            if slots is not None:
+                await slots.acquire()
             try:
-                msgs = await sub.fetch(1, timeout=FETCH_S)
-            except TimeoutError:
-                self.slots.release()
-                continue
-            except asyncio.CancelledError:
-                self.slots.release()
-                raise
-            except Exception as exc:  # noqa: BLE001 - reconnects, consumer errors: keep pulling
-                self.slots.release()
-                log.warning("fetching jobs failed: %r; retrying", exc)
+                msgs = await sub.fetch(batch, timeout=FETCH_S)
+            except BaseException as exc:
+                if slots is not None:
+                    slots.release()
+                if isinstance(exc, TimeoutError):
+                    continue
+                if not isinstance(exc, Exception):  # cancelled: stop
+                    raise
+                log.warning("fetching %s failed: %r; retrying", what, exc)  # reconnects, consumer errors
                 await asyncio.sleep(1.0)
                 continue
             for msg in msgs:
-                await self._admit(msg)
+                await handle(msg)
 
     async def _admit(self, msg: Msg) -> None:
         """Start working on a delivered job; the work owns the slot the fetch took."""
@@ -462,13 +568,17 @@ class Scheduler:
                         "draftwire.format": job.format,
                     }
                 )
-                body = await self._outcome(w)
-                if isinstance(error := body.get("error"), dict):
-                    code = str(error.get("code", "error"))
-                    span.set_status(Status(StatusCode.ERROR, code))
-                    span.set_attribute("draftwire.error", code)
-                w.state = "delivering"
-                await self._deliver_once(w.record, body)
+                if await self._answered(job):  # say the intake gave up storing it, and answered for it
+                    log.info("job %s (session %s) was answered already; acking it unrun", job.id, job.session)
+                    span.set_attribute("draftwire.answered_already", True)
+                else:
+                    body = await self._outcome(w)
+                    if isinstance(error := body.get("error"), dict):
+                        code = str(error.get("code", "error"))
+                        span.set_status(Status(StatusCode.ERROR, code))
+                        span.set_attribute("draftwire.error", code)
+                    w.state = "delivering"
+                    await self._deliver_once(w.record, body)
             await self._ack(w)
         except asyncio.CancelledError:
             if not w.acked:
@@ -493,16 +603,16 @@ class Scheduler:
         job = w.record.job
         done = await self.nc.subscribe(SUBJECTS.done(job.session))  # before any dispatch: no result slips by
         try:
-            if (body := await self._stored_result(w)) is not None:
+            if (body := await self._finished(w, done)) is not None:
                 return body
-            if await self._ping(job.session):  # a cancel of a running job is its draft's to report
+            if await self._ping(w):  # a cancel of a running job is its draft's to report
                 log.info("job %s: attaching to the draft still running session %s", job.id, job.session)
                 w.state = "running"
             elif w.cancelled_at is not None:
                 return _cancelled(job.id)
             elif time.time() > job.deadline:
                 return error_body("deadline_exceeded", "the deadline passed before the job ran", job.id)
-            elif (body := await self._dispatch(w)) is not None:
+            elif (body := await self._dispatch(w, done)) is not None:
                 return body
             return await self._follow(w, done)
         finally:
@@ -521,21 +631,30 @@ class Scheduler:
                 return _cancelled(job.id)
             if time.time() > job.deadline + DEADLINE_GRACE_S:
                 return error_body("deadline_exceeded", "no result from the draft by the deadline", job.id)
-            alive = await self._ping(job.session)
+            alive = await self._ping(w)
             misses = misses + 1 if alive is False else 0
             if misses < DEAD_AFTER:
                 continue
-            if (body := await self._stored_result(w)) is not None:
-                return body
             log.warning(
-                "job %s: the draft running session %s is gone; dispatching again", job.id, job.session
+                "job %s: the draft running session %s stopped answering; dispatching again after %d tokens",
+                job.id,
+                job.session,
+                len(w.progress),
             )
-            if (body := await self._dispatch(w)) is not None:
+            w.record = replace(w.record, job=replace(job, resume=w.progress))
+            if (body := await self._dispatch(w, done)) is not None:
                 return body
             misses = 0
 
-    async def _dispatch(self, w: Work) -> dict | None:
-        """Hand the job to a draft instance; None once one took it, else the body to reply with."""
+    async def _dispatch(self, w: Work, done) -> dict | None:
+        """Hand the job to a draft instance; None once one took it, else the body to reply with.
+
+        First a last look for the result: a draft that finished just before its session stopped answering
+        (the ping that found "no responders") has published it, and running the job again would waste a
+        generation.
+        """
+        if (body := await self._finished(w, done)) is not None:
+            return body
         job = w.record.job
         payload = job.encode()
         backoff = Backoff(initial=0.1, cap=1.0)
@@ -559,14 +678,28 @@ class Scheduler:
             w.state = "running"
             return start_outcome(msg.data, msg.headers, job.id)
 
-    async def _ping(self, session: str) -> bool | None:
-        """True: a draft runs the session; False: nobody does ("no responders"); None: no answer in time."""
+    async def _finished(self, w: Work, done) -> dict | None:
+        """The session's result if there is one already: a done message received, or one stored."""
+        if done.pending_msgs:
+            msg = await done.next_msg(timeout=0.1)
+            return draft_result(msg.data, msg.headers, w.record.job.id)
+        return await self._stored_result(w)
+
+    async def _ping(self, w: Work) -> bool | None:
+        """True: a draft runs the session; False: nobody does ("no responders"); None: no answer in time.
+
+        A live draft's answer carries the tokens it has committed, kept in `w.progress` so that a job whose
+        draft dies resumes after them rather than starting over.
+        """
         try:
-            await self.nc.request(SUBJECTS.draft_session(session), b"", timeout=PING_TIMEOUT_S)
+            msg = await self.nc.request(
+                SUBJECTS.draft_session(w.record.job.session), b"", timeout=PING_TIMEOUT_S
+            )
         except nats.errors.NoRespondersError:
             return False
         except TimeoutError:
             return None
+        w.progress = session_progress(msg.data, w.record.job.params.max_new_tokens) or w.progress
         return True
 
     async def _stored_result(self, w: Work) -> dict | None:
@@ -601,7 +734,11 @@ class Scheduler:
             task.add_done_callback(self._side_tasks.discard)
 
     async def _cancel_queued(self, request_id: str, now: float) -> None:
-        """A job nobody has fetched yet: the scheduler that deletes it from the stream answers `cancelled`."""
+        """A job nobody has fetched yet: whoever claims its reply answers `cancelled`, then deletes the job.
+
+        Answer first: a job deleted unanswered would be lost if the answer failed, while a job answered but
+        not deleted (say JetStream went away) is fetched later, remembered as cancelled, and only acked.
+        """
         try:
             raw = await self.js.get_last_msg(JOBS_STREAM, SUBJECTS.jobs(request_id))
             delivered = (await self.js.consumer_info(JOBS_STREAM, JOBS_CONSUMER)).delivered.stream_seq
@@ -610,11 +747,14 @@ class Scheduler:
             record = JobRecord.decode(raw.data)
             if not self.cancels.applies(request_id, record.accepted_at, now):
                 return
-            await self.js.delete_msg(JOBS_STREAM, raw.seq)  # exactly one scheduler succeeds
-        except (nats.js.errors.Error, nats.errors.Error, RequestError, TimeoutError, ValueError):
-            return  # not there any more, another scheduler won, or JetStream is away: the holder decides
-        log.info("job %s cancelled while queued", request_id)
-        await self._deliver_once(record, _cancelled(request_id))
+            if not await self._deliver_once(record, _cancelled(request_id)):
+                return  # another scheduler answered it
+            log.info("job %s cancelled while queued", request_id)
+            await self.js.delete_msg(JOBS_STREAM, raw.seq)
+        except (nats.js.errors.NotFoundError, RequestError, ValueError):
+            return  # not there any more, or not a job we can read: the holder decides
+        except Exception as exc:  # noqa: BLE001 - JetStream away: a job still queued is answered when fetched
+            log.warning("cancelling queued job %s: %r", request_id, exc)
 
     # --- introspection ------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 
 import msgpack
+import numpy as np
 
 from shared.core.params import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -26,7 +27,7 @@ from shared.core.params import (
     SamplingParams,
     SpecParams,
 )
-from shared.io.bus import validate_token
+from shared.core.subject_names import validate_token
 
 MAX_PROMPT_BYTES = 256 * 1024
 MAX_REQUEST_BYTES = MAX_PROMPT_BYTES + 16 * 1024  # room for the other fields of a JSON/msgpack request
@@ -318,7 +319,9 @@ def _valid_token(value: str) -> bool:
 
 # --- the scheduler -> draft job ---------------------------------------------------------------------------
 
-_JOB_KEYS = frozenset({"id", "prompt", "params", "spec", "stream", "format", "session", "deadline"})
+_JOB_KEYS = frozenset({"id", "prompt", "params", "spec", "stream", "format", "session", "deadline", "resume"})
+MAX_RESUME_TOKENS = 1 << 18  # a resumed job's generated tokens travel as 4 bytes each
+MAX_JOB_BYTES = MAX_REQUEST_BYTES + 4 * MAX_RESUME_TOKENS
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,10 @@ class GenerateJob:
     format: str = "json"
     session: str = ""  # the generation's own id (never the user's `id`): keys the verifier's KV cache
     deadline: float = 0.0  # unix seconds after which the work stops with `deadline_exceeded`; 0 = none
+    # Tokens an earlier run of this session already committed (its draft died): the next run continues after
+    # them instead of starting over. Seeded per position, the continuation is the one the lost run would have
+    # made (greedy always; sampled whenever the draft length does not depend on timing).
+    resume: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -345,6 +352,7 @@ class GenerateJob:
                 "format": self.format,
                 "session": self.session,
                 "deadline": self.deadline,
+                "resume": np.asarray(self.resume, dtype="<u4").tobytes(),
             }
         )
 
@@ -357,8 +365,8 @@ class GenerateJob:
 def _decode_job(data: bytes) -> GenerateJob:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise RequestError("bad_request", f"a job must be bytes, got {type(data).__name__}")
-    if len(data) > MAX_REQUEST_BYTES:
-        raise RequestError("oversize", f"job is {len(data)} bytes; the limit is {MAX_REQUEST_BYTES}")
+    if len(data) > MAX_JOB_BYTES:
+        raise RequestError("oversize", f"job is {len(data)} bytes; the limit is {MAX_JOB_BYTES}")
     try:
         obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=False)
     except Exception as exc:  # noqa: BLE001 - any msgpack failure is the sender's
@@ -385,7 +393,14 @@ def _decode_job(data: bytes) -> GenerateJob:
         message = f"job deadline must be unix seconds >= 0, got {deadline!r}"
         raise RequestError("bad_request", message, request_id=rid)
     params, spec = _params(SamplingParams, obj["params"], rid), _params(SpecParams, obj["spec"], rid)
-    return GenerateJob(rid, prompt, params, spec, stream, fmt, session, float(deadline))
+    resume = obj["resume"]
+    if not isinstance(resume, bytes) or len(resume) % 4:
+        raise RequestError("bad_request", "job resume must be little-endian uint32 token ids", request_id=rid)
+    if len(resume) // 4 > params.max_new_tokens:
+        message = f"job resumes {len(resume) // 4} tokens, more than max_new_tokens {params.max_new_tokens}"
+        raise RequestError("bad_request", message, request_id=rid)
+    resume_ids = tuple(int(t) for t in np.frombuffer(resume, dtype="<u4"))
+    return GenerateJob(rid, prompt, params, spec, stream, fmt, session, float(deadline), resume_ids)
 
 
 def _params(cls, value: object, rid: str):

@@ -635,10 +635,6 @@ class ErrorReply(_Message):
     session: str | None = None
     request_id: str | None = None
 
-    @classmethod
-    def from_error(cls, err: ProtocolError, session: str | None = None, request_id: str | None = None):
-        return cls(err.code, err.message, session, request_id)
-
     def _normalized(self) -> ErrorReply:
         return ErrorReply(
             code=_as_str(self.code, "code"),
@@ -705,14 +701,6 @@ def decode_any(data: bytes) -> Message:
     """Decode whichever message `data` holds (by its type tag); ProtocolError for anything malformed."""
     obj = _unpack(data)
     return _TYPES[obj["t"]]._from_wire(obj)
-
-
-def is_error(data: bytes) -> bool:
-    """True iff `data` is a valid ErrorReply (cheap dispatch for clients awaiting a Verdict)."""
-    try:
-        return isinstance(decode_any(data), ErrorReply)
-    except ProtocolError:
-        return False
 
 
 def payload_bytes(msg: Message) -> int:

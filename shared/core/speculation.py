@@ -18,7 +18,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -249,9 +249,11 @@ def new_session(
     spec: SpecParams,
     session_id: str | None = None,
     deadline: float = 0.0,
+    resume: Sequence[int] = (),
 ) -> DraftSession:
     """A generation on the device. `eos_ids` and `vocab_size` are the target's (in a service: learnt from the
-    verifier), never the draft's: stopping is part of the target's distribution. `deadline`: unix seconds."""
+    verifier), never the draft's: stopping is part of the target's distribution. `deadline`: unix seconds.
+    `resume`: tokens an earlier run of this session committed; the verifier is opened with them as history."""
     if spec.mode != "ar" and draft is None:
         raise ParamError(f"mode {spec.mode!r} needs a draft model")
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -264,6 +266,7 @@ def new_session(
         eos_ids=eos_ids,
         vocab_size=vocab_size,
         deadline=deadline,
+        resumed=list(resume),
     )
 
 

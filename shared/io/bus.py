@@ -33,6 +33,7 @@ from opentelemetry import propagate
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
+from shared.core.subject_names import validate_token
 from shared.io.nats_server import is_reachable
 
 log = logging.getLogger(__name__)
@@ -46,29 +47,13 @@ DONE_STREAM = "DRAFTWIRE_DONE"
 DELIVERED_BUCKET = "DRAFTWIRE_DELIVERED"
 VERIFY_QUEUE = "verifiers"
 INSTANCE_HEADER = "Draftwire-Instance"  # verifier replies name their instance: the device sticks to it
-_BAD_TOKEN = re.compile(r"[\s.*>]")
-_MAX_TOKEN = 256
-
-
-def validate_token(value: str, what: str = "id") -> str:
-    """Return `value` if it is usable as one NATS subject token, else raise a ValueError that says why."""
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
-    if len(value) > _MAX_TOKEN:
-        raise ValueError(f"{what} is longer than {_MAX_TOKEN} characters: {value[:40]!r}...")
-    if bad := _BAD_TOKEN.search(value):
-        raise ValueError(
-            f"{what} {value!r} is not a valid NATS subject token: contains {bad.group()!r} "
-            "(whitespace, '.', '*' and '>' are not allowed)"
-        )
-    return value
+SERVICE_ERROR_HEADER = "Nats-Service-Error"  # nats.micro's error reply (with Nats-Service-Error-Code)
 
 
 @dataclass(frozen=True)
 class Subjects:
     """The subject map. Fixed subjects are fields; per-id subjects are methods that validate the id."""
 
-    all: str = f"{ROOT}.>"
     prompts: str = f"{ROOT}.prompts"  # micro endpoint, queue group `schedulers` (request/reply)
     submit: str = f"{ROOT}.submit"  # JetStream, fire-and-forget; results on `results.<id>`
     cancel_all: str = f"{ROOT}.cancel.*"
@@ -81,7 +66,6 @@ class Subjects:
     events_round: str = f"{ROOT}.events.round"
     events_request: str = f"{ROOT}.events.request"
     events_all: str = f"{ROOT}.events.>"
-    streams_all: str = f"{ROOT}.stream.*"
 
     def stream(self, request_id: str) -> str:
         return f"{ROOT}.stream.{validate_token(request_id, 'request id')}"
@@ -206,6 +190,9 @@ async def publish(nc: Client, subject: str, payload: bytes, headers: dict[str, s
 # what it uses at start, in any order.
 
 JOBS_MAX_AGE_S = 24 * 3600.0  # far beyond any request timeout: a job leaves the queue by its ack, not by age
+JOBS_ACK_WAIT_S = 4.0  # a job goes to another scheduler this long after its holder stopped heartbeating
+JOBS_MAX_ACK_PENDING = 1024  # jobs in flight across all schedulers
+JOBS_DUPLICATE_WINDOW_S = 120.0  # a job publish retried (same Nats-Msg-Id) within this is stored once
 DONE_MAX_AGE_S = 15 * 60.0
 
 
@@ -221,8 +208,9 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 async def ensure_jobs_stream(
     js: JetStreamContext,
     *,
-    ack_wait: float = 4.0,
-    max_ack_pending: int = 1024,
+    ack_wait: float = JOBS_ACK_WAIT_S,
+    max_ack_pending: int = JOBS_MAX_ACK_PENDING,
+    duplicate_window: float = JOBS_DUPLICATE_WINDOW_S,
     max_msgs: int = 100_000,
     max_bytes: int = 1 << 30,
     storage: StorageType = StorageType.FILE,
@@ -233,7 +221,10 @@ async def ensure_jobs_stream(
     deletes it. One message per subject with "discard new per subject": while a job with id X is in flight, a
     second `js.publish` to `draftwire.jobs.X` is refused (err_code 10077, "maximum messages per subject
     exceeded"), which is how the scheduler detects a duplicate id. A full stream is refused with the same
-    code ("maximum messages exceeded"): the intake answers that as overloaded.
+    code ("maximum messages exceeded"): the intake answers that as overloaded. Each job is published with
+    `Nats-Msg-Id: job-<session>`, so a publish retried after a lost PubAck (or a fire-and-forget submission
+    turned into a job twice) is stored once within `duplicate_window`; the dedupe is checked before the
+    per-subject limit, so such a retry gets a PubAck (duplicate), never a `duplicate_id`.
 
     ack_wait is short: a scheduler that works on a job sends in-progress acks every second, so one that
     died hands its jobs to another within seconds. max_deliver is unlimited because every job carries its
@@ -251,6 +242,7 @@ async def ensure_jobs_stream(
             max_msgs_per_subject=1,
             discard=DiscardPolicy.NEW,
             discard_new_per_subject=True,
+            duplicate_window=duplicate_window,
             max_msgs=max_msgs,
             max_bytes=max_bytes,
             max_age=JOBS_MAX_AGE_S,

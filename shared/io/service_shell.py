@@ -137,16 +137,18 @@ async def _serve(name: str, args: argparse.Namespace, start: StartFn) -> None:
         await ctx.stopping.wait()
         log.info("stopping")
     finally:
-        for cleanup in reversed(ctx.cleanups):
-            try:
-                await cleanup()
-            except Exception:
-                log.exception("cleanup failed")
+        # Endpoints first, so nothing new arrives (and fails) while the service takes itself apart: a round
+        # or job sent now finds another instance, or "no responders", instead of a half-stopped one.
         for svc in ctx.services:
             try:
                 await svc.stop()
             except Exception:
                 log.exception("stopping micro service failed")
+        for cleanup in reversed(ctx.cleanups):
+            try:
+                await cleanup()
+            except Exception:
+                log.exception("cleanup failed")
         if not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), 5)

@@ -41,10 +41,6 @@ def is_cached(sha256: str) -> bool:
     return (model_dir(sha256) / MARKER).is_file()
 
 
-def read_marker(path: Path) -> dict:
-    return json.loads((path / MARKER).read_text())
-
-
 @contextlib.contextmanager
 def locked(key: str) -> Iterator[None]:
     """Exclusive inter-process lock for one cache key (blocks until the holder is done)."""

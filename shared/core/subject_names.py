@@ -1,0 +1,26 @@
+"""What may stand in one NATS subject token: request ids, session ids and instance names become subject tokens.
+
+Pure, so the request parser in the core can check ids where they enter, with the same rule and message the
+subject builders in `shared.io.bus` use.
+"""
+
+from __future__ import annotations
+
+import re
+
+_BAD_TOKEN = re.compile(r"[\s.*>]")
+_MAX_TOKEN = 256
+
+
+def validate_token(value: str, what: str = "id") -> str:
+    """Return `value` if it is usable as one NATS subject token, else raise a ValueError that says why."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > _MAX_TOKEN:
+        raise ValueError(f"{what} is longer than {_MAX_TOKEN} characters: {value[:40]!r}...")
+    if bad := _BAD_TOKEN.search(value):
+        raise ValueError(
+            f"{what} {value!r} is not a valid NATS subject token: contains {bad.group()!r} "
+            "(whitespace, '.', '*' and '>' are not allowed)"
+        )
+    return value
