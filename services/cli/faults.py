@@ -160,6 +160,11 @@ async def _pass(stack, prompts: list[dict], args, phase: Phase) -> None:
                 phase.skipped_kills += 1
                 continue
             serving = await _serving(nc, stack, service, live, rounds)
+            for _ in range(10):  # a prompt that has not reported its first round yet: wait for it a little
+                if serving or not live:
+                    break
+                await asyncio.sleep(0.1)
+                serving = await _serving(nc, stack, service, live, rounds)
             oldest = sorted(serving, key=lambda rid: live[rid].started)
             key = serving[oldest[0]] if oldest else keys[n % len(keys)]
             n += 1
