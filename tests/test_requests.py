@@ -392,7 +392,7 @@ def test_build_job_resolves_defaults_and_sets_session_and_deadline():
     )
     assert (job.session, job.deadline) == ("s" * 32, 107.0)
     a, b = (build_job(PromptRequest("p", "i"), "text", defaults, now=0.0, max_timeout=60.0) for _ in range(2))
-    assert a.session != b.session and len(a.session) == 32 and a.deadline == 60.0
+    assert a.session != b.session and len(a.session) == 16 and a.deadline == 60.0
 
 
 def test_job_record_round_trip_and_strict_decode():

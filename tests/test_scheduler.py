@@ -124,7 +124,7 @@ async def test_plain_text_request_gets_the_json_result_and_results_subject_a_cop
         assert published.subject == SUBJECTS.results(body["id"]) and json.loads(published.data) == body
         (job,) = draft.jobs
         assert job.id == body["id"] and job.format == "text" and (job.spec.gamma, job.spec.k) == (4, 8)
-        assert len(job.session) == 32 and job.session != job.id and int(job.session, 16) >= 0
+        assert len(job.session) == 16 and job.session != job.id and int(job.session, 16) >= 0
         assert t0 + 600 - 1 < job.deadline < time.time() + 600, "default timeout: --request-timeout"
         await _jobs_empty(nc)
 
@@ -315,7 +315,7 @@ async def test_a_job_waits_for_a_draft_instance_to_appear(nats_server, nc):
         assert (
             session["id"] == "patient" and session["state"] == "waiting_for_draft" and session["age_s"] > 0.5
         )
-        assert 590 < session["deadline_in_s"] <= 600 and len(session["session"]) == 32
+        assert 590 < session["deadline_in_s"] <= 600 and len(session["session"]) == 16
         assert [s["id"] for s in await _sessions(nc, f"{SESSIONS_SUBJECT}.sched-wait")] == ["patient"]
         draft = await FakeDraft(nc).start()
         assert json.loads((await pending).data)["text"] == "WAIT" and len(draft.jobs) == 1
@@ -620,7 +620,7 @@ async def test_a_redelivered_submission_makes_the_same_job_and_is_answered_once(
 def test_a_submission_session_is_the_same_at_every_delivery_and_unique_per_submission():
     t = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
     one = submission_session(7, t)
-    assert one == submission_session(7, t) and len(one) == 32 and int(one, 16) >= 0
+    assert one == submission_session(7, t) and len(one) == 16 and int(one, 16) >= 0
     assert one != submission_session(8, t), "another submission"
     assert one != submission_session(7, t + timedelta(microseconds=1)), "a recreated stream reusing seq 7"
 

@@ -72,6 +72,7 @@ from shared.core.params import (
 )
 from shared.core.prompt_request import (
     REPLY_CONTENT_TYPES,
+    SESSION_ID_HEX,
     GenerateJob,
     JobRecord,
     PromptRequest,
@@ -212,7 +213,7 @@ def submission_session(stream_seq: int, stored_at: datetime) -> str:
     whose sequence numbers start over, from reusing the ids of an old one.
     """
     key = f"{SUBMIT_STREAM}:{stream_seq}:{stored_at.isoformat()}"
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+    return hashlib.sha256(key.encode()).hexdigest()[:SESSION_ID_HEX]
 
 
 def store_refusal(exc: nats.js.errors.APIError, request_id: str) -> dict:

@@ -422,8 +422,11 @@ def fresh_seed() -> int:
     return secrets.randbelow(2**63)
 
 
+SESSION_ID_HEX = 16  # 64 random bits: no collision among live sessions, and it crosses the radio link every round
+
+
 def new_session_id() -> str:
-    return secrets.token_hex(16)
+    return secrets.token_hex(SESSION_ID_HEX // 2)
 
 
 def resolve_spec(req: PromptRequest, defaults: SpecParams) -> SpecParams:
