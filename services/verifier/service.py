@@ -1,9 +1,11 @@
 """Verifier (edge): holds the target model and one KV cache per session, answers verify requests.
 
-First contact arrives on `draftwire.verify` in the `verifiers` queue group, so any instance can take a new
-session; every reply carries this instance's name in the `Draftwire-Instance` header and the device then
-sticks to `draftwire.verify.<instance>` (session affinity keeps the KV cache warm). Whatever arrives is
-handled by `shared.core.speculation.verify_bytes`, the same function the in-process engine calls; a bad message gets an
+Every instance serves `draftwire.verify.<instance>` and, in the `verifiers` queue group, `draftwire.verify`.
+Devices find instances through micro discovery (`$SRV.PING.draftwire-verifier`), address one directly so its
+KV cache stays warm, and ping its micro service while a round is in flight, so a dead instance is left at once
+(`services/draft/verifier_link.py`); the queue group is the fallback when none is known. Every reply names
+this instance in the `Draftwire-Instance` header. Whatever arrives is handled by
+`shared.core.speculation.verify_bytes`, the same function the in-process engine calls; a bad message gets an
 `ErrorReply`, never an exception that could stop the service. Model work runs in one worker thread so the
 event loop keeps answering pings and other sessions' messages while the target computes.
 
