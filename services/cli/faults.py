@@ -1,4 +1,4 @@
-"""`draftwire faults`: greedy prompts through the real services while one kind of service is killed on a schedule.
+"""`draftwire faults`: greedy prompts through the real services while one kind of service is killed repeatedly.
 
 The acceptance test of the sessions design (docs/sessions.md), run as a benchmark rather than a unit test
 because it takes minutes: a fault-free pass gives each prompt's reference output and latency, then one pass per

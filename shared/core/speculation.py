@@ -1,9 +1,9 @@
 """The speculation loop, shared by the in-process engine and the draft service.
 
-`speculate` drives one `DraftSession`: draft a block, encode it, hand the bytes to an `EdgeTransport`, decode the
-verdict, commit. The link is the only thing that differs between deployments: `InProcessEdge` calls a
+`speculate` drives one `DraftSession`: draft a block, encode it, hand the bytes to an `EdgeTransport`, decode
+the verdict, commit. The transport is the only thing that differs between deployments: `InProcessEdge` calls a
 `VerifierCore` in this process (encode and decode still happen, so byte counts are real and the codec runs on
-every token); the draft service's link sends the same bytes over NATS. A verifier that lost the session
+every token); the draft service's `NatsEdge` sends the same bytes over NATS. A verifier that lost the session
 answers `unknown_session` and the loop resends the round with the token history, from which the edge rebuilds
 its cache, so no transport-specific code decides anything about speculation. Every other refusal (a deadline,
 the context length, a bad proposal, non-finite numbers) is final: `RemoteError` with the verifier's code, never
