@@ -263,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench, nats=None, nats_port=0, telemetry_port=0, mode="tkslt", policy="fixed",
                        pipeline=False)
 
-    from services.cli import faults
+    from services.cli import faults, loadtest
 
     faults.add_parser(sub, add_model_flags)
+    loadtest.add_parser(sub, add_model_flags)
 
     models = sub.add_parser("models", help="list or pull the model catalog")
     msub = models.add_subparsers(dest="models_cmd", required=True)
