@@ -44,6 +44,7 @@ from shared.core.draft_session import DraftSession
 from shared.core.params import ParamError
 from shared.core.prompt_request import GenerateJob, RequestError, encode_reply, error_body
 from shared.core.protocol import CloseSession
+from shared.core.race import unless
 from shared.core.rejection_sampling import NonFinite
 from shared.core.round_stats import RoundStats
 from shared.core.speculation import RemoteError, new_session, speculate
@@ -146,19 +147,10 @@ class Run:
 
     async def unless_stopped(self, coro):
         """Await `coro`, abandoning it (Stopped) as soon as a cancel arrives or the deadline passes."""
-        work = asyncio.ensure_future(coro)
-        stop = asyncio.ensure_future(self.until_stopped())
-        try:
-            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if work.done():
-                return work.result()
-            raise Stopped(stop.result())
-        finally:
-            for fut in (work, stop):
-                if not fut.done():
-                    fut.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await fut
+        finished, value = await unless(coro, self.until_stopped())
+        if finished:
+            return value
+        raise Stopped(value)
 
 
 def context_error(n_prompt: int, max_new: int, draft: LoadedModel | None, target: TargetInfo | None) -> str | None:

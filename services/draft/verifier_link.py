@@ -26,6 +26,7 @@ from opentelemetry import trace
 
 from shared.core.backoff import Backoff
 from shared.core.protocol import Verdict, VerifyRequest, decode_any
+from shared.core.race import unless
 from shared.core.speculation import RemoteError
 from shared.io import bus
 from shared.io.bus import INSTANCE_HEADER, SERVICE_ERROR_HEADER, SUBJECTS
@@ -222,21 +223,13 @@ class NatsEdge:
         with self.tracer.start_as_current_span("verify_rpc", kind=trace.SpanKind.CLIENT) as span:
             span.set_attributes({"draftwire.uplink_bytes": len(uplink), "messaging.destination": subject})
             t_send = time.time_ns()
-            rpc = asyncio.ensure_future(bus.request(self.nc, subject, uplink, timeout=self.verify_timeout))
-            watch = asyncio.ensure_future(self._watch(instance)) if instance else None
-            try:
-                if watch is not None:
-                    await asyncio.wait({rpc, watch}, return_when=asyncio.FIRST_COMPLETED)
-                    if not rpc.done():
-                        watch.result()  # re-raises a watch bug rather than hiding it
-                        raise VerifierGone(instance)
+            rpc = bus.request(self.nc, subject, uplink, timeout=self.verify_timeout)
+            if instance is None:
                 msg = await rpc
-            finally:
-                for fut in (rpc, watch):
-                    if fut is not None and not fut.done():
-                        fut.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await fut
+            else:  # the watch only returns once the instance is gone (a bug in it is re-raised, not hidden)
+                answered, msg = await unless(rpc, self._watch(instance))
+                if not answered:
+                    raise VerifierGone(instance)
             self._link_spans(t_send, time.time_ns(), msg.data)
             return msg
 
