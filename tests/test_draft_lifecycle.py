@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from services.draft.service import Run, Stopped, context_error
-from services.draft.verifier_link import TargetInfo
 from shared.core.params import SamplingParams, SpecParams
 from shared.core.prompt_request import GenerateJob
+from shared.core.protocol import TargetInfo
 
 
 def run_with(deadline: float = 0.0) -> Run:

@@ -20,9 +20,9 @@ from services.draft.verifier_link import (
     DISCOVERY_QUIET_S,
     PING_EVERY_S,
     NatsEdge,
-    TargetInfo,
     VerifierDirectory,
 )
+from shared.core.protocol import TargetInfo
 from shared.core.speculation import RemoteError
 from shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect
 from tests.nats_fixtures import *
@@ -157,3 +157,8 @@ async def test_no_verifier_at_all_waits_then_fails(nats_server, nc):
     with pytest.raises(RemoteError) as err:
         await link.exchange(b"round", None)
     assert err.value.code == "no_verifier" and time.monotonic() - t0 < 3.0
+
+
+def test_target_info_round_trips_with_the_instance_s_own_fields():
+    info = TargetInfo("m", 10, (2, 3), 64)
+    assert TargetInfo.decode(info.encode(instance="v", sessions=1, rounds=5)) == info

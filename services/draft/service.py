@@ -37,13 +37,13 @@ import nats.errors
 from nats.micro import Request
 from opentelemetry import trace
 
-from services.draft.verifier_link import NatsEdge, TargetInfo, VerifierDirectory
+from services.draft.verifier_link import NatsEdge, VerifierDirectory
 from shared.core.backoff import Backoff
 from shared.core.draft_length_policy import AdaptiveGamma, CostModel, make_policy
 from shared.core.draft_session import DraftSession
 from shared.core.params import ParamError
 from shared.core.prompt_request import GenerateJob, RequestError, encode_reply, error_body
-from shared.core.protocol import CloseSession
+from shared.core.protocol import CloseSession, TargetInfo
 from shared.core.race import unless
 from shared.core.rejection_sampling import NonFinite
 from shared.core.round_stats import RoundStats

@@ -17,15 +17,13 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
 
-import msgpack
 import nats.errors
 from nats.aio.client import Client
 from opentelemetry import trace
 
 from shared.core.backoff import Backoff
-from shared.core.protocol import Verdict, VerifyRequest, decode_any
+from shared.core.protocol import TargetInfo, Verdict, VerifyRequest, decode_any
 from shared.core.race import unless
 from shared.core.speculation import RemoteError
 from shared.io import bus
@@ -44,29 +42,6 @@ INFO_TIMEOUT_S = 2.0
 
 class VerifierGone(Exception):
     """The addressed verifier's connection is gone (its micro ping has no responders)."""
-
-
-@dataclass(frozen=True)
-class TargetInfo:
-    """The target model as its verifiers describe it on `draftwire.verifier.info`."""
-
-    model: str
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
-    context_length: int
-
-    @classmethod
-    def decode(cls, data: bytes) -> TargetInfo:
-        """ValueError on anything but a well-formed info reply."""
-        try:
-            obj = msgpack.unpackb(data, raw=False)
-            info = cls(str(obj["model"]), int(obj["vocab_size"]), tuple(int(t) for t in obj["eos_token_ids"]),
-                       int(obj["context_length"]))
-        except Exception as exc:  # noqa: BLE001 - msgpack and field errors alike mean "not an info reply"
-            raise ValueError(f"bad verifier info reply: {type(exc).__name__}: {exc}") from None
-        if info.vocab_size < 1 or info.context_length < 1:
-            raise ValueError(f"bad verifier info reply: {info}")
-        return info
 
 
 class VerifierDirectory:
@@ -263,4 +238,4 @@ class NatsEdge:
         self.tracer.start_span("downlink", start_time=t_recv - down_ns).end(end_time=t_recv)
 
 
-__all__ = ["NatsEdge", "TargetInfo", "VerifierDirectory", "VerifierGone"]
+__all__ = ["NatsEdge", "VerifierDirectory", "VerifierGone"]

@@ -22,11 +22,10 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-import msgpack
 from nats.micro import Request
 from opentelemetry import trace
 
-from shared.core.protocol import MAX_MESSAGE_BYTES, ErrorReply
+from shared.core.protocol import MAX_MESSAGE_BYTES, ErrorReply, TargetInfo
 from shared.core.speculation import handle_close, verify_bytes
 from shared.core.verifier_sessions import VerifierCore
 from shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
@@ -51,6 +50,7 @@ async def start(ctx: ServiceContext) -> None:
     args = ctx.args
     model = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False)
     core = VerifierCore(model, max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens)
+    target = TargetInfo(model.name, model.vocab_size, tuple(model.eos_token_ids), model.context_length)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
     ctx.cleanups.append(lambda: asyncio.to_thread(worker.shutdown, True))
     headers = {INSTANCE_HEADER: ctx.instance}
@@ -77,11 +77,7 @@ async def start(ctx: ServiceContext) -> None:
             await req.respond(reply, headers=headers)
 
     async def handle_info(req: Request) -> None:
-        await req.respond(msgpack.packb({
-            "instance": ctx.instance, "model": model.name, "vocab_size": model.vocab_size,
-            "eos_token_ids": list(model.eos_token_ids), "context_length": model.context_length,
-            "sessions": core.sessions, "rounds": rounds,
-        }))
+        await req.respond(target.encode(instance=ctx.instance, sessions=core.sessions, rounds=rounds))
 
     async def on_close(msg) -> None:
         if await loop.run_in_executor(worker, handle_close, core, msg.data) is not None:

@@ -33,6 +33,10 @@ deadline travel together (a session (re)open) with len(history) == base, history
 digest == session_digest.of(history) and 1 <= prompt_len <= base; a deadline without history is refused (it
 must be 0 then: the edge keeps the opening one); proposals may be None only when gamma == 0 or draft_probs is
 sent (DSSD). `digest` is always the digest of the first `base` committed tokens (see session_digest).
+
+`TargetInfo`, the verifier's answer on `draftwire.verifier.info`, is a plain msgpack map outside this envelope
+(asked once per device, not per round): model, vocab_size, eos_token_ids, context_length, plus the answering
+instance's own fields, which a device ignores.
 """
 
 from __future__ import annotations
@@ -733,3 +737,33 @@ def payload_bytes_per_position(k: int, vocab_size: int, quant: str = "f16", gamm
         return VerifyRequest("s-0123456789", 7, 1000, 42 % vocab_size, tokens[:g], block, vocab_size)
 
     return (payload_bytes(request(gamma)) - payload_bytes(request(0))) / gamma
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """The target model as its verifiers describe it on `draftwire.verifier.info`: what a device needs to
+    bound a generation (context length) and stop it (the target's EOS ids). Plain msgpack map, not versioned."""
+
+    model: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    context_length: int
+
+    def encode(self, **extra) -> bytes:
+        """The info reply; `extra` adds the answering instance's own fields (name, live counts)."""
+        return msgpack.packb({"model": self.model, "vocab_size": self.vocab_size,
+                              "eos_token_ids": list(self.eos_token_ids), "context_length": self.context_length,
+                              **extra})
+
+    @classmethod
+    def decode(cls, data: bytes) -> TargetInfo:
+        """ValueError on anything but a well-formed info reply."""
+        try:
+            obj = msgpack.unpackb(data, raw=False)
+            info = cls(str(obj["model"]), int(obj["vocab_size"]), tuple(int(t) for t in obj["eos_token_ids"]),
+                       int(obj["context_length"]))
+        except Exception as exc:  # noqa: BLE001 - msgpack and field errors alike mean "not an info reply"
+            raise ValueError(f"bad verifier info reply: {type(exc).__name__}: {exc}") from None
+        if info.vocab_size < 1 or info.context_length < 1:
+            raise ValueError(f"bad verifier info reply: {info}")
+        return info
