@@ -1,7 +1,8 @@
 """Greedy exactness on real weights: speculative output == the target's own transformers `generate`.
 
-The default suite checks three bench prompts (one chat, one code, one story); `-m slow` runs all of
-`../shared/bench/prompts.jsonl`, and `-m qwen` the Qwen2.5-Coder pair. A token may only differ where the
+The default suite checks one bench prompt (code) with the int8 draft; `-m slow` runs three (one chat, one
+code, one story) with both drafts, and all of `../shared/bench/prompts.jsonl`; `-m qwen` the Qwen2.5-Coder
+pair. A token may only differ where the
 target's float32 logits of the two candidates are a near-tie (|gap| < NEAR_TIE): there a multi-token verify
 forward sums in another order than generate's one-token steps and may flip the argmax legitimately.
 """
@@ -34,6 +35,14 @@ def smollm2():
     return target, drafts
 
 
+def test_greedy_exact_smollm2_one_prompt(smollm2) -> None:
+    target, drafts = smollm2
+    prompts = [p for p in load_prompts(None, 1000) if p["id"] == "p06"] or load_prompts(None, 1)
+    report = run_selfcheck(prompts, target, {"int8": drafts["int8"]}, ["full", "tkslt", "dssd"], 48)
+    _check(report, len(prompts))
+
+
+@pytest.mark.slow
 def test_greedy_exact_smollm2_subset(smollm2) -> None:
     target, drafts = smollm2
     prompts = [p for p in load_prompts(None, 1000) if p["id"] in SUBSET] or load_prompts(None, 3)

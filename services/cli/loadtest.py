@@ -2,9 +2,21 @@
 
 What an edge serving many devices is judged by: aggregate tokens/s against the number of concurrent sessions,
 each session's own tokens/s, time to first token and inter-token latency (from the arrival of streamed chunks
-at the client), and how many requests were refused. Every level starts from an idle stack and sends its N
-requests at once (greedy, exactly `--max-new-tokens` each, prompts cycled from the bench set). Writes
-`DIR/results.json` and `DIR/loadtest.png` (aggregate tokens/s and p99 inter-token latency against N).
+at the client), how many requests were refused, and what the verifier made of the load: target forwards run,
+rows (sessions) per forward and tokens per forward, read from its `draftwire.verifier.info` counters before
+and after each level (None from a verifier that does not count them). Every level starts from an idle stack
+and sends its N requests at once (greedy, exactly `--max-new-tokens` each, prompts cycled from the bench set).
+
+`--check-identical` first serves every prompt the levels use alone, one at a time, and compares each level's
+outputs with those: batching must not change a greedy output, except where float noise flips a near-tie, so
+each mismatch comes with the target's logit gap (top-1 minus top-2) at the first differing position.
+
+`--replay` measures the edge's capacity alone (see services/cli/replay.py): recorded real draft proposals sent
+straight to one verifier for `--replay-seconds` per level; its figures are verified tokens/s, rounds/s and
+round latency, labelled "replay (edge capacity)" wherever they are reported.
+
+Both modes print a capacity ratio (each level's tokens/s over one session's) and write `DIR/results.json` and
+`DIR/loadtest.png` (tokens/s and p99 latency against N).
 """
 
 from __future__ import annotations
@@ -17,8 +29,14 @@ import statistics
 import time
 from pathlib import Path
 
+import msgpack
+
 from services.cli.remote import load_prompts
 from shared.io.bus import SUBJECTS, connect
+
+SERVICES_LABEL = "services (end to end)"
+REPLAY_LABEL = "replay (edge capacity)"
+VERIFIER_COUNTERS = ("forwards", "batch_rows", "forward_tokens", "busy")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -58,8 +76,112 @@ def level_summary(n: int, wall_s: float, runs: list[dict]) -> dict:
     }
 
 
-async def _one(nc, rid: str, prompt: str, args) -> dict:
-    run = {"tokens": 0, "started": time.monotonic(), "finished": 0.0, "chunks": [], "error": None}
+def replay_summary(n: int, wall_s: float, tally) -> dict:
+    """One replay level's figures from its `shared.core.replay.ReplayTally`."""
+    return {
+        "sessions": n,
+        "replayed_sessions": tally.sessions,
+        "completed": tally.completed,
+        "stopped": dict(tally.stopped),
+        "divergences": list(tally.divergences),
+        "busy": tally.busy,
+        "rounds": tally.rounds,
+        "verified_tokens": tally.tokens,
+        "wall_s": wall_s,
+        "verified_tokens_per_s": tally.tokens / wall_s if wall_s > 0 else 0.0,
+        "rounds_per_s": tally.rounds / wall_s if wall_s > 0 else 0.0,
+        "round_p50_s": percentile(tally.latencies, 50),
+        "round_p99_s": percentile(tally.latencies, 99),
+    }
+
+
+def verifier_figures(before: dict | None, after: dict | None) -> dict:
+    """What the verifier did during a level, from its info counters before and after: forwards, rows per
+    forward (batch occupancy), tokens per forward, its `busy` refusals; its queue now and token budget. A
+    figure is None where the verifier does not report the counter (an older verifier) or ran no forward."""
+    def delta(key: str) -> int | None:
+        a, b = (before or {}).get(key), (after or {}).get(key)
+        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or b < a:
+            return None
+        return int(b - a)
+
+    forwards, rows, tokens = delta("forwards"), delta("batch_rows"), delta("forward_tokens")
+    per_forward = (lambda x: None if x is None or not forwards else x / forwards)
+    now = after or {}
+    return {
+        "verifier_forwards": forwards,
+        "batch_occupancy": per_forward(rows),
+        "tokens_per_forward": per_forward(tokens),
+        "verifier_busy": delta("busy"),
+        "verifier_queue": now.get("queue"),
+        "verifier_budget": now.get("budget"),
+    }
+
+
+def capacity_ratios(rows: list[dict], key: str) -> dict[int, float | None]:
+    """Each level's `key` (tokens/s) over the one-session level's (the first level's if 1 is not run)."""
+    if not rows:
+        return {}
+    base = next((r for r in rows if r["sessions"] == 1), rows[0])[key]
+    return {r["sessions"]: (r[key] / base if base else None) for r in rows}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token sequences differ (a length difference counts at the shorter's
+    end); None if they are equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def find_mismatches(runs: list[dict], alone: dict[int, list[int]]) -> tuple[int, list[dict]]:
+    """Compare every completed run ({id, prompt_index, token_ids, error}) with its prompt's output served
+    alone; returns how many were compared and, per mismatch, the first differing position and tokens."""
+    checked, out = 0, []
+    for r in runs:
+        ref = alone.get(r["prompt_index"])
+        if r["error"] is not None or ref is None:
+            continue
+        checked += 1
+        got = r["token_ids"]
+        pos = first_difference(ref, got)
+        if pos is not None:
+            out.append({"id": r["id"], "prompt_index": r["prompt_index"], "position": pos,
+                        "alone_token": ref[pos] if pos < len(ref) else None,
+                        "got_token": got[pos] if pos < len(got) else None})
+    return checked, out
+
+
+def logit_gap(model, prompt_ids: list[int], prefix: list[int], tokens: tuple[int | None, ...] = (),
+              min_new_tokens: int = 0) -> dict:
+    """The target's next-token logits after `prompt_ids + prefix` (teacher-forced, one sequence alone): top-1
+    minus top-2, and the logit of each of `tokens`. EOS is masked as the verifier masks it before
+    `min_new_tokens`, so the gap is between choices the verifier could make."""
+    import numpy as np
+
+    from shared.core.warpers import mask_eos
+
+    logits = model.new_sequence().next_logits([*prompt_ids, *prefix], 1).numpy().astype(np.float64)
+    logits = mask_eos(logits, model.eos_token_ids, len(prefix), min_new_tokens)[0]
+    top2 = np.argsort(logits)[-2:][::-1]
+    return {"top1": int(top2[0]), "top1_minus_top2": float(logits[top2[0]] - logits[top2[1]]),
+            "logits": {str(t): float(logits[t]) for t in tokens if t is not None}}
+
+
+async def read_verifier_info(nc) -> dict | None:
+    """The verifier's info map (with one verifier, the queue group reaches it); None if it does not answer."""
+    try:
+        msg = await nc.request(SUBJECTS.verifier_info, b"", timeout=10)
+        info = msgpack.unpackb(msg.data, raw=False)
+    except Exception:  # noqa: BLE001 - a figure we cannot read is reported as None, not a failed benchmark
+        return None
+    return info if isinstance(info, dict) else None
+
+
+async def _one(nc, rid: str, prompt_index: int, prompt: str, args) -> dict:
+    run = {"id": rid, "prompt_index": prompt_index, "tokens": 0, "token_ids": [], "started": time.monotonic(),
+           "finished": 0.0, "chunks": [], "error": None}
 
     async def on_chunk(msg) -> None:
         chunk = json.loads(msg.data)
@@ -76,7 +198,8 @@ async def _one(nc, rid: str, prompt: str, args) -> dict:
         if "error" in result:
             run["error"] = str(result["error"].get("code"))
         else:
-            run["tokens"] = len(result["token_ids"])
+            run["token_ids"] = list(result["token_ids"])
+            run["tokens"] = len(run["token_ids"])
     except TimeoutError:
         run["error"] = "no_reply"
     finally:
@@ -85,42 +208,128 @@ async def _one(nc, rid: str, prompt: str, args) -> dict:
     return run
 
 
-async def _loadtest(args) -> int:
+async def _services_levels(args, levels: list[int], prompts: list[str]) -> tuple[list[dict], dict]:
+    """The levels through the whole stack; with --check-identical also each used prompt served alone first."""
     from services.cli.stack import start_stack
 
-    levels = [int(x) for x in args.sessions.split(",") if x]
-    if not levels or min(levels) < 1:
-        raise SystemExit("draftwire loadtest: error: --sessions takes positive integers, e.g. 1,4,16")
-    prompts = load_prompts(args.prompts, 1000)
     stack_args = argparse.Namespace(
         nats=None, nats_port=0, telemetry_port=0, draft_model=args.draft_model, draft_dtype=args.draft_dtype,
         target_model=args.target_model, target_dtype=args.target_dtype, mode=args.mode, gamma=args.gamma,
-        k=args.k, torch_threads=1,
+        k=args.k, torch_threads=1, target_device=getattr(args, "target_device", None),
+        draft_device=getattr(args, "draft_device", None),
     )
     stack = await start_stack(stack_args, quiet=not args.verbose)
-    rows = []
+    rows: list[dict] = []
+    alone: dict[int, list[int]] = {}
     try:
         nc = await connect(stack.url, "draftwire-loadtest")
         try:
+            if args.check_identical:
+                for i in range(min(max(levels), len(prompts))):
+                    run = await _one(nc, f"alone-{i}", i, prompts[i], args)
+                    if run["error"] is None:
+                        alone[i] = run["token_ids"]
+                print(f"  served {len(alone)} prompts alone for --check-identical", flush=True)
             for n in levels:
+                before = await read_verifier_info(nc)
                 t0 = time.monotonic()
-                runs = await asyncio.gather(*(
-                    _one(nc, f"load-{n}-{i}", prompts[i % len(prompts)]["prompt"], args) for i in range(n)
-                ))
-                row = level_summary(n, time.monotonic() - t0, list(runs))
+                runs = list(await asyncio.gather(*(
+                    _one(nc, f"load-{n}-{i}", i % len(prompts), prompts[i % len(prompts)], args) for i in range(n)
+                )))
+                row = {**level_summary(n, time.monotonic() - t0, runs),
+                       **verifier_figures(before, await read_verifier_info(nc))}
+                if args.check_identical:
+                    checked, mismatches = find_mismatches(runs, alone)
+                    row["identical"] = {"checked": checked, "mismatches": len(mismatches), "details": mismatches}
                 rows.append(row)
                 print(f"  {n:>3} sessions: {row['aggregate_tokens_per_s']:.1f} tokens/s aggregate, "
-                      f"{row['completed']}/{n} completed, errors {row['errors']}", flush=True)
+                      f"{row['completed']}/{n} completed, errors {row['errors']}"
+                      + (f", {row['identical']['mismatches']} differ from alone" if args.check_identical else ""),
+                      flush=True)
         finally:
             await nc.close()
     finally:
         await stack.stop()
+    if any(row.get("identical", {}).get("details") for row in rows):
+        await asyncio.to_thread(_add_logit_gaps, args, rows, prompts, alone)
+    extra = {"alone_outputs": {str(i): ids for i, ids in alone.items()}} if args.check_identical else {}
+    return rows, extra
+
+
+def _add_logit_gaps(args, rows: list[dict], prompts: list[str], alone: dict[int, list[int]]) -> None:
+    """Each mismatch's logit gap, from the target loaded here (its tokenizer is the draft's family's)."""
+    from shared.models.runtime import load_model
+
+    target = load_model(args.target_model, args.target_dtype, False, getattr(args, "target_device", "cpu"))
+    for row in rows:
+        for m in row["identical"]["details"]:
+            ref = alone[m["prompt_index"]]
+            m.update(logit_gap(target, target.encode(prompts[m["prompt_index"]]), ref[: m["position"]],
+                               (m["alone_token"], m["got_token"]), args.max_new_tokens))
+
+
+async def _replay_levels(args, levels: list[int], prompts: list[str]) -> tuple[list[dict], dict]:
+    from services.cli import replay
+
+    count = min(args.recordings or max(levels), len(prompts))
+    t0 = time.monotonic()
+    starting = asyncio.ensure_future(replay.start_edge(args, quiet=not args.verbose))  # starts while we record
+    try:
+        recordings = await replay.record(args, prompts[:count])
+    except BaseException:
+        starting.cancel()  # start_edge stops what it started when cancelled; if it had finished, stop it here
+        started = (await asyncio.gather(starting, return_exceptions=True))[0]
+        if not isinstance(started, BaseException):
+            await started.stop()
+        raise
+    rounds = sum(len(r.rounds) for r in recordings)
+    print(f"  recorded {count} sessions ({rounds} rounds) in {time.monotonic() - t0:.1f}s", flush=True)
+    stack = await starting
+    rows = []
+    try:
+        nc = await connect(stack.url, "draftwire-loadtest-replay")
+        try:
+            for n in levels:
+                before = await read_verifier_info(nc)
+                wall, tally = await replay.replay_level(nc, recordings, n, args.replay_seconds)
+                row = {**replay_summary(n, wall, tally), **verifier_figures(before, await read_verifier_info(nc))}
+                rows.append(row)
+                print(f"  {n:>3} replayers: {row['verified_tokens_per_s']:.1f} verified tokens/s, "
+                      f"{row['rounds']} rounds, busy {row['busy']}, stopped {row['stopped']}", flush=True)
+        finally:
+            await nc.close()
+    finally:
+        await stack.stop()
+    recorded = {"recorded_sessions": count, "recorded_rounds": rounds,
+                "recorded_tokens": sum(r.tokens for r in recordings)}
+    return rows, recorded
+
+
+async def _loadtest(args) -> int:
+    levels = [int(x) for x in args.sessions.split(",") if x]
+    if not levels or min(levels) < 1:
+        raise SystemExit("draftwire loadtest: error: --sessions takes positive integers, e.g. 1,4,16")
+    prompts = [p["prompt"] for p in load_prompts(args.prompts, 1000)]
+    label = REPLAY_LABEL if args.replay else SERVICES_LABEL
+    print(f"draftwire loadtest: {label}", flush=True)
+    if args.replay:
+        rows, extra = await _replay_levels(args, levels, prompts)
+        key = "verified_tokens_per_s"
+    else:
+        rows, extra = await _services_levels(args, levels, prompts)
+        key = "aggregate_tokens_per_s"
+    ratios = capacity_ratios(rows, key)
+    for row in rows:
+        row["capacity_ratio"] = ratios[row["sessions"]]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
-    (out / "results.json").write_text(json.dumps({"settings": settings, "levels": rows}, indent=1))
-    _plot(rows, out / "loadtest.png")
-    print(_table(rows))
+    results = {"mode": label, "settings": settings, "levels": rows, "capacity_ratio_of": key, **extra}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _plot(rows, out / "loadtest.png", args.replay)
+    print(_replay_table(rows) if args.replay else _table(rows))
+    print(f"capacity ratio ({key} over 1 session's, {label}): "
+          + ", ".join(f"{n}: {_fmt(r, 2)}x" for n, r in ratios.items()))
     print(f"wrote {out / 'results.json'} and {out / 'loadtest.png'}")
     return 0
 
@@ -131,16 +340,37 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 def _table(rows: list[dict]) -> str:
     head = ("| sessions | completed | aggregate tok/s | session tok/s p50 | TTFT p50 s | TTFT p99 s | ITL p50 s "
-            "| ITL p99 s | busy |")
-    lines = [head, "|" + "---|" * 9]
+            "| ITL p99 s | rows/forward | tokens/forward | busy (client/verifier) | differ from alone |")
+    lines = [f"{SERVICES_LABEL}:", head, "|" + "---|" * 12]
     for r in rows:
+        ident = r.get("identical")
+        differ = "-" if ident is None else f"{ident['mismatches']}/{ident['checked']}"
         lines.append(f"| {r['sessions']} | {r['completed']} | {r['aggregate_tokens_per_s']:.1f} | "
                      f"{_fmt(r['session_tokens_per_s_p50'], 1)} | {_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p99_s'])} "
-                     f"| {_fmt(r['itl_p50_s'])} | {_fmt(r['itl_p99_s'])} | {r['busy']} |")
+                     f"| {_fmt(r['itl_p50_s'])} | {_fmt(r['itl_p99_s'])} | {_fmt(r['batch_occupancy'], 2)} | "
+                     f"{_fmt(r['tokens_per_forward'], 1)} | {r['busy']}/{_opt(r['verifier_busy'])} | "
+                     f"{differ} |")
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _replay_table(rows: list[dict]) -> str:
+    head = ("| sessions | verified tok/s | rounds/s | round p50 s | round p99 s | rows/forward | tokens/forward "
+            "| busy (replayers/verifier) | replayed sessions | stopped early |")
+    lines = [f"{REPLAY_LABEL}:", head, "|" + "---|" * 10]
+    for r in rows:
+        stopped = ", ".join(f"{k} {v}" for k, v in sorted(r["stopped"].items())) or "0"
+        lines.append(f"| {r['sessions']} | {r['verified_tokens_per_s']:.1f} | {r['rounds_per_s']:.1f} | "
+                     f"{_fmt(r['round_p50_s'])} | {_fmt(r['round_p99_s'])} | {_fmt(r['batch_occupancy'], 2)} | "
+                     f"{_fmt(r['tokens_per_forward'], 1)} | {r['busy']}/{_opt(r['verifier_busy'])} | "
+                     f"{r['replayed_sessions']} | {stopped} |")
+    return "\n".join(lines)
+
+
+def _opt(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def _plot(rows: list[dict], path: Path, replay: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,14 +378,22 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r["sessions"] for r in rows]
-    ax.plot(xs, [r["aggregate_tokens_per_s"] for r in rows], "o-", label="aggregate tokens/s")
+    if replay:
+        tokens, p99 = "verified_tokens_per_s", "round_p99_s"
+        labels = ("verified tokens/s", "p99 round latency (s)")
+    else:
+        tokens, p99 = "aggregate_tokens_per_s", "itl_p99_s"
+        labels = ("aggregate tokens/s", "p99 inter-token latency (s)")
+    ax.plot(xs, [r[tokens] for r in rows], "o-", label=labels[0])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent sessions")
     ax.set_ylabel("tokens/s")
     ax2 = ax.twinx()
-    ax2.plot(xs, [r["itl_p99_s"] or 0 for r in rows], "s--", color="tab:red", label="p99 inter-token latency")
-    ax2.set_ylabel("p99 inter-token latency (s)")
-    fig.legend(loc="upper left")
+    ax2.plot(xs, [r[p99] or 0 for r in rows], "s--", color="tab:red", label=labels[1].replace(" (s)", ""))
+    ax2.set_ylabel(labels[1])
+    ax.set_title(f"draftwire loadtest: {REPLAY_LABEL if replay else SERVICES_LABEL}")
+    (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    ax2.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -171,6 +409,16 @@ def add_parser(sub, add_model_flags) -> None:
     p.add_argument("--mode", default="tkslt", help="speculation mode (default tkslt)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (default 4)")
     p.add_argument("--k", type=int, default=8, help="top-K per draft position (default 8)")
+    p.add_argument("--check-identical", action="store_true",
+                   help="serve each prompt alone first and compare every level's outputs with those")
+    p.add_argument("--replay", action="store_true",
+                   help="edge capacity alone: replay recorded draft proposals to one verifier (no --check-identical: "
+                        "it compares every verdict with the recorded one instead)")
+    p.add_argument("--replay-seconds", type=float, default=20.0, help="--replay: seconds per level (default 20)")
+    p.add_argument("--recordings", type=int, default=None,
+                   help="--replay: sessions to record (default: the largest level's, at most the prompt count)")
+    p.add_argument("--verifier-flags", default="",
+                   help="--replay: extra flags for the verifier service, e.g. \"--max-sessions 128\"")
     p.add_argument("--out", default="bench-out/loadtest", help="output directory (default bench-out/loadtest)")
     p.add_argument("--verbose", action="store_true", help="show the services' logs")
     p.set_defaults(func=lambda a: asyncio.run(_loadtest(a)))

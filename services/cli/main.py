@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import sys
 
@@ -26,6 +27,7 @@ from shared.core.params import (
 DEFAULT_DRAFT = ("smollm2-135m", "int8")
 DEFAULT_TARGET = ("smollm2-135m", "fp32")
 DTYPES = ("fp32", "bf16", "int8")
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -34,6 +36,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-dtype", default=DEFAULT_DRAFT[1], choices=DTYPES)
     g.add_argument("--target-model", default=DEFAULT_TARGET[0], help="catalog name, HF dir, .gguf file or hub id")
     g.add_argument("--target-dtype", default=DEFAULT_TARGET[1], choices=DTYPES)
+    for role in ("draft", "target"):
+        key = f"DRAFTWIRE_{role.upper()}_DEVICE"
+        g.add_argument(f"--{role}-device", default=os.environ.get(key, "cpu"), choices=DEVICES,
+                       help=f"where the {role} model runs; auto = cuda when torch sees one (int8: cpu) [{key}]")
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -82,8 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from shared.core.speculation import LocalEngine
     from shared.models.runtime import load_model
 
-    target = load_model(args.target_model, args.target_dtype)
-    draft = load_model(args.draft_model, args.draft_dtype) if spec.mode != "ar" else None
+    target = load_model(args.target_model, args.target_dtype, device=args.target_device)
+    draft = load_model(args.draft_model, args.draft_dtype, device=args.draft_device) if spec.mode != "ar" else None
     result = LocalEngine(target, draft).generate(args.prompt, sampling, spec, link=args.link)
     if args.json:
         out = result.to_dict()

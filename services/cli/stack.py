@@ -97,10 +97,12 @@ def service_args(name: str, args) -> list[str]:
     """Each service's own flags, taken from the shared model/sampling flags of `up`."""
     # device and edge get a core each, as on real hardware (and so they do not oversubscribe a small machine)
     threads = ["--torch-threads", str(getattr(args, "torch_threads", 1))]
-    if name == "verifier":
-        return ["--target-model", args.target_model, "--target-dtype", args.target_dtype, *threads]
-    if name == "draft":
-        return ["--draft-model", args.draft_model, "--draft-dtype", args.draft_dtype, *threads]
+    if name in ("verifier", "draft"):
+        role = "target" if name == "verifier" else "draft"
+        model = [f"--{role}-model", getattr(args, f"{role}_model"), f"--{role}-dtype", getattr(args, f"{role}_dtype")]
+        # callers that build their own args without a device leave it to the service's DRAFTWIRE_<ROLE>_DEVICE
+        device = getattr(args, f"{role}_device", None)
+        return [*model, *([f"--{role}-device", device] if device else []), *threads]
     if name == "scheduler":
         return ["--default-mode", args.mode, "--default-gamma", str(args.gamma), "--default-k", str(args.k),
                 "--default-policy", getattr(args, "policy", "fixed"),

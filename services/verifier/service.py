@@ -7,7 +7,9 @@ KV cache stays warm, and ping its micro service while a round is in flight, so a
 this instance in the `Draftwire-Instance` header. Whatever arrives is handled by
 `shared.core.speculation.verify_bytes`, the same function the in-process engine calls; a bad message gets an
 `ErrorReply`, never an exception that could stop the service. Model work runs in one worker thread so the
-event loop keeps answering pings and other sessions' messages while the target computes.
+event loop keeps answering pings and other sessions' messages while the target computes, and every round
+that arrives meanwhile joins the NEXT forward pass (`Batcher`: continuous batching across sessions, bounded by
+a token budget and a queue; beyond the queue, `busy`).
 
 Besides verifying, every instance answers `draftwire.verifier.info` (queue group `verifiers`) with the target's
 identity (model, vocab size, EOS ids, context length: what the device needs to bound and stop a generation,
@@ -25,8 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from nats.micro import Request
 from opentelemetry import trace
 
+from services.verifier.batcher import Batcher
 from shared.core.protocol import MAX_MESSAGE_BYTES, ErrorReply, TargetInfo
-from shared.core.speculation import handle_close, verify_bytes
+from shared.core.speculation import decode_round, handle_close
 from shared.core.verifier_sessions import VerifierCore
 from shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
 from shared.io.service_shell import ServiceContext, add_model_flags, env_int, register, run, service_parser
@@ -43,21 +46,49 @@ def build_parser():
         "--max-cached-tokens", type=int, default=env_int("MAX_CACHED_TOKENS", 262_144),
         help="KV cache budget over all sessions, in tokens [DRAFTWIRE_MAX_CACHED_TOKENS]",
     )
+    p.add_argument(
+        "--verify-budget", type=int, default=env_int("VERIFY_BUDGET", 128),
+        help="tokens per batched forward pass; beyond it the best draft prefixes are verified "
+             "(TETRIS) [DRAFTWIRE_VERIFY_BUDGET]",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=env_int("MAX_QUEUE", 256),
+        help="rounds waiting for a forward pass; beyond it a round is refused `busy` [DRAFTWIRE_MAX_QUEUE]",
+    )
     return p
 
 
 async def start(ctx: ServiceContext) -> None:
     args = ctx.args
-    model = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False)
+    if args.verify_budget < 1 or args.max_queue < 1:
+        raise SystemExit("verifier: --verify-budget and --max-queue must be >= 1")
+    model = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False, args.target_device)
     core = VerifierCore(model, max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens)
     target = TargetInfo(model.name, model.vocab_size, tuple(model.eos_token_ids), model.context_length)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
     ctx.cleanups.append(lambda: asyncio.to_thread(worker.shutdown, True))
+    batcher = Batcher(core, worker, args.verify_budget, args.max_queue)
+    runner = asyncio.create_task(batcher.run(), name="verify-batches")
+
+    async def stop_runner() -> None:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+    ctx.cleanups.append(stop_runner)
     headers = {INSTANCE_HEADER: ctx.instance}
     loop = asyncio.get_running_loop()
     rounds = 0
 
+    in_flight: set[asyncio.Task] = set()
+
     async def handle(req: Request) -> None:
+        """Return at once: micro awaits a handler before it delivers the subscription's next message, and the
+        rounds that arrive while the model runs must all be waiting for the next forward pass."""
+        task = asyncio.create_task(serve(req))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+
+    async def serve(req: Request) -> None:
         nonlocal rounds
         rounds += 1
         with ctx.tracer.start_as_current_span(
@@ -68,16 +99,20 @@ async def start(ctx: ServiceContext) -> None:
             if len(data) > MAX_MESSAGE_BYTES:
                 reply = ErrorReply(code="oversize", message=f"{len(data)} bytes > {MAX_MESSAGE_BYTES}").encode()
             else:
-                try:
-                    reply = await loop.run_in_executor(worker, verify_bytes, core, data)
-                except Exception as exc:  # a bug must not take the edge down for every other session
-                    log.exception("verification failed")
-                    reply = ErrorReply(code="internal", message=f"{type(exc).__name__}: {exc}").encode()
+                decoded = decode_round(data)
+                reply = decoded if isinstance(decoded, bytes) else await batcher.submit(decoded)
             span.set_attribute("draftwire.downlink_bytes", len(reply))
-            await req.respond(reply, headers=headers)
+            try:
+                await req.respond(reply, headers=headers)
+            except Exception as exc:  # noqa: BLE001 - a closed connection: the device times out and retries
+                log.warning("could not send a verdict: %r", exc)
 
     async def handle_info(req: Request) -> None:
-        await req.respond(target.encode(instance=ctx.instance, sessions=core.sessions, rounds=rounds))
+        await req.respond(target.encode(
+            instance=ctx.instance, sessions=core.sessions, rounds=rounds, forwards=core.forwards,
+            batch_rows=core.batch_rows, forward_tokens=core.forward_tokens, busy=batcher.busy,
+            queue=len(batcher.waiting), budget=batcher.budget,
+        ))
 
     async def on_close(msg) -> None:
         if await loop.run_in_executor(worker, handle_close, core, msg.data) is not None:

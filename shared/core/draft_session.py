@@ -176,7 +176,7 @@ class DraftSession:
             if cancelled():
                 return tokens, rows, False
             context = self.committed + prefix + tokens
-            logits = self._seq.next_logits(context, 1).numpy()
+            logits = self._seq.next_logits(context, 1).cpu().numpy()
             if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
                 # greedy would turn a NaN row into token 0 and sampling into garbage: refuse, never guess
                 raise NonFinite(f"the draft model produced non-finite logits at position {len(context)}")
@@ -216,6 +216,9 @@ class DraftSession:
             )
         if not 0 <= verdict.n_accepted <= len(req.tokens):
             raise BadVerdict(f"verdict accepts {verdict.n_accepted} of {len(req.tokens)} draft tokens")
+        if verdict.considered is not None and not verdict.n_accepted <= verdict.considered <= len(req.tokens):
+            # under a budget the edge verifies a prefix; the tokens after it are simply not committed
+            raise BadVerdict(f"verdict considered {verdict.considered} of {len(req.tokens)} draft tokens")
         rows = self._rows.get(req.round)
         extra = int(verdict.token)
         if verdict.residual is None:

@@ -57,6 +57,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_GAMMA = 64
 MAX_HISTORY = 1 << 20
 MAX_VOCAB = 1 << 32
+MAX_BATCH = 1 << 16  # sessions in one verifier forward, as a verdict may report it
 _INT_MAX = 2**63 - 1
 _U64_MAX = 2**64 - 1
 _MAX_STR = 1 << 20
@@ -558,7 +559,10 @@ class Verdict(_Message):
     """The edge's answer to one round: how many drafts it accepted and the correction or bonus token.
 
     `residual` (DSSD mode) carries the target's distribution downlink instead of a sampled token; then
-    `token` may be -1 (the device samples it).
+    `token` may be -1 (the device samples it). `considered`: under a token budget the edge verified only this
+    many of the drafted tokens (TETRIS; lossless, see draft_selection); None means all of them. `batch` and
+    `token_s` report the edge's load: sessions in the forward that served this round, and its marginal seconds
+    per verified token (see batch_cost), for the device's draft-length policy.
     """
 
     TAG: ClassVar[str] = "vd"
@@ -571,6 +575,9 @@ class Verdict(_Message):
     verify_s: float
     residual: ProposalBlock | None = None
     sent_at: float = 0.0
+    considered: int | None = None
+    batch: int = 1
+    token_s: float = 0.0
 
     def _normalized(self) -> Verdict:
         return Verdict(
@@ -582,12 +589,20 @@ class Verdict(_Message):
             verify_s=_as_float(self.verify_s, "verify_s"),
             residual=None if self.residual is None else _norm_block(self.residual, "residual"),
             sent_at=_as_float(self.sent_at, "sent_at"),
+            considered=None if self.considered is None else _as_int(self.considered, "considered"),
+            batch=_as_int(self.batch, "batch"),
+            token_s=_as_float(self.token_s, "token_s"),
         )
 
     def _check(self) -> None:
         _check_round_header(self.session, self.round, self.base)
         if not 0 <= self.n_accepted <= MAX_GAMMA:
             raise ProtocolError("bad_field", f"n_accepted must be in [0, {MAX_GAMMA}], got {self.n_accepted}")
+        if self.considered is not None and not self.n_accepted <= self.considered <= MAX_GAMMA:
+            raise ProtocolError("bad_field", f"considered must be in [n_accepted, {MAX_GAMMA}], got {self.considered}")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise ProtocolError("bad_field", f"batch must be in [1, {MAX_BATCH}], got {self.batch}")
+        _check_finite(self.token_s, "token_s", 0.0)
         if self.residual is None:
             if not 0 <= self.token < MAX_VOCAB:
                 raise ProtocolError("bad_index", f"token must be in [0, {MAX_VOCAB}), got {self.token}")
@@ -604,6 +619,10 @@ class Verdict(_Message):
             "s": self.session, "r": self.round, "b": self.base, "a": self.n_accepted, "k": self.token,
             "vs": self.verify_s, "ts": self.sent_at,
         }
+        if self.considered is not None:
+            w["c"] = self.considered
+        if self.batch != 1 or self.token_s:
+            w["bn"], w["tm"] = self.batch, self.token_s
         if self.residual is not None:
             w["n"] = self.residual.vocab_size
             w["rs"] = _block_wire(self.residual)
@@ -622,6 +641,9 @@ class Verdict(_Message):
             verify_s=_float(d, "vs"),
             residual=residual,
             sent_at=_float(d, "ts"),
+            considered=_int(d, "c", 0, MAX_GAMMA, optional=True),
+            batch=_int(d, "bn", 1, MAX_BATCH) if "bn" in d else 1,
+            token_s=_float(d, "tm") if "tm" in d else 0.0,
         )
         msg._check()
         return msg
@@ -630,7 +652,7 @@ class Verdict(_Message):
 @dataclass(frozen=True, eq=False)
 class ErrorReply(_Message):
     """Sent instead of a Verdict when a request cannot be served; `code` is machine-readable (ProtocolError's
-    codes, or a service's own such as "no_session")."""
+    codes, or a service's own such as "no_session"). `retry_s` > 0 (with `busy`) hints when to try again."""
 
     TAG: ClassVar[str] = "er"
 
@@ -638,6 +660,7 @@ class ErrorReply(_Message):
     message: str
     session: str | None = None
     request_id: str | None = None
+    retry_s: float = 0.0
 
     def _normalized(self) -> ErrorReply:
         return ErrorReply(
@@ -645,11 +668,13 @@ class ErrorReply(_Message):
             message=_as_str(self.message, "message"),
             session=None if self.session is None else _as_str(self.session, "session"),
             request_id=None if self.request_id is None else _as_str(self.request_id, "request_id"),
+            retry_s=_as_float(self.retry_s, "retry_s"),
         )
 
     def _check(self) -> None:
         if not self.code:
             raise ProtocolError("bad_field", "code must be non-empty")
+        _check_finite(self.retry_s, "retry_s", 0.0)
         for name in ("code", "message", "session", "request_id"):
             if getattr(self, name) is not None:
                 _check_str(getattr(self, name), name)
@@ -660,11 +685,14 @@ class ErrorReply(_Message):
             w["s"] = self.session
         if self.request_id is not None:
             w["id"] = self.request_id
+        if self.retry_s:
+            w["ra"] = self.retry_s
         return w
 
     @classmethod
     def _from_wire(cls, d: dict) -> ErrorReply:
-        msg = cls(_str(d, "c"), _str(d, "m"), _str(d, "s", optional=True), _str(d, "id", optional=True))
+        msg = cls(_str(d, "c"), _str(d, "m"), _str(d, "s", optional=True), _str(d, "id", optional=True),
+                  _float(d, "ra") if "ra" in d else 0.0)
         msg._check()
         return msg
 

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from opentelemetry import trace
 
+from shared.core.backoff import Backoff
 from shared.core.draft_length_policy import DraftLengthPolicy, RoundObservation, make_policy
 from shared.core.draft_session import BadVerdict, DraftSession, Prefetch
 from shared.core.link_profile import LinkProfile
@@ -178,7 +179,9 @@ async def _exchange(
     from the whole history (the first round, or a resync): such a round's times include a prefill.
     """
     up_total = down_total = 0
-    for _ in range(MAX_RESYNCS_PER_ROUND + 1):
+    resyncs = 0
+    backoff = Backoff(initial=0.05, cap=2.0)
+    while resyncs <= MAX_RESYNCS_PER_ROUND:
         uplink = req.encode()
         downlink = await link.exchange(uplink, req)
         up_total += len(uplink)
@@ -188,6 +191,15 @@ async def _exchange(
             return reply, up_total, down_total, req.history is not None
         if isinstance(reply, ErrorReply) and reply.code == SessionUnknown.code:
             req = session.reopen(req)
+            resyncs += 1
+            continue
+        if isinstance(reply, ErrorReply) and reply.code == BUSY:
+            # the edge's hint spread by jitter (so devices refused together do not return together), never
+            # shorter than our own backoff
+            wait = max(reply.retry_s * backoff.rng.uniform(1.0, 1.5), backoff.next())
+            if session.deadline and time.time() + wait > session.deadline:
+                raise RemoteError("deadline_exceeded", f"the verifier stayed busy until the deadline: {reply.message}")
+            await asyncio.sleep(wait)
             continue
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.message)
@@ -195,18 +207,36 @@ async def _exchange(
     raise RemoteError("resync_failed", f"verifier lost the session {MAX_RESYNCS_PER_ROUND} times in one round")
 
 
-def verify_bytes(core: VerifierCore, uplink: bytes) -> bytes:
-    """The edge's whole job for one message: decode, verify, encode; any refusal becomes an ErrorReply whose
-    code is the refusal's (`unknown_session`, `deadline_exceeded`, `context_length_exceeded`, `non_finite`,
-    `bad_proposal`, or a ProtocolError's)."""
+BUSY = "busy"  # the edge's verification queue is full: wait the reply's retry_s (with jitter) and resend
+
+
+def decode_round(uplink: bytes) -> VerifyRequest | bytes:
+    """A round's request, or the encoded ErrorReply for bytes that are not one."""
     try:
-        req = VerifyRequest.decode(uplink)
+        return VerifyRequest.decode(uplink)
     except ProtocolError as exc:
         return ErrorReply(code=exc.code, message=str(exc)).encode()
-    try:
-        return core.handle(req).encode()
-    except (SessionUnknown, RoundRefused, ProtocolError, VerificationError) as exc:
-        return ErrorReply(code=exc.code, message=brief(str(exc)), session=req.session).encode()
+
+
+def verify_rounds(core: VerifierCore, reqs: Sequence[VerifyRequest], budget: int | None = None) -> list[bytes]:
+    """The edge's whole job for a batch of rounds (distinct sessions): one forward pass, then each reply
+    encoded; a refusal becomes an ErrorReply whose code is the refusal's (`unknown_session`,
+    `deadline_exceeded`, `context_length_exceeded`, `non_finite`, `bad_proposal`, or a ProtocolError's)."""
+    replies = []
+    for req, result in zip(reqs, core.handle_batch(reqs, budget), strict=True):
+        if isinstance(result, Verdict):
+            replies.append(result.encode())
+        elif isinstance(result, (SessionUnknown, RoundRefused, ProtocolError, VerificationError)):
+            replies.append(ErrorReply(code=result.code, message=brief(str(result)), session=req.session).encode())
+        else:
+            raise result
+    return replies
+
+
+def verify_bytes(core: VerifierCore, uplink: bytes) -> bytes:
+    """One message alone: decode, verify, encode (the in-process edge; a batch of one)."""
+    req = decode_round(uplink)
+    return req if isinstance(req, bytes) else verify_rounds(core, [req])[0]
 
 
 def handle_close(core: VerifierCore, data: bytes) -> bytes | None:
@@ -310,8 +340,10 @@ __all__ = [
     "LocalEngine",
     "RemoteError",
     "check_pair",
+    "decode_round",
     "handle_close",
     "new_session",
     "speculate",
     "verify_bytes",
+    "verify_rounds",
 ]

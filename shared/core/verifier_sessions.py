@@ -20,18 +20,29 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 
-from shared.core import session_digest
+from shared.core import session_digest, torch_sampling
+from shared.core.batch_cost import ForwardCost
+from shared.core.draft_selection import select_prefixes
 from shared.core.params import SamplingParams
 from shared.core.proposal import ProposalBlock, support_row
 from shared.core.protocol import ProtocolError, Verdict, VerifyRequest
-from shared.core.rejection_sampling import NonFinite, split_verify, verify_block
+from shared.core.rejection_sampling import (
+    NonFinite,
+    SplitOutcome,
+    VerificationError,
+    split_verify,
+    verify_block,
+)
 from shared.core.rng import VERIFY_SIDE, round_rng
 from shared.core.warpers import mask_eos, warp
+from shared.models.batched_forward import next_logits_batch
 from shared.models.runtime import KVSequence, LoadedModel
 
 
@@ -73,17 +84,27 @@ class VerifierCore:
         max_sessions: int = 64,
         max_cached_tokens: int = 262_144,
         clock: Callable[[], float] = time.time,
+        sampling: str = "auto",
     ) -> None:
-        """`clock` is unix time (deadlines are absolute); tests pass their own."""
+        """`clock` is unix time (deadlines are absolute); tests pass their own. `sampling`: where the
+        warping and rejection math runs: "torch" (on the model's device), "numpy" (host), "auto" (torch
+        unless the model is on the CPU, where numpy is as fast and is the tested oracle)."""
+        if sampling not in ("auto", "torch", "numpy"):
+            raise ValueError(f"sampling must be auto, torch or numpy; got {sampling!r}")
         if max_sessions < 1 or max_cached_tokens < 1:
             raise ValueError("max_sessions and max_cached_tokens must be >= 1")
         self.model = model
+        device = getattr(model, "device", None)
+        self.torch_sampling = sampling == "torch" or (sampling == "auto" and getattr(device, "type", "cpu") != "cpu")
         self.context_length = int(model.context_length)
         self.max_sessions = max_sessions
         self.max_cached_tokens = max_cached_tokens
         self.clock = clock
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self.evictions = 0
+        # load figures: forward passes run, sessions and tokens they carried, and the marginal token cost
+        self.forwards = self.batch_rows = self.forward_tokens = 0
+        self.cost = ForwardCost()
 
     def __contains__(self, session: str) -> bool:
         return session in self._sessions
@@ -99,36 +120,96 @@ class VerifierCore:
         """Verify one round of a request that passed the codec's checks (so an opening request's digest is
         its history's). Raises SessionUnknown, RoundRefused, ProtocolError or VerificationError (NonFinite
         among them); commits nothing unless it returns a Verdict."""
+        result = self.handle_batch([req])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def handle_batch(self, reqs: Sequence[VerifyRequest], budget: int | None = None) -> list[Verdict | Exception]:
+        """One round of each request, all in ONE target forward pass (see batched_forward); the result of
+        request i is its Verdict or the exception `handle` would raise for it alone. One request's refusal
+        never touches another's round. Requests must name distinct sessions.
+
+        `budget` caps the verified tokens (each session's one target row plus the draft tokens it keeps); when
+        the rounds need more, `draft_selection.select_prefixes` picks the prefixes to verify and each verdict
+        says how many it `considered`. Rounds opening a session are not truncated (their prefill dominates).
+        """
+        if len({r.session for r in reqs}) != len(reqs):
+            raise ValueError("one batch may hold one round per session")
         t0 = time.perf_counter()
-        if req.vocab_size != self.model.vocab_size:
-            raise ProtocolError(
-                "bad_field", f"request vocabulary {req.vocab_size} does not match the target's {self.model.vocab_size}"
-            )
-        sess = self._session_for(req)
-        tokens = [int(t) for t in req.tokens]
-        logits = sess.seq.next_logits(sess.committed + tokens, len(tokens) + 1).numpy()
-        _check_logits(logits)  # greedy would turn a NaN row into a confident one-hot
+        results: list[Verdict | Exception | None] = [None] * len(reqs)
+        ready: list[tuple[int, _Session]] = []
+        for i, req in enumerate(reqs):
+            try:
+                if req.vocab_size != self.model.vocab_size:
+                    raise ProtocolError("bad_field", f"request vocabulary {req.vocab_size} does not match the "
+                                                     f"target's {self.model.vocab_size}")
+                ready.append((i, self._session_for(req)))
+            except (SessionUnknown, RoundRefused, ProtocolError) as exc:
+                results[i] = exc
+        keep = self._prefixes([reqs[i] for i, _ in ready], budget)
+        rows = next_logits_batch(
+            [sess.seq for _, sess in ready],
+            [sess.committed + [int(t) for t in reqs[i].tokens[:k]] for (i, sess), k in zip(ready, keep, strict=True)],
+            [k + 1 for k in keep],
+        )
+        forward_s = time.perf_counter() - t0
+        tokens = sum(k + 1 for k in keep)
+        if ready:
+            self.forwards += 1
+            self.batch_rows += len(ready)
+            self.forward_tokens += tokens
+            self.cost.observe(tokens, forward_s)
+        load = {"batch": max(len(ready), 1), "token_s": self.cost.per_token()}
+        for ((i, sess), k), logits in zip(zip(ready, keep, strict=True), rows, strict=True):
+            try:
+                results[i] = self._judge(sess, reqs[i], k, logits, t0, load)
+            except VerificationError as exc:
+                results[i] = exc
+        self._evict()
+        return results  # type: ignore[return-value]
+
+    def _prefixes(self, reqs: list[VerifyRequest], budget: int | None) -> list[int]:
+        """Draft tokens to verify per request: all of them, or the budget's best prefixes (TETRIS). Opening
+        rounds keep theirs; every other round keeps at least its one target row."""
+        full = [len(r.tokens) for r in reqs]
+        going = [i for i, r in enumerate(reqs) if r.history is None]
+        if budget is None:
+            return full
+        spare = budget - sum(full[i] + 1 for i, r in enumerate(reqs) if r.history is not None)
+        if spare >= sum(full[i] + 1 for i in going):
+            return full
+        chosen = select_prefixes([_confidences(reqs[i]) for i in going], max(spare, len(going)))
+        for i, k in zip(going, chosen, strict=True):
+            full[i] = k
+        return full
+
+    def _judge(
+        self, sess: _Session, req: VerifyRequest, k: int, logits: torch.Tensor, t0: float, load: dict
+    ) -> Verdict:
+        """The single-session math on this request's rows: warp, accept tests, residual; then commit. On the
+        model's device in torch (`torch_sampling`) or on the host in numpy (the oracle), same draws."""
+        math_ = torch_sampling if self.torch_sampling else _NUMPY
+        if not self.torch_sampling:
+            logits = logits.cpu().numpy()
+        math_.check_logits(logits)  # greedy would turn a NaN row into a confident one-hot
+        tokens = [int(t) for t in req.tokens[:k]]
         p = sess.params
-        logits = mask_eos(logits, self.model.eos_token_ids, req.base - sess.prompt_len, p.min_new_tokens)
-        probs = warp(logits, p.temperature, p.top_p)
+        logits = math_.mask_eos(logits, self.model.eos_token_ids, req.base - sess.prompt_len, p.min_new_tokens)
+        probs = math_.warp(logits, p.temperature, p.top_p)
         rng = round_rng(p.seed, VERIFY_SIDE, req.base)
         residual = None
         if req.draft_probs is not None:  # DSSD: accept tests here, the correction on the device
-            rows = [ProposalBlock.from_rows([support_row(row)], self.model.vocab_size, "f32") for row in probs]
-            p_hat = np.stack([row.dense_row(0) for row in rows])  # exactly what the device would receive
-            split = split_verify(p_hat, tokens, req.draft_probs, rng)
+            split, residual = math_.split_verify_wire(probs, tokens, req.draft_probs[:k], rng)
             n_accepted, token = split.n_accepted, -1 if split.token is None else split.token
-            if split.rejected_row is not None:
-                residual = rows[split.rejected_row]
             emitted = tokens[:n_accepted] + ([] if split.token is None else [split.token])
         else:
-            outcome = verify_block(probs, tokens, req.proposals, rng)
+            outcome = math_.verify_block(probs, tokens, req.proposals, rng)
             n_accepted, token = outcome.n_accepted, outcome.token
             emitted = tokens[:n_accepted] + [token]
         sess.committed.extend(emitted)  # after a DSSD rejection the device's correction arrives next round
         sess.digest = session_digest.extend(sess.digest, emitted)
         sess.last_used = time.monotonic()
-        self._evict()
         return Verdict(
             session=req.session,
             round=req.round,
@@ -138,6 +219,8 @@ class VerifierCore:
             verify_s=time.perf_counter() - t0,
             residual=residual,
             sent_at=time.time(),
+            considered=k if k < len(req.tokens) else None,
+            **load,
         )
 
     def _session_for(self, req: VerifyRequest) -> _Session:
@@ -194,8 +277,32 @@ class VerifierCore:
             self.evictions += 1
 
 
+def _split_verify_wire(
+    probs: np.ndarray, tokens: list[int], draft_probs: np.ndarray, rng: np.random.Generator
+) -> tuple[SplitOutcome, ProposalBlock | None]:
+    """DSSD's edge half: accept tests on the rows as the wire rounds them, and the rejected row to send."""
+    rows = [ProposalBlock.from_rows([support_row(row)], len(row), "f32") for row in probs]
+    p_hat = np.stack([row.dense_row(0) for row in rows])  # exactly what the device would receive
+    split = split_verify(p_hat, tokens, draft_probs, rng)
+    return split, None if split.rejected_row is None else rows[split.rejected_row]
+
+
 def _check_logits(logits: np.ndarray) -> None:
     """-inf is a legal mask; NaN, +inf, or a row with no finite logit is a broken forward pass."""
     if bool(np.isnan(logits).any() | np.isposinf(logits).any()) or not bool(np.isfinite(logits).any(axis=-1).all()):
         raise NonFinite("the target's logits hold a NaN, a +inf, or a row without a finite value")
+
+
+# The host (numpy) implementation of the sampling math, under the names torch_sampling gives it.
+_NUMPY = SimpleNamespace(check_logits=_check_logits, mask_eos=mask_eos, warp=warp, verify_block=verify_block,
+                         split_verify_wire=_split_verify_wire)
+
+
+def _confidences(req: VerifyRequest) -> list[float]:
+    """q_i(x_i) of each drafted token: the draft's own estimate that the target will accept it."""
+    if req.draft_probs is not None:
+        return [float(x) for x in req.draft_probs]
+    if req.proposals is None:
+        return []
+    return [req.proposals.prob_of(i, int(t)) for i, t in enumerate(req.tokens)]
 

@@ -75,12 +75,15 @@ def service_parser(service: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_model_flags(p: argparse.ArgumentParser, role: str, default_dtype: str) -> None:
-    """`--<role>-model` / `--<role>-dtype` with `DRAFTWIRE_<ROLE>_MODEL|DTYPE` defaults (draft and verifier)."""
+    """`--<role>-model` / `--<role>-dtype` / `--<role>-device` with `DRAFTWIRE_<ROLE>_MODEL|DTYPE|DEVICE`
+    defaults (draft and verifier)."""
     key = role.upper()
     p.add_argument(f"--{role}-model", default=env(f"{key}_MODEL", "smollm2-135m"),
                    help=f"catalog name, HF dir, .gguf file or hub id [DRAFTWIRE_{key}_MODEL]")
     p.add_argument(f"--{role}-dtype", default=env(f"{key}_DTYPE", default_dtype), choices=("fp32", "bf16", "int8"),
                    help=f"[DRAFTWIRE_{key}_DTYPE]")
+    p.add_argument(f"--{role}-device", default=env(f"{key}_DEVICE", "cpu"), choices=("cpu", "cuda", "auto"),
+                   help=f"where the model runs; auto = cuda when torch sees one (int8: cpu) [DRAFTWIRE_{key}_DEVICE]")
 
 
 @dataclass

@@ -27,8 +27,11 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class KVSequence:
     """One token sequence with its own KV cache (transformers DynamicCache)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None):
+        """`device`: where the model's weights are (default: the model's own `.device`, else the CPU); the
+        inputs are built there and the logits stay there."""
         self._model = model
+        self.device = torch.device(device if device is not None else getattr(model, "device", "cpu"))
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._cache = self._new_cache()
         self.tokens: list[int] = []  # the tokens whose keys/values are in the cache, in order
@@ -76,8 +79,8 @@ class KVSequence:
     def _forward(self, new: Sequence[int], n_out: int) -> torch.Tensor:
         """Feed `new` after the cached tokens in one pass; float32 logits for its last `n_out` positions."""
         start = len(self.tokens)
-        input_ids = torch.tensor([list(new)], dtype=torch.long)
-        position_ids = torch.arange(start, start + len(new), dtype=torch.long).unsqueeze(0)
+        input_ids = torch.tensor([list(new)], dtype=torch.long, device=self.device)
+        position_ids = torch.arange(start, start + len(new), dtype=torch.long, device=self.device).unsqueeze(0)
         kwargs = {"logits_to_keep": n_out} if self._logits_to_keep else {}
         with torch.inference_mode():
             out = self._model(
@@ -90,8 +93,8 @@ class KVSequence:
         return out.logits[0, -n_out:].float()
 
     def next_logits(self, tokens: Sequence[int], n_out: int = 1) -> torch.Tensor:
-        """float32 tensor [n_out, vocab_size]: row j is the next-token logits after
-        tokens[: len(tokens) - n_out + 1 + j].
+        """float32 tensor [n_out, vocab_size] on the model's device (`.cpu()` before `.numpy()`): row j is the
+        next-token logits after tokens[: len(tokens) - n_out + 1 + j].
 
         Reuses the longest cached prefix of `tokens` (but always feeds at least the last n_out tokens), crops
         the cache beyond it (rollback after a rejection, without recomputing the accepted prefix), feeds the

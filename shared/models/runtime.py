@@ -21,6 +21,7 @@ from .store import resolve
 from .tiny_random import build_tiny_random
 
 __all__ = [
+    "DEVICES",
     "DTYPES",
     "INT8_WEIGHT_ONLY_MODULES",
     "KVSequence",
@@ -28,9 +29,35 @@ __all__ = [
     "WeightOnlyInt8Linear",
     "load_model",
     "quantize_int8",
+    "resolve_device",
 ]
 
 DTYPES = ("fp32", "bf16", "int8")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`cpu`, `cuda` (or `cuda:N`), or `auto` (cuda when torch sees one, else cpu) as a torch.device.
+
+    Asking for CUDA where torch has none is a ModelError that says so, not a traceback from deep in torch.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"invalid device {device!r}: choose one of {', '.join(DEVICES)}") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise ModelError(f"invalid device {device!r}: choose one of {', '.join(DEVICES)}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(
+                f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device "
+                "(a CPU-only build, no driver, or CUDA_VISIBLE_DEVICES empty): use cpu or auto"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
+    return resolved
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any, extra_tokens: Sequence[str]) -> tuple[int, ...]:
@@ -140,10 +167,12 @@ class LoadedModel:
         model: torch.nn.Module,
         tokenizer: Any,
         extra_eos_tokens: Sequence[str] = (),
+        device: torch.device | str = "cpu",
     ):
         self.name = name
         self.dtype = dtype
         self.model = model
+        self.device = torch.device(device)  # where the weights are; sequences feed their inputs there
         self.tokenizer = tokenizer
         # The logits width, which may exceed len(tokenizer) (embedding rows padded for efficiency).
         self.vocab_size: int = int(model.config.get_text_config().vocab_size)
@@ -156,7 +185,8 @@ class LoadedModel:
             model.generation_config.eos_token_id = list(self.eos_token_ids)
 
     def __repr__(self) -> str:
-        return f"LoadedModel(name={self.name!r}, dtype={self.dtype!r}, vocab_size={self.vocab_size})"
+        return (f"LoadedModel(name={self.name!r}, dtype={self.dtype!r}, device={str(self.device)!r}, "
+                f"vocab_size={self.vocab_size})")
 
     def encode(self, text: str) -> list[int]:
         """Same ids as the Hugging Face tokenizer(text).input_ids (special tokens added as the model does)."""
@@ -166,7 +196,7 @@ class LoadedModel:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def new_sequence(self) -> KVSequence:
-        return KVSequence(self.model)
+        return KVSequence(self.model, self.device)
 
 
 def _load_hf_dir(path: Path, torch_dtype: torch.dtype, progress: bool) -> tuple[torch.nn.Module, Any]:
@@ -185,10 +215,15 @@ def _load_hf_dir(path: Path, torch_dtype: torch.dtype, progress: bool) -> tuple[
     return model, tokenizer
 
 
-def load_model(source: str, dtype: str = "fp32", progress: bool = True) -> LoadedModel:
-    """Load any accepted source (see `store.resolve`) in fp32, bf16 or int8 (see `quantize_int8`)."""
+def load_model(source: str, dtype: str = "fp32", progress: bool = True, device: str = "cpu") -> LoadedModel:
+    """Load any accepted source (see `store.resolve`) in fp32, bf16 or int8 (see `quantize_int8`) onto
+    `device` (see `resolve_device`), checked before any weights are read. int8 runs on the CPU only, so
+    `auto` means cpu for it."""
     if dtype not in DTYPES:
         raise ModelError(f"invalid dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    target = resolve_device("cpu" if dtype == "int8" and device == "auto" else device)
+    if dtype == "int8" and target.type != "cpu":
+        raise ModelError(f"int8 runs on the CPU only (torch's dynamic int8 kernels); use fp32 or bf16 on {target}")
     resolved = resolve(source, progress)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     if resolved.path is None:
@@ -199,4 +234,6 @@ def load_model(source: str, dtype: str = "fp32", progress: bool = True) -> Loade
     model.eval()
     if dtype == "int8":
         model = quantize_int8(model)
-    return LoadedModel(resolved.name, dtype, model, tokenizer, resolved.extra_eos_tokens)
+    else:
+        model = model.to(target)
+    return LoadedModel(resolved.name, dtype, model, tokenizer, resolved.extra_eos_tokens, device=target)

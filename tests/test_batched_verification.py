@@ -1,0 +1,264 @@
+"""Batched verification across sessions: one forward pass, each row exactly its own session.
+
+The known failure of batched speculative decoding is a row that silently reads another row's positions, mask
+or KV. So the batched forward is checked row by row against each sequence run alone (rows with different past
+lengths, different numbers of new tokens, rollbacks in between), and the check is shown to catch a planted
+desync: shorter rows' position ids shifted to the longest row's, one row's new KV written back one column off. Then the sessions'
+verdicts from `handle_batch` equal those of one session at a time, a budget verifies prefixes (TETRIS) and
+stays lossless, and 16 concurrent sampled sessions through the real `Batcher` have the target's distribution
+(chi-square, with a planted desync as the negative control).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from services.verifier.batcher import Batcher
+from shared.core.draft_selection import expected_accepted, select_prefixes
+from shared.core.params import SamplingParams, SpecParams
+from shared.core.protocol import ErrorReply, Verdict, decode_any
+from shared.core.speculation import decode_round, new_session, speculate
+from shared.core.verifier_sessions import VerifierCore
+from shared.models import batched_forward
+from shared.models.batched_forward import next_logits_batch
+from shared.models.runtime import load_model
+from tests.exact_distribution import by_rank, conditional_pvalue
+from tests.toy_models import blend, tiny_llama
+
+PASS_P = 1e-3
+REJECT_P = 1e-6
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_model("tiny-random", "fp32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def draft(target):
+    return blend(target, tiny_llama(seed=1), 0.3)
+
+
+def _max_row_error(model, steps: int = 6, rows: int = 5, seed: int = 0) -> float:
+    """Largest |batched - alone| logit over `steps` batches of `rows` sequences that grow, verify a few tokens
+    and roll back by random amounts, as verification rounds do."""
+    rng = random.Random(seed)
+    alone = [model.new_sequence() for _ in range(rows)]
+    batched = [model.new_sequence() for _ in range(rows)]
+    history = [[rng.randrange(model.vocab_size) for _ in range(rng.randrange(3, 20))] for _ in range(rows)]
+    worst = 0.0
+    for step in range(steps):
+        tokens, n_outs = [], []
+        for b in range(rows):
+            if step:
+                history[b] = history[b][: len(history[b]) - rng.randrange(0, 3)]
+            n = rng.randrange(1, 6)
+            tokens.append(history[b] + [rng.randrange(model.vocab_size) for _ in range(n)])
+            n_outs.append(n)
+        expected = [s.next_logits(t, n) for s, t, n in zip(alone, tokens, n_outs, strict=True)]
+        got = next_logits_batch(batched, tokens, n_outs)
+        for e, g in zip(expected, got, strict=True):
+            assert e.shape == g.shape
+            worst = max(worst, float((e - g).abs().max()))
+        history = tokens
+    return worst
+
+
+def test_each_batched_row_is_its_sequence_alone(target):
+    assert _max_row_error(target) < 1e-4
+
+
+def test_a_shifted_row_of_position_ids_is_caught(target, monkeypatch):
+    right = batched_forward.position_ids
+
+    def shifted(past, width):  # the classic bug: every row numbered from the batch's longest past
+        return right([max(past)] * len(past), width)
+
+    monkeypatch.setattr(batched_forward, "position_ids", shifted)
+    assert _max_row_error(target) > 1e-2
+
+
+def _off_by_one_write_back(seqs, cache, past_width, widths):
+    """A planted desync: the last row of every batch keeps the column before its new tokens."""
+    for b, (seq, n) in enumerate(zip(seqs, widths, strict=True)):
+        start = max(past_width - (b == len(seqs) - 1), 0)
+        for layer_idx, layer in enumerate(cache.layers):
+            cols = slice(start, start + n)
+            seq._cache.update(layer.keys[b : b + 1, :, cols], layer.values[b : b + 1, :, cols], layer_idx)
+
+
+def test_kv_written_back_one_column_off_is_caught(target, monkeypatch):
+    monkeypatch.setattr(batched_forward, "write_back", _off_by_one_write_back)
+    assert _max_row_error(target) > 1e-2
+
+
+def test_prefill_rows_run_alone_and_the_rest_batch(target, monkeypatch):
+    calls = []
+    right = batched_forward._forward_rows
+    monkeypatch.setattr(batched_forward, "_forward_rows", lambda s, t, n: calls.append(len(s)) or right(s, t, n))
+    seqs = [target.new_sequence() for _ in range(3)]
+    long = list(range(batched_forward.PREFILL_ROWS + 5))
+    next_logits_batch(seqs, [long, [1, 2, 3], [4, 5]], [1, 1, 2])
+    assert calls == [2]
+    with pytest.raises(ValueError, match="twice"):
+        next_logits_batch([seqs[0], seqs[0]], [[1, 2], [1, 2]], [1, 1])
+
+
+def _sessions(target, draft, n: int, temperature: float, gamma: int = 3, max_new: int = 12):
+    spec = SpecParams(mode="tkslt", gamma=gamma, k=8)
+    prompts = [[1 + (7 * i + j) % 200 for j in range(3 + i % 5)] for i in range(n)]  # lengths 3..7
+    return [
+        new_session(draft, target.tokenizer, target.eos_token_ids, target.vocab_size, prompts[i],
+                    SamplingParams(temperature=temperature, max_new_tokens=max_new, seed=i), spec,
+                    session_id=f"s{i:02d}")
+        for i in range(n)
+    ]
+
+
+def _rounds_lockstep(target, sessions, budget=None, core=None):
+    """Drive sessions round by round, all rounds of a step in one handle_batch call; returns the verdicts."""
+    core = core or VerifierCore(target, max_sessions=64)
+    verdicts = []
+    live = list(sessions)
+    while live:
+        reqs = [s.next_request()[0] for s in live]
+        for s, req, result in zip(live, reqs, core.handle_batch(reqs, budget), strict=True):
+            assert isinstance(result, Verdict), result
+            s.apply(req, result)
+            verdicts.append(result)
+        live = [s for s in live if not s.done]
+    return verdicts, [s.generated for s in sessions]
+
+
+def test_a_batch_gives_each_session_the_verdicts_it_gets_alone(target, draft):
+    _, together = _rounds_lockstep(target, _sessions(target, draft, 8, temperature=0.8))
+    alone = [_rounds_lockstep(target, [s])[1][0] for s in _sessions(target, draft, 8, temperature=0.8)]
+    assert together == alone
+
+
+def test_a_refused_round_does_not_disturb_the_others(target, draft):
+    core = VerifierCore(target, max_sessions=8)
+    a, b = _sessions(target, draft, 2, temperature=0.0)
+    good = a.next_request()[0]
+    unknown = b.next_request()[0]
+    unknown = type(unknown)(**{**unknown.__dict__, "history": None, "params": None, "prompt_len": None})
+    results = core.handle_batch([good, unknown])
+    assert isinstance(results[0], Verdict) and results[0].batch == 1
+    assert getattr(results[1], "code", None) == "unknown_session"
+
+
+def test_budgeted_selection_maximises_expected_accepted_tokens():
+    rows = [[0.9, 0.9, 0.9], [0.2, 0.9, 0.9], [1.0, 1.0, 1.0]]
+    chosen = select_prefixes(rows, budget=3 + 4)
+    best = max(
+        (k for k in np.ndindex(4, 4, 4) if sum(k) <= 4),
+        key=lambda k: sum(expected_accepted(r, n) for r, n in zip(rows, k, strict=True)),
+    )
+    assert sum(expected_accepted(r, n) for r, n in zip(rows, chosen, strict=True)) == pytest.approx(
+        sum(expected_accepted(r, n) for r, n in zip(rows, best, strict=True)))
+    assert select_prefixes([[1.0] * 4] * 3, budget=3 + 6) == [2, 2, 2]  # greedy drafts tie: shared fairly
+    with pytest.raises(ValueError):
+        select_prefixes([[1.0]] * 3, budget=2)
+
+
+def test_a_budget_verifies_prefixes_and_says_so(target, draft):
+    verdicts, outputs = _rounds_lockstep(target, _sessions(target, draft, 6, temperature=0.0), budget=6 + 6)
+    assert any(v.considered is not None for v in verdicts)
+    assert all(v.n_accepted <= (v.considered if v.considered is not None else 3) for v in verdicts)
+    _, unbudgeted = _rounds_lockstep(target, _sessions(target, draft, 6, temperature=0.0))
+    assert outputs == unbudgeted  # greedy: verifying fewer draft tokens changes speed, never tokens
+
+
+class _BatcherEdge:
+    """The device side of the real verifier `Batcher`, in process."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    async def exchange(self, uplink: bytes, req) -> bytes:
+        decoded = decode_round(uplink)
+        return decoded if isinstance(decoded, bytes) else await self.batcher.submit(decoded)
+
+
+async def _concurrent_outputs(target, draft, budget: int, samples: int, concurrency: int = 16, sampling="numpy"):
+    """`samples` sampled generations of one prompt by `concurrency - 4` devices at once, while 4 more devices
+    run sessions with a long prompt beside them, so every batch mixes rows of very different lengths."""
+    prompt = target.encode("def f(x):")
+    long_prompt = target.encode("a much longer prompt, so that the rows of every batch differ in length " * 3)
+    params = [SamplingParams(temperature=0.8, max_new_tokens=8, seed=seed) for seed in range(samples)]
+    spec = SpecParams(mode="tkslt", gamma=3, k=8)
+    core = VerifierCore(target, max_sessions=64, sampling=sampling)
+    with ThreadPoolExecutor(1) as worker:
+        batcher = Batcher(core, worker, budget=budget, max_queue=256)
+        runner = asyncio.create_task(batcher.run())
+        queue = list(range(samples))
+        outputs: list[list[int]] = [[] for _ in range(samples)]
+
+        async def run(i: int, text: list[int], sp: SamplingParams) -> list[int]:
+            session = new_session(draft, target.tokenizer, target.eos_token_ids, target.vocab_size, text, sp, spec,
+                                  session_id=f"c{i:05d}")
+            result = await speculate(session, _BatcherEdge(batcher), decode=target.decode)
+            core.close(session.session)
+            return result.token_ids
+
+        async def device() -> None:
+            while queue:
+                i = queue.pop()
+                outputs[i] = await run(i, prompt, params[i])
+
+        async def neighbour(j: int) -> None:
+            n = 0
+            while queue:
+                n += 1
+                await run(10_000 + 100 * j + n % 100, long_prompt, SamplingParams(max_new_tokens=24, seed=n))
+
+        await asyncio.gather(*(device() for _ in range(concurrency - 4)), *(neighbour(j) for j in range(4)))
+        runner.cancel()
+    return prompt, params[0], outputs, core
+
+
+SAMPLES = 300
+
+
+@pytest.mark.parametrize(("budget", "sampling"), [(128, "numpy"), (24, "torch")])
+def test_sixteen_concurrent_sampled_sessions_have_the_target_distribution(target, draft, budget, sampling):
+    prompt, params, outputs, core = asyncio.run(_concurrent_outputs(target, draft, budget, SAMPLES, sampling=sampling))
+    assert core.batch_rows / core.forwards > 8, "the sessions did not share forward passes"
+    p = conditional_pvalue(target, prompt, params, outputs, by_rank(4))
+    print(f"budget {budget}: {core.forwards} forwards, {core.batch_rows / core.forwards:.1f} rows each, p = {p:.3g}")
+    assert p > PASS_P
+
+
+def test_a_planted_row_desync_fails_the_distribution_test(target, draft, monkeypatch):
+    right = batched_forward.position_ids
+    # the classic bug: every row numbered from the batch's longest past (one session's positions shifted)
+    monkeypatch.setattr(batched_forward, "position_ids", lambda past, width: right([max(past)] * len(past), width))
+    prompt, params, outputs, _ = asyncio.run(_concurrent_outputs(target, draft, 128, 2 * SAMPLES))
+    p = conditional_pvalue(target, prompt, params, outputs, by_rank(4))
+    print(f"planted desync: p = {p:.3g}")
+    assert p < REJECT_P
+
+
+async def test_a_full_queue_answers_busy_with_a_retry_hint(target, draft):
+    core = VerifierCore(target, max_sessions=8)
+    with ThreadPoolExecutor(1) as worker:
+        batcher = Batcher(core, worker, budget=64, max_queue=2)  # not running: nothing drains the queue
+        sessions = _sessions(target, draft, 3, temperature=0.0)
+        waiting = [asyncio.ensure_future(batcher.submit(s.next_request()[0])) for s in sessions[:2]]
+        await asyncio.sleep(0)
+        reply = decode_any(await batcher.submit(sessions[2].next_request()[0]))
+        assert isinstance(reply, ErrorReply) and reply.code == "busy" and reply.retry_s > 0
+        assert batcher.busy == 1
+        runner = asyncio.create_task(batcher.run())
+        assert all(isinstance(decode_any(r), Verdict) for r in await asyncio.gather(*waiting))
+        runner.cancel()
+
+
+def test_torch_threads_unchanged():
+    assert torch.get_num_threads() >= 1
