@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
 from services.verifier.batcher import Batcher
 from shared.core.draft_selection import expected_accepted, select_prefixes
 from shared.core.params import SamplingParams, SpecParams
 from shared.core.protocol import ErrorReply, Verdict, decode_any
-from shared.core.speculation import decode_round, new_session, speculate
+from shared.core.speculation import RemoteError, decode_round, new_session, speculate, verify_bytes
 from shared.core.verifier_sessions import VerifierCore
 from shared.models import batched_forward
 from shared.models.batched_forward import next_logits_batch
@@ -137,7 +137,8 @@ def _rounds_lockstep(target, sessions, budget=None, core=None):
 
 
 def test_a_batch_gives_each_session_the_verdicts_it_gets_alone(target, draft):
-    _, together = _rounds_lockstep(target, _sessions(target, draft, 8, temperature=0.8))
+    verdicts, together = _rounds_lockstep(target, _sessions(target, draft, 8, temperature=0.8))
+    assert verdicts[0].batch == 8 and verdicts[0].token_s > 0  # the load each verdict reports
     alone = [_rounds_lockstep(target, [s])[1][0] for s in _sessions(target, draft, 8, temperature=0.8)]
     assert together == alone
 
@@ -260,5 +261,44 @@ async def test_a_full_queue_answers_busy_with_a_retry_hint(target, draft):
         runner.cancel()
 
 
-def test_torch_threads_unchanged():
-    assert torch.get_num_threads() >= 1
+def test_verdict_and_error_load_fields_survive_the_codec():
+    v = Verdict(session="s", round=1, base=3, n_accepted=1, token=5, verify_s=0.1, considered=2, batch=16,
+                token_s=0.004)
+    back = decode_any(v.encode())
+    assert (back.considered, back.batch, back.token_s) == (2, 16, 0.004)
+    plain = decode_any(Verdict(session="s", round=1, base=3, n_accepted=1, token=5, verify_s=0.1).encode())
+    assert (plain.considered, plain.batch, plain.token_s) == (None, 1, 0.0)
+    busy = decode_any(ErrorReply(code="busy", message="full", retry_s=0.25).encode())
+    assert busy.retry_s == 0.25
+    with pytest.raises(Exception, match="considered"):
+        Verdict(session="s", round=1, base=3, n_accepted=2, token=5, verify_s=0.1, considered=1).encode()
+
+
+class _BusyThenServe:
+    """An edge that answers `busy` the first `times` rounds it sees, then verifies."""
+
+    def __init__(self, core: VerifierCore, times: int, retry_s: float) -> None:
+        self.core, self.times, self.retry_s, self.sent = core, times, retry_s, []
+
+    async def exchange(self, uplink: bytes, req) -> bytes:
+        self.sent.append(asyncio.get_running_loop().time())
+        if len(self.sent) <= self.times:
+            return ErrorReply(code="busy", message="full", retry_s=self.retry_s).encode()
+        return verify_bytes(self.core, uplink)
+
+
+def test_a_device_waits_out_busy_and_then_completes_unchanged(target, draft):
+    [session] = _sessions(target, draft, 1, temperature=0.0)
+    edge = _BusyThenServe(VerifierCore(target), times=2, retry_s=0.05)
+    result = asyncio.run(speculate(session, edge, decode=target.decode))
+    [again] = _sessions(target, draft, 1, temperature=0.0)
+    assert result.token_ids == _rounds_lockstep(target, [again])[1][0]
+    assert edge.sent[1] - edge.sent[0] >= 0.05 and edge.sent[2] - edge.sent[1] >= 0.05  # the hint honoured
+
+
+def test_busy_until_the_deadline_is_deadline_exceeded(target, draft):
+    [session] = _sessions(target, draft, 1, temperature=0.0)
+    session.deadline = time.time() + 0.3
+    with pytest.raises(RemoteError, match="deadline_exceeded"):
+        asyncio.run(speculate(session, _BusyThenServe(VerifierCore(target), times=10**6, retry_s=0.1),
+                              decode=target.decode))

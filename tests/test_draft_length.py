@@ -78,6 +78,20 @@ def test_adaptive_policy_follows_the_costs() -> None:
     assert dear_rounds.next_gamma() > cheap_rounds.next_gamma() >= 1
 
 
+def test_a_busier_edge_shortens_the_draft() -> None:
+    """Load-aware: the same rounds at a batched edge, where each verified token costs the other sessions of the
+    forward pass the edge's marginal token time, choose a shorter gamma than alone; batch 1 changes nothing."""
+    alone, shared, busy = dl.AdaptiveGamma(4), dl.AdaptiveGamma(4), dl.AdaptiveGamma(4)
+    for g in (2, 3, 4, 5, 6) * 10:
+        rounds = dict(drafted=g, accepted=min(g, 4), draft_s=0.01 * g, round_s=0.01 * g + 0.2, uplink_bytes=10 * g)
+        alone.observe(dl.RoundObservation(**rounds))
+        shared.observe(dl.RoundObservation(**rounds, batch=1, verify_token_s=0.006))
+        busy.observe(dl.RoundObservation(**rounds, batch=16, verify_token_s=0.006))
+    assert shared.next_gamma() == alone.next_gamma()
+    assert busy.model.costs()[0] == pytest.approx(alone.model.costs()[0] + 15 * 0.006, rel=0.02)
+    assert busy.next_gamma() < alone.next_gamma()
+
+
 def test_prefill_rounds_teach_alpha_but_not_costs() -> None:
     """A session's first round carries the prompt's prefill: a one-off cost that must not read as per-token."""
     per_tok, fixed, prefill = 0.07, 0.25, 0.06

@@ -98,6 +98,10 @@ class RoundObservation:
     # The round also (re)built a KV cache from the whole history: a session's first round (the prompt's
     # prefill on both sides) or a resync. Its times are one-off costs, not per-round or per-token ones.
     prefill: bool = False
+    # The edge's load, from the verdict: sessions that shared the forward pass, and what one more verified
+    # token costs that pass (batch_cost). 1 and 0 for a verifier that serves one session at a time.
+    batch: int = 1
+    verify_token_s: float = 0.0
 
 
 @dataclass
@@ -123,6 +127,7 @@ class CostModel:
     _tests: float = 0.0
     _draft_per_token: float | None = None
     _fixed: float | None = None
+    _shared_token: float = 0.0  # what one more drafted token costs the OTHER sessions of the batch
     # least-squares sufficient statistics of wait = b + slope * drafted
     _s: list[float] = field(default_factory=lambda: [0.0] * 5)
 
@@ -147,6 +152,7 @@ class CostModel:
             # (docs/bench/qwen-gamma-before-prefill-fix: mean gamma 3.4 where fixed gamma 6 was faster).
             return
         self.timed_rounds += 1
+        self._shared_token = _ewma(self._shared_token, r.verify_token_s * max(r.batch - 1, 0), 1 - d)
         if r.drafted:
             self._draft_per_token = _ewma(self._draft_per_token, r.draft_s / r.drafted, 1 - d)
         wait = max(r.round_s - r.draft_s, 0.0)
@@ -161,8 +167,14 @@ class CostModel:
         self._fixed = max((sy - self.wait_per_token * sx) / n, 0.0)
 
     def costs(self) -> tuple[float, float]:
-        """(c, b) in seconds: per draft token and per round."""
-        return (self._draft_per_token or 0.0) + self.wait_per_token, self._fixed or 0.0
+        """(c, b) in seconds: per draft token and per round.
+
+        Load-aware: at a batched edge, a verified token also delays every other session in the forward pass
+        by the edge's marginal token cost, so c carries that too (as vLLM shortens speculation as its batch
+        grows). Alone on the edge (batch 1) it adds nothing and the single-session optimum is unchanged.
+        """
+        c = (self._draft_per_token or 0.0) + self.wait_per_token + self._shared_token
+        return c, self._fixed or 0.0
 
 
 def _ewma(old: float | None, new: float, weight: float) -> float:

@@ -156,8 +156,10 @@ async def speculate(
         )
         stats.rounds.append(rs)
         if rs.drafted:
-            policy.observe(RoundObservation(rs.drafted, rs.accepted, rs.draft_s, rs.round_s, rs.uplink_bytes,
-                                            prefill=rebuilt))
+            # a budget-cut round verified fewer than it drafted: only those were tested, the rest not rejected
+            tested = rs.drafted if verdict.considered is None else verdict.considered
+            policy.observe(RoundObservation(tested, rs.accepted, rs.draft_s, rs.round_s, rs.uplink_bytes,
+                                            prefill=rebuilt, batch=verdict.batch, verify_token_s=verdict.token_s))
         if on_round is not None:
             await on_round(rs, new)
     stats.wall_s = time.perf_counter() - t_start
