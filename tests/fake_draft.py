@@ -4,6 +4,10 @@ It takes jobs on `draftwire.draft.start` (queue group `drafts`) and answers `{"a
 answers pings on `draftwire.draft.session.<session>` while it runs the session, honours
 `draftwire.cancel.<id>`, and after `delay` seconds publishes a canned result (the prompt upper-cased) to
 `draftwire.done.<session>` with `js.publish`. `die()` makes it vanish the way a killed process does.
+
+With `load` set it is a `draftwire-draft` micro service, as a real draft is: it also serves its own
+`draftwire.draft.start.<instance>` and reports `{"active": load + sessions it runs, "max": max_concurrent}`
+in its `$SRV.STATS` reply. Without, it is an older draft that reports nothing: only the queue group.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import msgpack
 
 from shared.core.prompt_request import GenerateJob
 from shared.io.bus import SUBJECTS, ensure_done_stream
+from shared.io.service_shell import ServiceContext, register
 
 
 def canned(job: GenerateJob, instance: str = "fake-draft") -> dict:
@@ -47,6 +52,8 @@ class FakeDraft:
         delay: float = 0.0,
         instance: str = "fake-draft",
         cancels: bool = True,
+        load: int | None = None,
+        max_concurrent: int = 8,
     ) -> None:
         self.nc, self.js, self.behaviour, self.delay, self.instance = (
             nc,
@@ -63,6 +70,9 @@ class FakeDraft:
         self.headers: list[dict] = []
         self.pings = 0
         self.finished: list[str] = []  # sessions whose result is stored and whose session subject is gone
+        self.load, self.max_concurrent = load, max_concurrent
+        self.subjects: list[str] = []  # the subject each start came on
+        self.svc = None
         self.received = asyncio.Event()
         self.release = asyncio.Event()
         self._running: dict[str, tuple[GenerateJob, object, asyncio.Task]] = {}  # by request id
@@ -70,15 +80,26 @@ class FakeDraft:
 
     async def start(self) -> FakeDraft:
         await ensure_done_stream(self.js)
-        self._subs = [
-            await self.nc.subscribe(SUBJECTS.draft_start, queue="drafts", cb=self._on_start),
-            await self.nc.subscribe(SUBJECTS.cancel_all, cb=self._on_cancel),
-        ]
+        self._subs = [await self.nc.subscribe(SUBJECTS.cancel_all, cb=self._on_cancel)]
+        if self.load is None:
+            start = await self.nc.subscribe(SUBJECTS.draft_start, queue="drafts", cb=self._on_start)
+            self._subs.append(start)
+        else:
+            ctx = ServiceContext(name="draft", instance=self.instance, args=None, nc=self.nc, tracer=None)
+            self.svc = await register(
+                ctx, "draftwire-draft", "fake draft",
+                [(SUBJECTS.draft_start, self._on_start, "drafts"),
+                 (SUBJECTS.draft_start_instance(self.instance), self._on_start, self.instance)],
+                stats=lambda: {"active": self.load + len(self._running), "max": self.max_concurrent},
+            )
         await self.nc.flush()
         return self
 
     async def die(self) -> None:
         """Stop answering anything and never publish: what the scheduler sees of a SIGKILLed draft."""
+        if self.svc is not None:
+            with contextlib.suppress(Exception):
+                await self.svc.stop()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -94,6 +115,7 @@ class FakeDraft:
     async def _on_start(self, msg) -> None:
         job = GenerateJob.decode(msg.data)
         self.jobs.append(job)
+        self.subjects.append(msg.subject)
         self.headers.append(dict(msg.headers or {}))
         self.received.set()
         if self.behaviour == "silent":

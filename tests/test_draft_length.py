@@ -83,7 +83,8 @@ def test_a_busier_edge_shortens_the_draft() -> None:
     forward pass the edge's marginal token time, choose a shorter gamma than alone; batch 1 changes nothing."""
     alone, shared, busy = dl.AdaptiveGamma(4), dl.AdaptiveGamma(4), dl.AdaptiveGamma(4)
     for g in (2, 3, 4, 5, 6) * 10:
-        rounds = dict(drafted=g, accepted=min(g, 4), draft_s=0.01 * g, round_s=0.01 * g + 0.2, uplink_bytes=10 * g)
+        rounds = {"drafted": g, "accepted": min(g, 4), "draft_s": 0.01 * g, "round_s": 0.01 * g + 0.2,
+                  "uplink_bytes": 10 * g}
         alone.observe(dl.RoundObservation(**rounds))
         shared.observe(dl.RoundObservation(**rounds, batch=1, verify_token_s=0.006))
         busy.observe(dl.RoundObservation(**rounds, batch=16, verify_token_s=0.006))

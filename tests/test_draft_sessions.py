@@ -264,8 +264,9 @@ async def test_session_pings_are_answered_while_the_model_works(client):
     assert (await asyncio.wait_for(done, 30))["error"]["code"] == "cancelled"
     assert worst < 0.25, worst
     # The model step under way when the cancel came (here the prompt's prefill) still runs to its end: a short
-    # job, queued behind it on the model thread, tells when it did, so the next test starts on an idle device.
-    _, after = await start_job(client, make_job(1))
+    # job that drafts (2 tokens: one drafted), so it waits for the model thread, tells when it did, and the next
+    # test starts on an idle device.
+    _, after = await start_job(client, make_job(2))
     assert "error" not in await asyncio.wait_for(after, 60)
 
 

@@ -56,10 +56,10 @@ def test_level_summary_counts_tokens_latencies_and_errors():
 def test_verifier_figures_are_per_level_deltas_and_none_when_not_reported():
     before = {"model": "m", "forwards": 10, "batch_rows": 20, "forward_tokens": 100, "busy": 1, "queue": 5}
     after = {"model": "m", "forwards": 20, "batch_rows": 60, "forward_tokens": 300, "busy": 4, "queue": 2,
-             "budget": 64}
+             "budget": 64, "peak_rss_mb": 700}
     fig = verifier_figures(before, after)
     assert fig == {"verifier_forwards": 10, "batch_occupancy": 4.0, "tokens_per_forward": 20.0,
-                   "verifier_busy": 3, "verifier_queue": 2, "verifier_budget": 64}
+                   "verifier_busy": 3, "verifier_queue": 2, "verifier_budget": 64, "verifier_peak_rss_mb": 700}
     old = {"model": "m", "sessions": 3, "rounds": 9}  # a verifier from before batching
     assert set(verifier_figures(old, old).values()) == {None}
     assert set(verifier_figures(None, None).values()) == {None}

@@ -49,7 +49,7 @@ from shared.io.bus import (
     ensure_submit_stream,
     submit_subscription,
 )
-from shared.io.service_shell import READY_PREFIX, ServiceContext
+from shared.io.service_shell import READY_PREFIX, ServiceContext, register
 from tests.fake_draft import FakeDraft
 from tests.nats_fixtures import *
 from tests.otlp_receiver import *
@@ -876,3 +876,70 @@ def test_sessions_snapshot_orders_by_age():
         {"id": "b", "session": "bbbb", "state": "received", "age_s": 7.0, "deadline_in_s": 50.0},
         {"id": "a", "session": "aaaa", "state": "running", "age_s": 2.0, "deadline_in_s": 50.0},
     ]
+
+
+# --- placement by load --------------------------------------------------------------------------------------
+
+
+async def _loaded_verifier(nc, instance: str, sessions: int):
+    """A verifier as the scheduler sees one: a `draftwire-verifier` micro service that reports its load."""
+    ctx = ServiceContext(name="verifier", instance=instance, args=None, nc=nc, tracer=None)
+
+    async def verify(req):
+        await req.respond(b"")
+
+    return await register(ctx, "draftwire-verifier", "fake",
+                          [(SUBJECTS.verify_instance(instance), verify, instance)],
+                          stats=lambda: {"sessions": sessions, "queue": 0, "busy": 0, "max_queue": 64})
+
+
+async def _ask(nc, rid: str) -> dict:
+    msg = await nc.request("draftwire.prompts", json.dumps({"id": rid, "prompt": rid}).encode(), timeout=10)
+    return json.loads(msg.data)
+
+
+async def test_new_jobs_go_to_the_least_loaded_draft_and_name_the_least_loaded_verifier(nats_server, nc):
+    busy = await FakeDraft(nc, instance="draft-busy", load=3).start()
+    idle = await FakeDraft(nc, instance="draft-idle", load=0).start()
+    await _loaded_verifier(nc, "v-busy", sessions=4)
+    await _loaded_verifier(nc, "v-idle", sessions=0)
+    async with scheduler(nats_server.url):
+        for i in range(3):  # 0, 1, 2 sessions placed on the idle one: still fewer than the other's 3
+            assert (await _ask(nc, f"p{i}"))["stats"]["draft_instance"] == "draft-idle"
+    assert not busy.jobs and idle.subjects == [SUBJECTS.draft_start_instance("draft-idle")] * 3
+    assert [job.verifier for job in idle.jobs] == ["v-idle"] * 3
+
+
+async def test_a_burst_of_jobs_counts_the_sessions_it_placed_and_spreads(nats_server, nc):
+    busy = await FakeDraft(nc, "hold", instance="draft-busy", load=2).start()
+    idle = await FakeDraft(nc, "hold", instance="draft-idle", load=0).start()
+    async with scheduler(nats_server.url):
+        pending = [asyncio.ensure_future(_ask(nc, f"b{i}")) for i in range(6)]
+        await _until(lambda: _true(len(busy.jobs) + len(idle.jobs) == 6), what="six jobs placed")
+        busy.release.set()
+        idle.release.set()
+        await asyncio.gather(*pending)
+    # loads 0 and 2, six sessions: four and two, give or take a gathering in the middle of the burst
+    assert 1 <= len(busy.jobs) <= 3, (len(busy.jobs), len(idle.jobs))
+
+
+async def test_with_no_draft_reporting_a_load_jobs_still_run_through_the_queue_group(nats_server, nc):
+    old = await FakeDraft(nc, instance="draft-old").start()  # an older draft: no micro stats, no own subject
+    await _loaded_verifier(nc, "v-idle", sessions=0)
+    async with scheduler(nats_server.url):
+        assert (await _ask(nc, "q1"))["text"] == "Q1"
+    assert old.subjects == [SUBJECTS.draft_start]
+    assert old.jobs[0].verifier is None  # an older draft would refuse the field
+
+
+async def test_a_draft_gone_since_it_reported_its_load_is_left_for_another(nats_server, nc):
+    other = await FakeDraft(nc, instance="draft-other", load=4).start()
+    idle = await FakeDraft(nc, instance="draft-idle", load=0).start()
+    async with scheduler(nats_server.url):
+        assert (await _ask(nc, "g1"))["stats"]["draft_instance"] == "draft-idle"
+        await idle.die()  # within the half second the loads are kept: the next job is placed on it first
+        t0 = time.monotonic()
+        assert (await _ask(nc, "g2"))["stats"]["draft_instance"] == "draft-other"
+        # "no responders" at once, then the next least-loaded draft; not a wait for the next gathering
+        assert time.monotonic() - t0 < 0.25
+    assert other.subjects == [SUBJECTS.draft_start_instance("draft-other")]

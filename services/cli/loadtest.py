@@ -115,6 +115,7 @@ def verifier_figures(before: dict | None, after: dict | None) -> dict:
         "verifier_busy": delta("busy"),
         "verifier_queue": now.get("queue"),
         "verifier_budget": now.get("budget"),
+        "verifier_peak_rss_mb": now.get("peak_rss_mb"),
     }
 
 
@@ -340,8 +341,9 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 def _table(rows: list[dict]) -> str:
     head = ("| sessions | completed | aggregate tok/s | session tok/s p50 | TTFT p50 s | TTFT p99 s | ITL p50 s "
-            "| ITL p99 s | rows/forward | tokens/forward | busy (client/verifier) | differ from alone |")
-    lines = [f"{SERVICES_LABEL}:", head, "|" + "---|" * 12]
+            "| ITL p99 s | rows/forward | tokens/forward | busy (client/verifier) | differ from alone "
+            "| verifier peak RSS MB |")
+    lines = [f"{SERVICES_LABEL}:", head, "|" + "---|" * 13]
     for r in rows:
         ident = r.get("identical")
         differ = "-" if ident is None else f"{ident['mismatches']}/{ident['checked']}"
@@ -349,7 +351,7 @@ def _table(rows: list[dict]) -> str:
                      f"{_fmt(r['session_tokens_per_s_p50'], 1)} | {_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p99_s'])} "
                      f"| {_fmt(r['itl_p50_s'])} | {_fmt(r['itl_p99_s'])} | {_fmt(r['batch_occupancy'], 2)} | "
                      f"{_fmt(r['tokens_per_forward'], 1)} | {r['busy']}/{_opt(r['verifier_busy'])} | "
-                     f"{differ} |")
+                     f"{differ} | {_opt(r.get('verifier_peak_rss_mb'))} |")
     return "\n".join(lines)
 
 

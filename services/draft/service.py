@@ -16,11 +16,15 @@ Stopping uses the TARGET's EOS ids, learnt from `draftwire.verifier.info` (lossl
 target). Accepted text is streamed on `draftwire.stream.<id>` with `offset` (tokens before the chunk), and every
 round and request is published as a telemetry event. The link to the edge is `verifier_link.NatsEdge`.
 
-Fair share: at most `--max-concurrent` generations run at once (later ones wait for a slot, first come first
-served, still answering session pings and cancels). Their model work runs on ONE worker thread whose queue is
-FIFO: every round submits its draft step and waits, so N running generations interleave step by step and each
-gets about 1/N of the model; none can hold the thread for more than one step. Nothing slow runs on the event
-loop (tokenizing goes to a thread), so pings, cancels and session pings are answered during any generation.
+Fair share and batching: at most `--max-concurrent` generations run at once (later ones wait for a slot, first
+come first served, still answering session pings and cancels). Each drafts on its own thread (a pool of
+`--max-concurrent`), and every draft step goes to ONE model thread (`shared.models.forward_batcher`), which
+runs the steps of every generation that is drafting as one batched forward pass, one per generation (it waits
+for a drafting generation still sampling its last token, never on a timer): N generations drafting together
+advance a token each per pass, none can hold the model for more than one step, and their rounds reach the
+verifier together, where they batch again. Only the model thread computes (`--torch-threads` is its
+intra-op pool); the drafting threads sample and wait. Nothing slow runs on the event loop (tokenizing goes to a
+thread), so pings, cancels and session pings are answered during any generation.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from shared.io.service_shell import (
     run,
     service_parser,
 )
+from shared.models.forward_batcher import BatchedModel, ForwardBatcher
 from shared.models.runtime import LoadedModel, load_model
 
 log = logging.getLogger("draftwire.draft")
@@ -173,8 +178,10 @@ async def start(ctx: ServiceContext) -> None:
     args = ctx.args
     if args.max_concurrent < 1:
         raise SystemExit("draftwire-draft: error: --max-concurrent must be >= 1")
-    model = await asyncio.to_thread(load_model, args.draft_model, args.draft_dtype, False)
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
+    model = await asyncio.to_thread(load_model, args.draft_model, args.draft_dtype, False, args.draft_device)
+    batcher = ForwardBatcher("draft-model")  # the one thread that runs the model, for every session at once
+    drafting = BatchedModel(model, batcher)
+    workers = ThreadPoolExecutor(max_workers=args.max_concurrent, thread_name_prefix="draft")
     slots = asyncio.Semaphore(args.max_concurrent)
     runs: dict[str, Run] = {}  # session -> run
     directory = VerifierDirectory(ctx.nc)
@@ -187,8 +194,12 @@ async def start(ctx: ServiceContext) -> None:
         """The draft model, when the job's mode uses one (its context then bounds the job too)."""
         return model if job.spec.mode != "ar" else None
 
+    def batched(fn):
+        with batcher.drafting():  # its next step is coming: the model thread waits for it (no timer)
+            return fn()
+
     async def compute(fn):
-        return await loop.run_in_executor(worker, fn)
+        return await loop.run_in_executor(workers, batched, fn)
 
     async def publish(subject: str, body: dict, fmt: str = "msgpack") -> None:
         try:
@@ -203,7 +214,7 @@ async def start(ctx: ServiceContext) -> None:
             raise RemoteError("vocab_mismatch", f"draft {model.name} has vocabulary {model.vocab_size} but target "
                                              f"{target.model} has {target.vocab_size}")
         run.session = session = new_session(
-            model, model, target.eos_token_ids, target.vocab_size, run.prompt_ids, job.params, job.spec,
+            drafting, model, target.eos_token_ids, target.vocab_size, run.prompt_ids, job.params, job.spec,
             job.session, job.deadline, job.resume,
         )
         text = TextStream(model.decode)
@@ -287,7 +298,8 @@ async def start(ctx: ServiceContext) -> None:
 
     async def lifecycle(run: Run, parent) -> None:
         job = run.job
-        link = NatsEdge(ctx.nc, directory, ctx.tracer, args.verify_timeout, args.verifier_wait)
+        link = NatsEdge(ctx.nc, directory, ctx.tracer, args.verify_timeout, args.verifier_wait,
+                        prefer=job.verifier)
         try:
             with ctx.tracer.start_as_current_span("draft.generate", context=parent,
                                                   kind=trace.SpanKind.SERVER) as span:
@@ -378,15 +390,19 @@ async def start(ctx: ServiceContext) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        worker.shutdown(wait=False)
+        await asyncio.to_thread(batcher.close, 10.0)  # drafting threads still waiting get BatcherClosed
+        log.info("drafted %d rows in %d forwards", batcher.rows, batcher.passes)
+        workers.shutdown(wait=False)
 
     ctx.cleanups.append(cancel_runs)
     await register(
         ctx,
         "draftwire-draft",
         "draft model and speculative loop (device)",
-        [(SUBJECTS.draft_start, handle_start, "drafts")],
+        [(SUBJECTS.draft_start, handle_start, "drafts"),  # any instance; the scheduler's fallback
+         (SUBJECTS.draft_start_instance(ctx.instance), handle_start, ctx.instance)],  # placed on this one
         metadata={"model": args.draft_model, "dtype": args.draft_dtype},
+        stats=lambda: {"active": len(runs), "max": args.max_concurrent},  # the scheduler places by it
     )
     log.info("drafting with %s (%s)", model.name, model.dtype)
 

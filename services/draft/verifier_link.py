@@ -5,15 +5,16 @@ warm, and while a round is in flight it pings that instance's micro service (`$S
 NATS answers "no responders" the moment the instance's connection is gone, which ends the wait at once
 instead of after a timeout. The round then goes to another verifier, which answers `unknown_session`, and the
 speculation loop resends it with the token history. The verify timeout stays as the backstop for a verifier
-that is connected but hung. Instances are found with micro discovery (`$SRV.PING.draftwire-verifier`); when
-none is known the round goes to the `verifiers` queue group and the reply names who took it.
+that is connected but hung. Instances are found with micro stats (`$SRV.STATS.draftwire-verifier`), whose
+replies name each instance, its micro service id and its load. A session goes to the verifier the scheduler
+placed it on (`GenerateJob.verifier`) while that one is known, else to the least-loaded one
+(`shared.core.placement`); when none is known the round goes to the `verifiers` queue group and the reply
+names who took it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import random
 import time
@@ -23,11 +24,13 @@ from nats.aio.client import Client
 from opentelemetry import trace
 
 from shared.core.backoff import Backoff
+from shared.core.placement import least_loaded, verifier_load
 from shared.core.protocol import TargetInfo, Verdict, VerifyRequest, decode_any
 from shared.core.race import unless
 from shared.core.speculation import RemoteError
 from shared.io import bus
 from shared.io.bus import INSTANCE_HEADER, SERVICE_ERROR_HEADER, SUBJECTS
+from shared.io.loads import LoadBoard
 
 log = logging.getLogger("draftwire.draft")
 
@@ -36,7 +39,7 @@ PING_EVERY_S = 0.5  # liveness ping of the addressed verifier while a round is i
 PING_TIMEOUT_S = 1.0  # a ping that times out is not proof of death: the verify timeout decides then
 DISCOVERY_WAIT_S = 0.5  # for the first discovery reply ("no responders" comes at once)
 DISCOVERY_QUIET_S = 0.1  # further replies are collected until none came for this long
-DISCOVERY_TTL_S = 10.0  # rediscover at most this often unless the known instances ran out
+DISCOVERY_TTL_S = 1.0  # loads and instances are gathered again (in the background) when older than this
 INFO_TIMEOUT_S = 2.0
 
 
@@ -45,42 +48,47 @@ class VerifierGone(Exception):
 
 
 class VerifierDirectory:
-    """Verifier instances known from micro discovery (instance name -> micro service id), and the target info.
+    """Verifier instances known from micro stats (instance name -> micro service id, and each one's load), and
+    the target info.
 
-    Shared by every session of a draft instance: one discovery and one info fetch serve them all.
+    Shared by every session of a draft instance: one gathering and one info fetch serve them all. A session
+    goes to the verifier the scheduler placed it on while that one is known, else to the least-loaded one.
     """
 
     def __init__(self, nc: Client, rng: random.Random | None = None) -> None:
         self.nc = nc
         self.ids: dict[str, str] = {}
-        self.rng = rng or random.Random()
+        self.board = LoadBoard(nc, VERIFIER_SERVICE, verifier_load, ttl=DISCOVERY_TTL_S,
+                               window=DISCOVERY_WAIT_S, quiet=DISCOVERY_QUIET_S, rng=rng)
         self._refreshed = float("-inf")
-        self._refresh_lock = asyncio.Lock()
         self._info: TargetInfo | None = None
         self._background: asyncio.Future | None = None
 
     async def refresh(self) -> None:
-        """Ask every verifier for its identity; while one refresh runs, others wait for it instead."""
-        if self._refresh_lock.locked():
-            async with self._refresh_lock:
-                return
-        async with self._refresh_lock:
-            found = await _discover(self.nc, VERIFIER_SERVICE)
-            self.ids = found
-            self._refreshed = time.monotonic()
+        """Gather every verifier's identity and load; while one gathering runs, others wait for it instead."""
+        await self.board.refresh()
+        self.ids = {r.instance: r.service_id for r in self.board.reported.values()}
+        self._refreshed = time.monotonic()
 
-    async def pick(self, exclude: set[str]) -> tuple[str, str] | None:
-        """A known live instance (name, service id) other than `exclude`, chosen at random to spread sessions."""
+    async def pick(self, exclude: set[str], prefer: str | None = None) -> tuple[str, str] | None:
+        """A known live instance (name, service id) other than `exclude`: `prefer` (the scheduler's choice)
+        when it is one, else the least loaded (ties at random, so sessions spread)."""
         age = time.monotonic() - self._refreshed
-        if not set(self.ids) - exclude:
+        wanted = prefer is not None and prefer not in exclude
+        if not set(self.ids) - exclude or (wanted and prefer not in self.ids):
             if age > PING_EVERY_S:
                 await self.refresh()
         elif age > DISCOVERY_TTL_S and (self._background is None or self._background.done()):
             self._background = asyncio.ensure_future(self.refresh())  # meanwhile, what we know will do
-        candidates = sorted(set(self.ids) - exclude)
-        if not candidates:
-            return None
-        name = self.rng.choice(candidates)
+        if wanted and prefer in self.ids:
+            name = prefer
+        else:
+            known = [load for load in self.board.loads() if load.instance in self.ids]
+            chosen = least_loaded(known, self.board.rng, exclude)
+            if chosen is None:
+                return None
+            name = chosen.instance
+        self.board.placed(name)
         return name, self.ids[name]
 
     def service_id(self, instance: str) -> str | None:
@@ -88,6 +96,7 @@ class VerifierDirectory:
 
     def forget(self, instance: str) -> None:
         self.ids.pop(instance, None)
+        self.board.forget(instance)
 
     async def target(self, give_up_at: float) -> TargetInfo:
         """The target's info, fetched once and cached; waits (with backoff) for a verifier until `give_up_at`
@@ -116,31 +125,6 @@ class VerifierDirectory:
         self._info = None
 
 
-async def _discover(nc: Client, service: str) -> dict[str, str]:
-    """instance -> service id of every running instance of a micro service (empty at once if there is none)."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    found: dict[str, str] = {}
-    try:
-        await nc.publish(f"$SRV.PING.{service}", b"", reply=inbox)
-        wait = DISCOVERY_WAIT_S
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=wait)
-            except nats.errors.TimeoutError:
-                break
-            if (msg.headers or {}).get("Status") == "503":  # no responders
-                break
-            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-                ping = json.loads(msg.data)
-                found[bus.validate_token(ping["metadata"]["instance"], "instance")] = str(ping["id"])
-            wait = DISCOVERY_QUIET_S
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return found
-
-
 class NatsEdge:
     """One session's path to the edge (an `EdgeTransport`): sticky to one verifier instance, failing over fast.
 
@@ -149,9 +133,10 @@ class NatsEdge:
     """
 
     def __init__(self, nc: Client, directory: VerifierDirectory, tracer, verify_timeout: float,
-                 verifier_wait: float) -> None:
+                 verifier_wait: float, prefer: str | None = None) -> None:
         self.nc = nc
         self.directory = directory
+        self.prefer = prefer  # the verifier the scheduler placed the session on
         self.tracer = tracer
         self.verify_timeout = verify_timeout
         self.verifier_wait = verifier_wait
@@ -164,8 +149,9 @@ class NatsEdge:
         give_up = time.monotonic() + self.verifier_wait
         backoff = Backoff(initial=0.05, cap=2.0)
         while True:
-            if self.instance is None and (picked := await self.directory.pick(self._failed)) is not None:
-                self.instance = picked[0]
+            if self.instance is None:
+                picked = await self.directory.pick(self._failed, self.prefer)
+                self.instance = picked[0] if picked is not None else None
             instance = self.instance
             subject = SUBJECTS.verify_instance(instance) if instance else SUBJECTS.verify
             try:

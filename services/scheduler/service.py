@@ -16,13 +16,17 @@ copy; their results and errors go to `draftwire.results.<id>` only.
 Work. All schedulers pull from one durable consumer with a short ack_wait, send in-progress acks every
 second while working, and hold at most `--max-inflight` jobs each. For a job: one whose reply was claimed
 already is only acked; a result already in DRAFTWIRE_DONE is delivered; a draft still running the session
-(its session subject answers) is followed; otherwise the job goes to `draftwire.draft.start`, retried with
-backoff while no draft instance exists (`no_draft` at the deadline). While it runs the scheduler pings the
-session every half second; "no responders" twice in a row (about a second) means the draft died, and the
-same job (same session, resuming after the tokens the last ping reported) is dispatched again. Every
-dispatch first looks for the result once more, so a draft that finished just before its session went quiet
-is not run again. A scheduler killed mid-job stops heartbeating, and JetStream hands the job to another one,
-which resumes it the same way. Past the deadline plus a grace with no result: `deadline_exceeded`.
+(its session subject answers) is followed; otherwise the job is placed: on the least-loaded draft instance
+(its own `draftwire.draft.start.<instance>`), naming the least-loaded verifier in the job, from the loads
+the instances report in their `$SRV.STATS` replies (gathered at most every half second; the jobs placed
+meanwhile count towards them). With no draft reporting a load (older drafts) the job goes to the queue group
+`draftwire.draft.start`, retried with backoff while no draft instance exists (`no_draft` at the deadline).
+While it runs the scheduler pings the session every half second; "no responders" twice in a row (about a
+second) means the draft died, and the same job (same session, resuming after the tokens the last ping
+reported) is dispatched again. Every dispatch first looks for the result once more, so a draft that finished
+just before its session went quiet is not run again. A scheduler killed mid-job stops heartbeating, and
+JetStream hands the job to another one, which resumes it the same way. Past the deadline plus a grace with no
+result: `deadline_exceeded`.
 
 One reply. Before replying, a scheduler creates key `<session>` in the KV bucket DRAFTWIRE_DELIVERED; one
 that cannot (the key exists) only acks. The reply goes to the stored reply subject and to
@@ -70,6 +74,7 @@ from shared.core.params import (
     ParamError,
     SpecParams,
 )
+from shared.core.placement import draft_load, verifier_load
 from shared.core.prompt_request import (
     REPLY_CONTENT_TYPES,
     SESSION_ID_HEX,
@@ -101,6 +106,7 @@ from shared.io.bus import (
     submit_subscription,
     validate_token,
 )
+from shared.io.loads import LoadBoard
 from shared.io.service_shell import ServiceContext, env, env_float, env_int, register, run, service_parser
 
 log = logging.getLogger("draftwire.scheduler")
@@ -118,6 +124,11 @@ DEADLINE_GRACE_S = 3.0  # the draft enforces the deadline and reports; this long
 CANCEL_GRACE_S = 3.0  # a running job's draft reports its cancel (with the partial text) within this
 CLOCK_SLACK_S = 1.0  # a cancel applies to jobs accepted up to this long after it (clocks of two hosts)
 DELIVERED_MARGIN_S = 15 * 60.0
+LOADS_TTL_S = 0.5  # instance loads are gathered again when older than this (a burst of jobs shares one)
+LOADS_WINDOW_S = 0.1  # waiting for the instances' $SRV.STATS replies (those seen last time end it sooner)
+LOADS_QUIET_S = 0.02  # once they answered, further replies are taken until none came for this long
+DRAFT_SERVICE = "draftwire-draft"
+VERIFIER_SERVICE = "draftwire-verifier"
 JS_LIMIT_EXCEEDED = 10077  # a stream refused a message: per subject (a duplicate id) or in total (full)
 
 
@@ -163,7 +174,7 @@ def build_parser():
     p.add_argument(
         "--max-inflight",
         type=int,
-        default=env_int("MAX_INFLIGHT", 8),
+        default=env_int("MAX_INFLIGHT", 64),
         help="jobs this instance works on at once; the rest wait in JetStream [DRAFTWIRE_MAX_INFLIGHT]",
     )
     return p
@@ -322,6 +333,9 @@ class Scheduler:
         self._tasks: list[asyncio.Task] = []
         self._side_tasks: set[asyncio.Task] = set()
         self._subs: list = []
+        board = {"ttl": LOADS_TTL_S, "window": LOADS_WINDOW_S, "quiet": LOADS_QUIET_S}
+        self.drafts = LoadBoard(nc, DRAFT_SERVICE, draft_load, **board)
+        self.verifiers = LoadBoard(nc, VERIFIER_SERVICE, verifier_load, **board)
 
     async def start(self) -> None:
         await ensure_jobs_stream(self.js)
@@ -657,27 +671,50 @@ class Scheduler:
         if (body := await self._finished(w, done)) is not None:
             return body
         job = w.record.job
-        payload = job.encode()
         backoff = Backoff(initial=0.1, cap=1.0)
+        gone: set[str] = set()  # drafts that reported a load but whose own start subject had no responders
         while True:
             if w.cancelled_at is not None:
                 return _cancelled(job.id)
             if time.time() > job.deadline:
                 return error_body("no_draft", "no draft instance took the job before its deadline", job.id)
+            subject, payload, draft = await self._place(job, gone)
             w.state = "dispatching"
             try:
-                msg = await bus.request(self.nc, SUBJECTS.draft_start, payload, timeout=START_TIMEOUT_S)
+                msg = await bus.request(self.nc, subject, payload, timeout=START_TIMEOUT_S)
             except nats.errors.NoRespondersError:
+                if draft is not None:  # stopped since it reported: place the job again without it
+                    gone.add(draft)
+                    self.drafts.forget(draft)
+                    continue
                 w.state = "waiting_for_draft"
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(w.cancel_event.wait(), backoff.next())
                 continue
             except TimeoutError:  # a draft may have taken it after all: the liveness pings will tell
-                log.warning("job %s: no answer from draftwire.draft.start in %gs", job.id, START_TIMEOUT_S)
+                log.warning("job %s: no answer from %s in %gs", job.id, subject, START_TIMEOUT_S)
                 w.state = "running"
                 return None
             w.state = "running"
             return start_outcome(msg.data, msg.headers, job.id)
+
+    async def _place(self, job: GenerateJob, gone: set[str]) -> tuple[str, bytes, str | None]:
+        """Where the job goes: (subject, payload, the draft instance addressed or None).
+
+        The least-loaded draft that reports its load gets the job on its own start subject, with the
+        least-loaded verifier that reports one named in it. A draft of unknown load (an older one, which
+        serves neither its own subject nor knows the job's `verifier` field) and no draft at all mean the
+        queue group and the job as stored. A placement counts at once: the jobs dispatched meanwhile see it.
+        """
+        draft, verifier = await asyncio.gather(self.drafts.choose(gone), self.verifiers.choose())
+        if draft is None or draft.key is None:
+            return SUBJECTS.draft_start, job.encode(), None
+        self.drafts.placed(draft.instance)
+        if verifier is not None and verifier.key is not None:
+            job = replace(job, verifier=verifier.instance)
+            self.verifiers.placed(verifier.instance)
+        log.debug("job %s: placed on draft %s, verifier %s", job.id, draft.instance, job.verifier)
+        return SUBJECTS.draft_start_instance(draft.instance), job.encode(), draft.instance
 
     async def _finished(self, w: Work, done) -> dict | None:
         """The session's result if there is one already: a done message received, or one stored."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from concurrent.futures import ThreadPoolExecutor
 
 from nats.micro import Request
@@ -65,6 +66,8 @@ async def start(ctx: ServiceContext) -> None:
     model = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False, args.target_device)
     core = VerifierCore(model, max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens)
     target = TargetInfo(model.name, model.vocab_size, tuple(model.eos_token_ids), model.context_length)
+    # memory is bounded: the weights, at most max_cached_tokens of KV (LRU eviction), one batch's temporaries
+    kv_bound_mb = args.max_cached_tokens * core.kv_bytes_per_token() // (1 << 20)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
     ctx.cleanups.append(lambda: asyncio.to_thread(worker.shutdown, True))
     batcher = Batcher(core, worker, args.verify_budget, args.max_queue)
@@ -112,6 +115,8 @@ async def start(ctx: ServiceContext) -> None:
             instance=ctx.instance, sessions=core.sessions, rounds=rounds, forwards=core.forwards,
             batch_rows=core.batch_rows, forward_tokens=core.forward_tokens, busy=batcher.busy,
             queue=len(batcher.waiting), budget=batcher.budget,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # Linux: KiB
+            cached_tokens=core.cached_tokens, kv_bound_mb=kv_bound_mb,
         ))
 
     async def on_close(msg) -> None:
@@ -128,10 +133,13 @@ async def start(ctx: ServiceContext) -> None:
             (SUBJECTS.verifier_info, handle_info, VERIFY_QUEUE),
         ],
         metadata={"model": args.target_model, "dtype": args.target_dtype},
+        stats=lambda: {"sessions": core.sessions, "queue": len(batcher.waiting), "busy": batcher.busy,
+                       "max_queue": batcher.max_queue},  # the scheduler and the drafts place sessions by it
     )
     await ctx.nc.subscribe(SUBJECTS.sessions_close, cb=on_close)
-    log.info("serving %s (%s) on %s and %s", model.name, model.dtype, SUBJECTS.verify,
-             SUBJECTS.verify_instance(ctx.instance))
+    log.info("serving %s (%s) on %s and %s; batches of up to %d tokens, %d rounds queued at most, KV cache "
+             "bounded at %d MiB", model.name, model.dtype, SUBJECTS.verify, SUBJECTS.verify_instance(ctx.instance),
+             args.verify_budget, args.max_queue, kv_bound_mb)
 
 
 def main(argv: list[str] | None = None) -> None:

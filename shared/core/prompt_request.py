@@ -320,6 +320,7 @@ def _valid_token(value: str) -> bool:
 # --- the scheduler -> draft job ---------------------------------------------------------------------------
 
 _JOB_KEYS = frozenset({"id", "prompt", "params", "spec", "stream", "format", "session", "deadline", "resume"})
+_JOB_OPTIONAL_KEYS = frozenset({"verifier"})
 MAX_RESUME_TOKENS = 1 << 18  # a resumed job's generated tokens travel as 4 bytes each
 MAX_JOB_BYTES = MAX_REQUEST_BYTES + 4 * MAX_RESUME_TOKENS
 
@@ -340,21 +341,25 @@ class GenerateJob:
     # them instead of starting over. Seeded per position, the continuation is the one the lost run would have
     # made (greedy always; sampled whenever the draft length does not depend on timing).
     resume: tuple[int, ...] = ()
+    # The verifier instance the scheduler placed the session on (the least loaded it saw); the draft uses it
+    # while it is alive. Encoded only when set, and only sent to drafts that serve their own start subject.
+    verifier: str | None = None
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            {
-                "id": self.id,
-                "prompt": self.prompt,
-                "params": asdict(self.params),
-                "spec": asdict(self.spec),
-                "stream": self.stream,
-                "format": self.format,
-                "session": self.session,
-                "deadline": self.deadline,
-                "resume": np.asarray(self.resume, dtype="<u4").tobytes(),
-            }
-        )
+        body = {
+            "id": self.id,
+            "prompt": self.prompt,
+            "params": asdict(self.params),
+            "spec": asdict(self.spec),
+            "stream": self.stream,
+            "format": self.format,
+            "session": self.session,
+            "deadline": self.deadline,
+            "resume": np.asarray(self.resume, dtype="<u4").tobytes(),
+        }
+        if self.verifier is not None:
+            body["verifier"] = self.verifier
+        return msgpack.packb(body)
 
     @classmethod
     def decode(cls, data: bytes) -> GenerateJob:
@@ -373,8 +378,8 @@ def _decode_job(data: bytes) -> GenerateJob:
         raise RequestError("bad_encoding", f"job is not valid msgpack: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise RequestError("bad_request", f"a job must be a msgpack map, got {type(obj).__name__}")
-    if set(obj) != _JOB_KEYS:
-        missing, extra = _JOB_KEYS - set(obj), set(obj) - _JOB_KEYS
+    if set(obj) - _JOB_OPTIONAL_KEYS != _JOB_KEYS:
+        missing, extra = _JOB_KEYS - set(obj), set(obj) - _JOB_KEYS - _JOB_OPTIONAL_KEYS
         message = f"job fields: missing {sorted(missing)}, unknown {sorted(map(str, extra))}"
         raise RequestError("bad_request", message)
     rid, prompt, stream, fmt = obj["id"], obj["prompt"], obj["stream"], obj["format"]
@@ -400,7 +405,11 @@ def _decode_job(data: bytes) -> GenerateJob:
         message = f"job resumes {len(resume) // 4} tokens, more than max_new_tokens {params.max_new_tokens}"
         raise RequestError("bad_request", message, request_id=rid)
     resume_ids = tuple(int(t) for t in np.frombuffer(resume, dtype="<u4"))
-    return GenerateJob(rid, prompt, params, spec, stream, fmt, session, float(deadline), resume_ids)
+    verifier = obj.get("verifier")
+    if verifier is not None and (not isinstance(verifier, str) or not _valid_token(verifier)):
+        message = f"job verifier must be a valid NATS token, got {verifier!r}"
+        raise RequestError("bad_request", message, request_id=rid)
+    return GenerateJob(rid, prompt, params, spec, stream, fmt, session, float(deadline), resume_ids, verifier)
 
 
 def _params(cls, value: object, rid: str):

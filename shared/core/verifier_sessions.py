@@ -113,6 +113,18 @@ class VerifierCore:
     def sessions(self) -> int:
         return len(self._sessions)
 
+    @property
+    def cached_tokens(self) -> int:
+        return sum(len(s.seq) for s in self._sessions.values())
+
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of one cached token over all layers: what `max_cached_tokens` bounds, times this."""
+        cfg = self.model.model.config.get_text_config()
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = next(self.model.model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize
+
     def close(self, session: str) -> None:
         self._sessions.pop(session, None)
 
@@ -271,7 +283,7 @@ class VerifierCore:
         """Drop least-recently-used sessions beyond the count or cached-token budget (never the newest)."""
         while len(self._sessions) > 1 and (
             len(self._sessions) > self.max_sessions
-            or sum(len(s.seq) for s in self._sessions.values()) > self.max_cached_tokens
+            or self.cached_tokens > self.max_cached_tokens
         ):
             self._sessions.popitem(last=False)
             self.evictions += 1

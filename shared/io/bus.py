@@ -62,7 +62,7 @@ class Subjects:
     verify: str = f"{ROOT}.verify"
     verifier_info: str = f"{ROOT}.verifier.info"
     sessions_close: str = f"{ROOT}.sessions.close"
-    draft_start: str = f"{ROOT}.draft.start"
+    draft_start: str = f"{ROOT}.draft.start"  # queue group `drafts`; each also serves draft_start_instance
     events_round: str = f"{ROOT}.events.round"
     events_request: str = f"{ROOT}.events.request"
     events_all: str = f"{ROOT}.events.>"
@@ -87,6 +87,11 @@ class Subjects:
     def draft_session(self, session: str) -> str:
         """Held by the one draft instance running `session`: "no responders" here means nobody runs it."""
         return f"{ROOT}.draft.session.{validate_token(session, 'session id')}"
+
+    def draft_start_instance(self, instance: str) -> str:
+        """One draft instance's own start subject: the scheduler sends a job here to place it on that instance
+        (`draft_start`, queue group `drafts`, takes a job any instance may run)."""
+        return f"{ROOT}.draft.start.{validate_token(instance, 'draft instance')}"
 
     def verify_instance(self, instance: str) -> str:
         return f"{ROOT}.verify.{validate_token(instance, 'verifier instance')}"

@@ -170,11 +170,24 @@ async def register(
     description: str,
     endpoints: list[Endpoint],
     metadata: dict[str, str] | None = None,
+    stats: Callable[[], dict] | None = None,
 ) -> Service:
-    """Register a nats.micro service (so `$SRV.PING|INFO|STATS` find it) with per-endpoint queue groups."""
+    """Register a nats.micro service (so `$SRV.PING|INFO|STATS` find it) with per-endpoint queue groups.
+
+    `stats` returns this instance's load (a JSON-able dict), sent as every endpoint's `data` in the
+    `$SRV.STATS` reply, which is where placement reads it (`shared.io.loads`). A callback that raises
+    reports no load rather than leaving the stats request unanswered.
+    """
     from nats.micro import add_service
 
     from shared.io.bus import endpoint_name
+
+    def stats_handler(_endpoint) -> dict | None:
+        try:
+            return stats()
+        except Exception:  # the rest of the stats reply is still worth sending
+            log.exception("the stats callback of %s failed", name)
+            return None
 
     svc = await add_service(
         ctx.nc,
@@ -182,6 +195,7 @@ async def register(
         version=VERSION,
         description=description,
         metadata={"instance": ctx.instance, **(metadata or {})},
+        stats_handler=stats_handler if stats is not None else None,
     )
     for subject, handler, queue in endpoints:
         await svc.add_endpoint(name=endpoint_name(subject), subject=subject, handler=handler, queue_group=queue)
