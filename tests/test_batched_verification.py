@@ -106,6 +106,12 @@ def test_prefill_rows_run_alone_and_the_rest_batch(target, monkeypatch):
     long = list(range(batched_forward.PREFILL_ROWS + 5))
     next_logits_batch(seqs, [long, [1, 2, 3], [4, 5]], [1, 1, 2])
     assert calls == [2]
+    calls.clear()  # prefills of similar lengths share a pass, and each row is still itself alone
+    prompts = [list(range(3, 43)), list(range(5, 55)), list(range(9, 109)), [7, 8]]
+    got = next_logits_batch([target.new_sequence() for _ in prompts], prompts, [1, 3, 1, 2])
+    assert calls == [2]  # 40 and 50 new tokens share a pass; 100 and the short row run alone
+    for p, n, g in zip(prompts, [1, 3, 1, 2], got, strict=True):
+        assert float((target.new_sequence().next_logits(p, n) - g).abs().max()) < 1e-4
     with pytest.raises(ValueError, match="twice"):
         next_logits_batch([seqs[0], seqs[0]], [[1, 2], [1, 2]], [1, 1])
 
@@ -302,3 +308,28 @@ def test_busy_until_the_deadline_is_deadline_exceeded(target, draft):
     with pytest.raises(RemoteError, match="deadline_exceeded"):
         asyncio.run(speculate(session, _BusyThenServe(VerifierCore(target), times=10**6, retry_s=0.1),
                               decode=target.decode))
+
+
+async def test_a_pass_waits_briefly_for_sessions_still_drafting_but_a_lone_session_never_waits(target, draft):
+    core = VerifierCore(target, max_sessions=8)
+    with ThreadPoolExecutor(1) as worker:
+        batcher = Batcher(core, worker, budget=64, max_queue=16, hold=100.0, max_hold_s=0.5)
+        runner = asyncio.create_task(batcher.run())
+        a, b, c = _sessions(target, draft, 3, temperature=0.0)
+
+        async def round_of(session, delay: float = 0.0):
+            await asyncio.sleep(delay)
+            req = session.next_request()[0]
+            session.apply(req, decode_any(await batcher.submit(req)))
+
+        await asyncio.gather(round_of(a), round_of(b))
+        assert core.forwards == 1
+        await asyncio.gather(round_of(a), round_of(b, delay=0.05))  # b drafts longer: a's pass waits for it
+        assert (core.forwards, core.batch_rows) == (2, 4)
+        batcher.closed(a.session)
+        batcher.closed(b.session)
+        await round_of(c)
+        t0 = time.perf_counter()
+        await round_of(c)  # alone: nobody else is expected, so no hold
+        assert time.perf_counter() - t0 < 0.25
+        runner.cancel()

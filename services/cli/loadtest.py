@@ -217,7 +217,7 @@ async def _services_levels(args, levels: list[int], prompts: list[str]) -> tuple
         nats=None, nats_port=0, telemetry_port=0, draft_model=args.draft_model, draft_dtype=args.draft_dtype,
         target_model=args.target_model, target_dtype=args.target_dtype, mode=args.mode, gamma=args.gamma,
         k=args.k, torch_threads=1, target_device=getattr(args, "target_device", None),
-        draft_device=getattr(args, "draft_device", None),
+        draft_device=getattr(args, "draft_device", None), policy=args.policy, pipeline=args.pipeline,
     )
     stack = await start_stack(stack_args, quiet=not args.verbose)
     rows: list[dict] = []
@@ -411,6 +411,9 @@ def add_parser(sub, add_model_flags) -> None:
     p.add_argument("--mode", default="tkslt", help="speculation mode (default tkslt)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (default 4)")
     p.add_argument("--k", type=int, default=8, help="top-K per draft position (default 8)")
+    p.add_argument("--policy", default="fixed", choices=("fixed", "adaptive", "confidence"),
+                   help="draft-length policy (default fixed)")
+    p.add_argument("--pipeline", action="store_true", help="pipelined (PEARL) drafting")
     p.add_argument("--check-identical", action="store_true",
                    help="serve each prompt alone first and compare every level's outputs with those")
     p.add_argument("--replay", action="store_true",

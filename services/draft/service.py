@@ -78,7 +78,7 @@ def build_parser():
     p = service_parser("draft", __doc__.splitlines()[0])
     add_model_flags(p, "draft", "int8")
     p.add_argument(
-        "--max-concurrent", type=int, default=env_int("MAX_CONCURRENT", 4),
+        "--max-concurrent", type=int, default=env_int("MAX_CONCURRENT", 16),
         help="generations run at once; more wait for a slot [DRAFTWIRE_MAX_CONCURRENT]",
     )
     p.add_argument(

@@ -1,11 +1,12 @@
 """Verifier (edge): holds the target model and one KV cache per session, answers verify requests.
 
 Every instance serves `draftwire.verify.<instance>` and, in the `verifiers` queue group, `draftwire.verify`.
-Devices find instances through micro discovery (`$SRV.PING.draftwire-verifier`), address one directly so its
-KV cache stays warm, and ping its micro service while a round is in flight, so a dead instance is left at once
-(`services/draft/verifier_link.py`); the queue group is the fallback when none is known. Every reply names
-this instance in the `Draftwire-Instance` header. Whatever arrives is handled by
-`shared.core.speculation.verify_bytes`, the same function the in-process engine calls; a bad message gets an
+Devices find instances and their loads through micro stats (`$SRV.STATS.draftwire-verifier`; the scheduler
+names the least-loaded one in each job), address one directly so its KV cache stays warm, and ping its micro
+service while a round is in flight, so a dead instance is left at once (`services/draft/verifier_link.py`);
+the queue group is the fallback when none is known. Every reply names this instance in the
+`Draftwire-Instance` header. Whatever arrives is decoded by `shared.core.speculation.decode_round` and
+verified by `verify_rounds`, the functions the in-process engine calls too; a bad message gets an
 `ErrorReply`, never an exception that could stop the service. Model work runs in one worker thread so the
 event loop keeps answering pings and other sessions' messages while the target computes, and every round
 that arrives meanwhile joins the NEXT forward pass (`Batcher`: continuous batching across sessions, bounded by
@@ -21,6 +22,7 @@ close runs on the model thread like a verification, so it never races one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +31,19 @@ from nats.micro import Request
 from opentelemetry import trace
 
 from services.verifier.batcher import Batcher
-from shared.core.protocol import MAX_MESSAGE_BYTES, ErrorReply, TargetInfo
+from shared.core.protocol import MAX_MESSAGE_BYTES, CloseSession, ErrorReply, ProtocolError, TargetInfo
 from shared.core.speculation import decode_round, handle_close
 from shared.core.verifier_sessions import VerifierCore
 from shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
-from shared.io.service_shell import ServiceContext, add_model_flags, env_int, register, run, service_parser
+from shared.io.service_shell import (
+    ServiceContext,
+    add_model_flags,
+    env_float,
+    env_int,
+    register,
+    run,
+    service_parser,
+)
 from shared.models.runtime import load_model
 
 log = logging.getLogger("draftwire.verifier")
@@ -53,6 +63,11 @@ def build_parser():
              "(TETRIS) [DRAFTWIRE_VERIFY_BUDGET]",
     )
     p.add_argument(
+        "--batch-hold", type=float, default=env_float("BATCH_HOLD", 0.0),
+        help="wait at most this fraction of a forward pass for sessions of the last passes still drafting "
+             "(0: pure continuous batching) [DRAFTWIRE_BATCH_HOLD]",
+    )
+    p.add_argument(
         "--max-queue", type=int, default=env_int("MAX_QUEUE", 256),
         help="rounds waiting for a forward pass; beyond it a round is refused `busy` [DRAFTWIRE_MAX_QUEUE]",
     )
@@ -61,8 +76,8 @@ def build_parser():
 
 async def start(ctx: ServiceContext) -> None:
     args = ctx.args
-    if args.verify_budget < 1 or args.max_queue < 1:
-        raise SystemExit("verifier: --verify-budget and --max-queue must be >= 1")
+    if args.verify_budget < 1 or args.max_queue < 1 or not args.batch_hold >= 0:
+        raise SystemExit("verifier: --verify-budget and --max-queue must be >= 1, --batch-hold >= 0")
     model = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False, args.target_device)
     core = VerifierCore(model, max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens)
     target = TargetInfo(model.name, model.vocab_size, tuple(model.eos_token_ids), model.context_length)
@@ -70,7 +85,7 @@ async def start(ctx: ServiceContext) -> None:
     kv_bound_mb = args.max_cached_tokens * core.kv_bytes_per_token() // (1 << 20)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
     ctx.cleanups.append(lambda: asyncio.to_thread(worker.shutdown, True))
-    batcher = Batcher(core, worker, args.verify_budget, args.max_queue)
+    batcher = Batcher(core, worker, args.verify_budget, args.max_queue, hold=args.batch_hold)
     runner = asyncio.create_task(batcher.run(), name="verify-batches")
 
     async def stop_runner() -> None:
@@ -122,6 +137,9 @@ async def start(ctx: ServiceContext) -> None:
     async def on_close(msg) -> None:
         if await loop.run_in_executor(worker, handle_close, core, msg.data) is not None:
             log.warning("ignored a malformed message on %s", SUBJECTS.sessions_close)
+            return
+        with contextlib.suppress(ProtocolError):
+            batcher.closed(CloseSession.decode(msg.data).session)
 
     await register(
         ctx,

@@ -13,7 +13,7 @@ wrong are set per row here and nowhere else:
   own cache; the pads never leave the batch.
 
 A long new segment (a prompt's prefill, a resync) would pad every other row to its length, so rows with more
-than `PREFILL_ROWS` new tokens run on their own. Models whose caches are not plain full-attention layers
+than `PREFILL_ROWS` new tokens share a pass only with rows of a similar length (prefills arriving together). Models whose caches are not plain full-attention layers
 (sliding windows: Gemma 3) and sequences that are not `KVSequence`s (test doubles) run one at a time through
 `next_logits`: same results, no batching.
 """
@@ -28,7 +28,8 @@ from transformers.cache_utils import DynamicLayer
 
 from .kv_sequence import KVSequence, _common_prefix
 
-PREFILL_ROWS = 32  # new tokens above which a row runs alone rather than padding the batch to its length
+PREFILL_ROWS = 32  # new tokens above which a row only shares a pass with rows of a similar length
+PREFILL_GROUP = 8  # prefills in one pass at most (bounds the pass's activations)
 
 
 def _batchable(seq: object) -> bool:
@@ -59,7 +60,7 @@ def next_logits_batch(
     if len({id(s) for s in seqs}) != len(seqs):
         raise ValueError("a sequence appears twice in one batch")
     out: list[torch.Tensor | None] = [None] * len(seqs)
-    batch: list[int] = []
+    ready: list[int] = []
     for i, (seq, tokens, n_out) in enumerate(zip(seqs, token_lists, n_outs, strict=True)):
         if not _batchable(seq):
             out[i] = seq.next_logits(tokens, n_out)
@@ -68,19 +69,31 @@ def next_logits_batch(
         if not 1 <= n_out <= len(tokens):
             raise ValueError(f"n_out must be in 1..len(tokens)={len(tokens)}, got {n_out}")
         seq._truncate(min(_common_prefix(seq.tokens, tokens), len(tokens) - n_out))
-        if len(tokens) - len(seq.tokens) > PREFILL_ROWS:
-            out[i] = seq.next_logits(tokens, n_out)  # reuses exactly the prefix kept above
-        else:
-            batch.append(i)
-    if len(batch) == 1:
-        i = batch[0]
-        out[i] = seqs[i].next_logits(token_lists[i], n_outs[i])
-    elif batch:
-        rows = _forward_rows([seqs[i] for i in batch], [[int(t) for t in token_lists[i]] for i in batch],
-                             [n_outs[i] for i in batch])
-        for i, logits in zip(batch, rows, strict=True):
+        ready.append(i)
+    for group in _groups(ready, [len(token_lists[i]) - len(seqs[i].tokens) for i in ready]):
+        if len(group) == 1:
+            i = group[0]
+            out[i] = seqs[i].next_logits(token_lists[i], n_outs[i])  # reuses exactly the prefix kept above
+            continue
+        rows = _forward_rows([seqs[i] for i in group], [[int(t) for t in token_lists[i]] for i in group],
+                             [n_outs[i] for i in group])
+        for i, logits in zip(group, rows, strict=True):
             out[i] = logits
     return out  # type: ignore[return-value]
+
+
+def _groups(rows: list[int], new: list[int]) -> list[list[int]]:
+    """Rows that share a pass: every row with at most PREFILL_ROWS new tokens in one, longer ones (prefills)
+    with others of a similar length (the longest at most 1.5x the shortest), so padding wastes little."""
+    short = [r for r, n in zip(rows, new, strict=True) if n <= PREFILL_ROWS]
+    groups = [short] if short else []
+    long = sorted((n, r) for r, n in zip(rows, new, strict=True) if n > PREFILL_ROWS)
+    for n, r in long:
+        if groups and groups[-1] is not short and n <= 1.5 * groups[-1][0][0] and len(groups[-1]) < PREFILL_GROUP:
+            groups[-1].append((n, r))
+        else:
+            groups.append([(n, r)])
+    return [g if g is short else [r for _, r in g] for g in groups]
 
 
 def _forward_rows(seqs: list[KVSequence], token_lists: list[list[int]], n_outs: list[int]) -> list[torch.Tensor]:
@@ -98,7 +111,10 @@ def _forward_rows(seqs: list[KVSequence], token_lists: list[list[int]], n_outs: 
     input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
     for b, n in enumerate(new):
         input_ids[b, : len(n)] = torch.tensor(n, dtype=torch.long)
-    kwargs = {"logits_to_keep": width} if seqs[0]._logits_to_keep else {}
+    # logits only where some row needs them (a prefill row needs its last n_out positions, not all of them)
+    keep = sorted({j for n, n_out in zip(new, n_outs, strict=True) for j in range(len(n) - n_out, len(n))})
+    kwargs = {"logits_to_keep": torch.tensor(keep, device=device)} if seqs[0]._logits_to_keep else {}
+    column = {j: c for c, j in enumerate(keep)} if kwargs else {j: j for j in range(width)}
     with torch.inference_mode():
         result = model(
             input_ids=input_ids.to(device),
@@ -108,8 +124,9 @@ def _forward_rows(seqs: list[KVSequence], token_lists: list[list[int]], n_outs: 
             use_cache=True,
             **kwargs,
         )
-        logits = result.logits[:, -width:]
-        rows = [logits[b, len(n) - n_out : len(n)].float() for b, (n, n_out) in enumerate(zip(new, n_outs))]
+        logits = result.logits
+        rows = [logits[b, [column[j] for j in range(len(n) - n_out, len(n))]].float()
+                for b, (n, n_out) in enumerate(zip(new, n_outs, strict=True))]
         write_back(seqs, cache, past_width, [len(n) for n in new])
     for seq, tokens in zip(seqs, token_lists, strict=True):
         seq.tokens = tokens
