@@ -243,3 +243,13 @@ def test_replay_end_to_end_on_tiny_models(tmp_path, capsys):
     assert levels[0]["capacity_ratio"] == 1.0
     printed = capsys.readouterr().out
     assert "replay (edge capacity)" in printed and "capacity ratio" in printed
+
+
+def test_alone_baseline_is_the_same_prompts_served_one_at_a_time():
+    from services.cli.loadtest import alone_baseline
+
+    alone = {0: [1] * 10, 1: [1] * 30}
+    got = alone_baseline(4, 2, alone, {0: 1.0, 1: 2.0}, aggregate=40.0)  # prompts 0, 1, 0, 1: 80 tokens in 6 s
+    assert got["alone_tokens_per_s"] == pytest.approx(80 / 6)
+    assert got["over_alone"] == pytest.approx(40.0 / (80 / 6))
+    assert alone_baseline(3, 3, alone, {0: 1.0, 1: 2.0}, 1.0)["over_alone"] is None  # prompt 2 never ran alone

@@ -119,6 +119,18 @@ def verifier_figures(before: dict | None, after: dict | None) -> dict:
     }
 
 
+def alone_baseline(n: int, n_prompts: int, alone: dict[int, list[int]], alone_s: dict[int, float],
+                   aggregate: float) -> dict:
+    """The level's work served one request at a time: the tokens of the prompts it sends (prompt i % n_prompts
+    for i < n) over their alone durations, and the level's aggregate tokens/s over that. A steadier baseline
+    than one request: it averages over the very prompts the level runs."""
+    used = [i % n_prompts for i in range(n)]
+    if not used or any(i not in alone for i in used):
+        return {"alone_tokens_per_s": None, "over_alone": None}
+    rate = sum(len(alone[i]) for i in used) / sum(alone_s[i] for i in used)
+    return {"alone_tokens_per_s": rate, "over_alone": aggregate / rate if rate else None}
+
+
 def capacity_ratios(rows: list[dict], key: str) -> dict[int, float | None]:
     """Each level's `key` (tokens/s) over the one-session level's (the first level's if 1 is not run)."""
     if not rows:
@@ -222,6 +234,7 @@ async def _services_levels(args, levels: list[int], prompts: list[str]) -> tuple
     stack = await start_stack(stack_args, quiet=not args.verbose)
     rows: list[dict] = []
     alone: dict[int, list[int]] = {}
+    alone_s: dict[int, float] = {}
     try:
         nc = await connect(stack.url, "draftwire-loadtest")
         try:
@@ -230,6 +243,7 @@ async def _services_levels(args, levels: list[int], prompts: list[str]) -> tuple
                     run = await _one(nc, f"alone-{i}", i, prompts[i], args)
                     if run["error"] is None:
                         alone[i] = run["token_ids"]
+                        alone_s[i] = run["finished"] - run["started"]
                 print(f"  served {len(alone)} prompts alone for --check-identical", flush=True)
             for n in levels:
                 before = await read_verifier_info(nc)
@@ -242,10 +256,12 @@ async def _services_levels(args, levels: list[int], prompts: list[str]) -> tuple
                 if args.check_identical:
                     checked, mismatches = find_mismatches(runs, alone)
                     row["identical"] = {"checked": checked, "mismatches": len(mismatches), "details": mismatches}
+                    row.update(alone_baseline(n, len(prompts), alone, alone_s, row["aggregate_tokens_per_s"]))
                 rows.append(row)
                 print(f"  {n:>3} sessions: {row['aggregate_tokens_per_s']:.1f} tokens/s aggregate, "
                       f"{row['completed']}/{n} completed, errors {row['errors']}"
-                      + (f", {row['identical']['mismatches']} differ from alone" if args.check_identical else ""),
+                      + (f", {row['identical']['mismatches']} differ from alone, {row['over_alone']:.2f}x the same "
+                         f"requests served one at a time" if args.check_identical and row.get("over_alone") else ""),
                       flush=True)
         finally:
             await nc.close()
@@ -342,8 +358,8 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 def _table(rows: list[dict]) -> str:
     head = ("| sessions | completed | aggregate tok/s | session tok/s p50 | TTFT p50 s | TTFT p99 s | ITL p50 s "
             "| ITL p99 s | rows/forward | tokens/forward | busy (client/verifier) | differ from alone "
-            "| verifier peak RSS MB |")
-    lines = [f"{SERVICES_LABEL}:", head, "|" + "---|" * 13]
+            "| x served one at a time | verifier peak RSS MB |")
+    lines = [f"{SERVICES_LABEL}:", head, "|" + "---|" * 14]
     for r in rows:
         ident = r.get("identical")
         differ = "-" if ident is None else f"{ident['mismatches']}/{ident['checked']}"
@@ -351,7 +367,7 @@ def _table(rows: list[dict]) -> str:
                      f"{_fmt(r['session_tokens_per_s_p50'], 1)} | {_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p99_s'])} "
                      f"| {_fmt(r['itl_p50_s'])} | {_fmt(r['itl_p99_s'])} | {_fmt(r['batch_occupancy'], 2)} | "
                      f"{_fmt(r['tokens_per_forward'], 1)} | {r['busy']}/{_opt(r['verifier_busy'])} | "
-                     f"{differ} | {_opt(r.get('verifier_peak_rss_mb'))} |")
+                     f"{differ} | {_fmt(r.get('over_alone'), 2)} | {_opt(r.get('verifier_peak_rss_mb'))} |")
     return "\n".join(lines)
 
 
