@@ -201,7 +201,7 @@ class VerifierCore:
     ) -> Verdict:
         """The single-session math on this request's rows: warp, accept tests, residual; then commit. On the
         model's device in torch (`torch_sampling`) or on the host in numpy (the oracle), same draws."""
-        math_ = torch_sampling if self.torch_sampling else _NUMPY
+        math_ = torch_sampling if self.torch_sampling else _numpy_math()
         if not self.torch_sampling:
             logits = logits.cpu().numpy()
         math_.check_logits(logits)  # greedy would turn a NaN row into a confident one-hot
@@ -305,9 +305,11 @@ def _check_logits(logits: np.ndarray) -> None:
         raise NonFinite("the target's logits hold a NaN, a +inf, or a row without a finite value")
 
 
-# The host (numpy) implementation of the sampling math, under the names torch_sampling gives it.
-_NUMPY = SimpleNamespace(check_logits=_check_logits, mask_eos=mask_eos, warp=warp, verify_block=verify_block,
-                         split_verify_wire=_split_verify_wire)
+def _numpy_math() -> SimpleNamespace:
+    """The host (numpy) implementation of the sampling math, under the names torch_sampling gives it; looked
+    up at each call, so a test that plants a bug in this module's `verify_block` reaches the verifier."""
+    return SimpleNamespace(check_logits=_check_logits, mask_eos=mask_eos, warp=warp, verify_block=verify_block,
+                           split_verify_wire=_split_verify_wire)
 
 
 def _confidences(req: VerifyRequest) -> list[float]:
