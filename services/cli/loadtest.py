@@ -323,7 +323,10 @@ async def _replay_levels(args, levels: list[int], prompts: list[str]) -> tuple[l
 
 
 async def _loadtest(args) -> int:
-    levels = [int(x) for x in args.sessions.split(",") if x]
+    try:
+        levels = [int(x) for x in args.sessions.split(",") if x]
+    except ValueError:
+        levels = []
     if not levels or min(levels) < 1:
         raise SystemExit("draftwire loadtest: error: --sessions takes positive integers, e.g. 1,4,16")
     prompts = [p["prompt"] for p in load_prompts(args.prompts, 1000)]

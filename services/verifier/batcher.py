@@ -76,10 +76,10 @@ class Batcher:
         `hold` of a forward pass (and `max_hold_s`). A lone session is never missing from its own pass, and an
         idle verifier has no recent sessions: neither ever waits.
 
-        Short by default (`--batch-hold 0.1`): devices that answer at once (replay mode) merge, slow drafts do
-        not. Where the drafts share the verifier's machine, as in `draftwire up` on two cores, two alternating
-        groups keep both processes busy and merging them serialises drafting and verifying (16 sessions: 9.6
-        rows per pass but 41 tokens/s with hold 0.5, 4.0 rows and 45 tokens/s with none).
+        Off by default (`--batch-hold 0`). Devices that answer at once (replay mode) merge with a short hold,
+        slow drafts do not. Where the drafts share the verifier's machine, as in `draftwire up` on two cores,
+        two alternating groups keep both processes busy and merging them serialises drafting and verifying
+        (16 sessions: 9.6 rows per pass but 41 tokens/s with hold 0.5, 4.0 rows and 45 tokens/s with none).
         """
         now = time.monotonic()
         for session, t in list(self.recent.items()):
