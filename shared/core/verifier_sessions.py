@@ -1,6 +1,9 @@
 """The edge side: the target model, one KV cache per session, and `verify_block` on every request.
 
-`VerifierCore` is I/O-free so the in-process engine and the verifier service run the very same code. Sessions
+`handle_batch` serves many sessions' rounds with ONE target forward pass (`shared.models.batched_forward`),
+then runs the single-session rejection math on each session's rows; `handle` is a batch of one. Under a token
+budget it verifies the best draft prefixes (`draft_selection`), and every verdict reports the load it was
+served under (`batch_cost`). `VerifierCore` is I/O-free so the in-process engine and the verifier service run the very same code. Sessions
 are bounded by count and by cached tokens (a proxy for KV memory) with LRU eviction; a request for a session
 this core does not hold (evicted, restarted, or served by another instance) raises `SessionUnknown`, and the
 device answers by resending the token history, from which the cache is rebuilt. A generation therefore never
@@ -13,7 +16,7 @@ enough: two sessions can share both). Any mismatch drops the copy and asks for t
 at the edge too: a session's opening request brings its deadline, after which rounds are refused
 (`deadline_exceeded`) and the session dropped; a prompt plus `max_new_tokens`, or a round, that would run past
 the target's context length is refused (`context_length_exceeded`). Refusals carry the `code` that
-`speculation.verify_bytes` puts in the ErrorReply.
+`speculation.verify_rounds` puts in the ErrorReply.
 """
 
 from __future__ import annotations
