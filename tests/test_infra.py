@@ -335,3 +335,26 @@ def test_subjects_are_built_and_validated():
         SUBJECTS.verify_instance("v.1")
     with pytest.raises(ValueError):
         validate_token(None)  # type: ignore[arg-type]
+
+
+async def test_dump_stacks_shows_each_task_s_chain_of_awaits_and_each_thread():
+    """What SIGUSR1 logs: a stalled task must show where it waits, down to the innermost await."""
+    from shared.io.service_shell import dump_stacks
+
+    parked = asyncio.Event()
+
+    async def wait_for_a_verdict_that_never_comes():
+        await parked.wait()
+
+    async def session_loop():
+        await wait_for_a_verdict_that_never_comes()
+
+    task = asyncio.create_task(session_loop(), name="stalled-session")
+    await asyncio.sleep(0)
+    try:
+        text = dump_stacks()
+    finally:
+        task.cancel()
+    chain = text.split("--- task stalled-session", 1)[1].split("---", 1)[0]
+    assert "in session_loop" in chain and "in wait_for_a_verdict_that_never_comes" in chain
+    assert "--- thread MainThread" in text

@@ -4,6 +4,7 @@ the job's `verifier` field, and the device's verifier choice (services/draft/ver
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
@@ -11,6 +12,7 @@ import time
 from dataclasses import replace
 
 import msgpack
+import nats.errors
 import pytest
 from opentelemetry.trace import NoOpTracer
 
@@ -241,3 +243,22 @@ async def test_drafts_and_verifiers_report_their_load_and_a_draft_follows_the_pl
             body = await _generate(nc, SUBJECTS.draft_start_instance("d1"), job)
             assert "error" not in body, body
             assert body["stats"]["draft_instance"] == "d1" and body["stats"]["verifier_instances"] == [placed]
+
+
+async def test_a_verifier_whose_batch_loop_dies_stops_instead_of_swallowing_rounds(nats_server, nc, monkeypatch):
+    """Rounds must never wait forever on a verifier that can no longer answer them."""
+    from services.verifier import batcher as batcher_module
+    from services.verifier import service as verifier
+
+    async def broken_run(self):
+        await self.wake.wait()
+        raise RuntimeError("planted: the batch loop dies")
+
+    monkeypatch.setattr(batcher_module.Batcher, "run", broken_run)
+    async with _running(verifier, nats_server.url, "vdies", "--target-model", "tiny-random") as ctx:
+        assert not ctx.stopping.is_set()
+        from tests.test_loadtest import _request
+
+        with contextlib.suppress(nats.errors.TimeoutError):  # decodes: goes to the (broken) batch loop
+            await nc.request(SUBJECTS.verify_instance("vdies"), _request().encode(), timeout=0.5)
+        await asyncio.wait_for(ctx.stopping.wait(), 5)

@@ -88,6 +88,15 @@ async def start(ctx: ServiceContext) -> None:
     batcher = Batcher(core, worker, args.verify_budget, args.max_queue, hold=args.batch_hold)
     runner = asyncio.create_task(batcher.run(), name="verify-batches")
 
+    def runner_ended(task: asyncio.Task) -> None:
+        # without its batch loop the verifier would take rounds and never answer them: stop instead, so
+        # devices see "no responders" and fail over, and a supervisor restarts this instance
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("the batch loop died; stopping this verifier", exc_info=task.exception())
+            ctx.stopping.set()
+
+    runner.add_done_callback(runner_ended)
+
     async def stop_runner() -> None:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

@@ -3,7 +3,8 @@
 A service module only declares its flags and a `start(ctx)` coroutine that subscribes its handlers; this
 module parses flags (each with an environment-variable default, so compose files and `draftwire up`
 configure services the same way), connects to NATS, sets up OpenTelemetry, prints one ready line, and on
-SIGTERM/SIGINT stops the micro services, drains the connection and flushes spans.
+SIGTERM/SIGINT stops the micro services, drains the connection and flushes spans. SIGUSR1 logs every asyncio
+task's stack and every thread's (`dump_stacks`): what an operator needs when work stalls without an error.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -132,6 +135,7 @@ async def _serve(name: str, args: argparse.Namespace, start: StartFn) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stopping.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("%s", dump_stacks()))
     try:
         await start(ctx)
         await nc.flush()
@@ -159,6 +163,27 @@ async def _serve(name: str, args: argparse.Namespace, start: StartFn) -> None:
                 with contextlib.suppress(Exception):
                     await nc.close()
         await asyncio.to_thread(shutdown_tracing)
+
+
+def dump_stacks() -> str:
+    """Every asyncio task's and every thread's stack, as text (what SIGUSR1 logs)."""
+    out = []
+    for task in asyncio.all_tasks():
+        out.append(f"--- task {task.get_name()}")
+        awaiting, depth = task.get_coro(), 0
+        while awaiting is not None and depth < 30:  # the chain of awaits, outermost first
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
+            if frame is not None:
+                out.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
+            depth += 1
+        if awaiting is not None:
+            out.append(f"  awaiting {awaiting!r}")
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        out.append(f"--- thread {names.get(ident, ident)}")
+        out.extend(traceback.format_stack(frame, limit=12))
+    return "\n".join(line.rstrip() for line in out)
 
 
 Endpoint = tuple[str, Callable, str]  # (subject, handler, queue group)
