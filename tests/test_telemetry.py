@@ -17,9 +17,11 @@ import pytest
 
 from services.telemetry.service import STATS_SUBJECT, LogLimiter
 from shared.core.telemetry_figures import (
+    MAX_BYTES,
     MAX_EVENT_BYTES,
     OVERFLOW,
     PROMETHEUS_CONTENT_TYPE,
+    SCHEMAS,
     Aggregator,
     EventError,
     decode_event,
@@ -120,8 +122,9 @@ def test_keyed_by_mode_and_instances():
     agg = Aggregator()
     feed(agg, [
         round_event(mode="sparse", draft_instance="d1", verifier_instance="v1", drafted=4, accepted=4),
-        round_event(mode="full", draft_instance="d2", verifier_instance="v1", drafted=4, accepted=0),
-        round_event(mode="full", draft_instance="d2", verifier_instance="", drafted=2, accepted=1),
+        round_event(mode="full", draft_instance="d2", verifier_instance="v1", drafted=4, accepted=0,
+                    emitted=1),
+        round_event(mode="full", draft_instance="d2", verifier_instance="", drafted=2, accepted=1, emitted=2),
         request_event(mode="full", draft_instance="d2", verifier_instances=["v1", "v2", "v1"]),
     ])  # fmt: skip
     w = agg.snapshot(0.0)["window"]
@@ -149,7 +152,7 @@ def test_errors_by_code():
 def test_window_expiry_with_injected_time():
     agg = Aggregator(window_s=60)
     agg.ingest(round_event(drafted=4, accepted=4), now=1000.0)
-    agg.ingest(round_event(drafted=4, accepted=0, mode="full"), now=1030.0)
+    agg.ingest(round_event(drafted=4, accepted=0, emitted=1, mode="full"), now=1030.0)
     s = agg.snapshot(1059.0)
     assert s["window"]["all"]["rounds"] == 2 and s["window"]["all"]["acceptance_rate"] == 0.5
     s = agg.snapshot(1061.0)  # the first round is older than 60 s now
@@ -223,6 +226,101 @@ def test_validate_event_expect_type_and_decode():
         decode_event(b"\x00" * (MAX_EVENT_BYTES + 1))
 
 
+NAN, INF = float("nan"), float("inf")
+
+# Every kind of impossible value an event can carry (label, event, what the error names). Each must be refused
+# whole, with an error reply where there is a reply subject, and never reach the figures.
+IMPOSSIBLE = [
+    ("negative count", round_event(drafted=-1), "'drafted' must be a non-negative integer"),
+    ("negative bytes", round_event(uplink_bytes=-5), "'uplink_bytes' must be a non-negative integer"),
+    ("negative time", round_event(round_s=-0.01), "'round_s' must be a finite non-negative number"),
+    ("negative wall time", request_event(wall_s=-1.0), "'wall_s' must be a finite"),
+    ("NaN time", round_event(verify_s=NAN), "'verify_s' must be a finite"),
+    ("NaN rate", request_event(acceptance_rate=NAN), "'acceptance_rate' must be a finite"),
+    ("infinite time", round_event(draft_s=INF), "'draft_s' must be a finite"),
+    ("minus infinite time", request_event(wall_s=-INF), "'wall_s' must be a finite"),
+    ("infinite rate", request_event(tokens_per_s=INF), "'tokens_per_s' must be a finite"),
+    ("2^63 B", round_event(uplink_bytes=2**63), "'uplink_bytes' must be a non-negative integer below 2^40"),
+    ("2^40 bytes", request_event(downlink_bytes=2**40), "'downlink_bytes' must be a non-negative integer"),
+    ("2^64-1 round", round_event(round=2**64 - 1), "'round' must be a non-negative integer below 2^31"),
+    ("2^31 drafted", round_event(drafted=2**31, accepted=0, emitted=1), "'drafted' must be a non-negative"),
+    ("2^31 new tokens", request_event(new_tokens=2**31), "'new_tokens' must be a non-negative integer below"),
+    ("2^40 k", request_event(k=2**40), "'k' must be a non-negative integer below 2^31"),
+    ("year-long round", round_event(round_s=365 * 86400.0), "'round_s' must be a finite non-negative number"),
+    ("1e300 s request", request_event(wall_s=1e300), "'wall_s' must be a finite non-negative number at most"),
+    ("ts past 2242", round_event(ts=1e300), "'ts' must be a finite non-negative number at most 2^33"),
+    ("bool count", round_event(drafted=True), "'drafted' must be a non-negative integer"),
+    ("bool bytes", request_event(uplink_bytes=False), "'uplink_bytes' must be a non-negative integer"),
+    ("bool time", round_event(round_s=True), "'round_s' must be a finite"),
+    ("bool rate", request_event(tokens_per_s=True), "'tokens_per_s' must be a finite"),
+    ("float count", round_event(emitted=4.0), "'emitted' must be a non-negative integer"),
+    ("string bytes", round_event(uplink_bytes="100"), "'uplink_bytes' must be a non-negative integer"),
+    ("integer type", round_event(type=1), "'type' must be one of"),
+    ("list type", round_event(type=["round"]), "'type' must be one of"),
+    ("map type", round_event(type={"round": 1}), "'type' must be one of"),
+    ("null type", round_event(type=None), "'type' must be one of"),
+    ("bytes type", round_event(type=b"round"), "'type' must be one of"),
+    ("integer draft instance", round_event(draft_instance=7), "'draft_instance' must be a string"),
+    ("null verifier instance", round_event(verifier_instance=None), "'verifier_instance' must be a string"),
+    ("integer verifier", request_event(verifier_instances=["v", 2]), "'verifier_instances' must be a string"),
+    ("bytes mode", round_event(mode=b"sparse"), "'mode' must be a non-empty string"),
+    ("accepted > drafted", round_event(drafted=2, accepted=3, emitted=4), "accepted (3) > drafted (2)"),
+    ("emitted > accepted+1", round_event(drafted=4, accepted=1, emitted=3), "emitted (3) > accepted + 1 (2)"),
+    ("acceptance rate 1.5", request_event(acceptance_rate=1.5), "'acceptance_rate' must be a finite non-neg"),
+]  # fmt: skip
+GOOD = [round_event(drafted=4, accepted=3, emitted=4), request_event(new_tokens=20)]
+
+
+def _figures(snapshot: dict) -> dict:
+    return {"window": snapshot["window"], "totals": snapshot["totals"]}
+
+
+def _good_figures() -> dict:
+    """What the good events alone make: the figures after any mix of them with impossible ones."""
+    agg = Aggregator()
+    feed(agg, GOOD)
+    return json.loads(json.dumps(_figures(agg.snapshot(0.0))))
+
+
+@pytest.mark.parametrize(("event", "needle"), [pytest.param(e, n, id=label) for label, e, n in IMPOSSIBLE])
+def test_impossible_events_never_reach_the_figures(event, needle):
+    agg = Aggregator()
+    feed(agg, GOOD[:1])
+    with pytest.raises(EventError) as info:
+        agg.ingest(event, 0.0)
+    assert needle in str(info.value)
+    with pytest.raises(EventError, match=re.escape(needle)):  # the same as bytes, as the service decodes them
+        decode_event(msgpack.packb(event))
+    feed(agg, GOOD[1:])  # a good event after it still counts
+    snap = agg.snapshot(0.0)
+    assert snap["bad_events_total"] == 1
+    assert _figures(snap) == _good_figures()
+
+
+ODD_VALUES = [
+    None, True, False, -1, 0, 1, 2**31, 2**40, 2**63, 2**64 - 1, -(2**63), 10**400, -0.0, 0.5, 1.5, 1e300,
+    NAN, INF, -INF, "", "x", "7", "x" * 300, b"x", [], [1], ["v", None], ("v",), {}, {"a": 1}, object(),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make", [round_event, request_event])
+def test_validation_is_total_and_what_it_accepts_is_bounded(make):
+    """Any value in any field: an EventError, or an event whose numbers are within bounds; nothing else."""
+    base = make()
+    for key in ["type", *SCHEMAS[base["type"]]]:
+        for value in ODD_VALUES:
+            try:
+                event = validate_event({**base, key: value})
+            except EventError:
+                continue
+            for field, v in event.items():
+                if isinstance(v, int | float):
+                    assert not isinstance(v, bool) and 0 <= v <= MAX_BYTES, (key, value, field)
+            agg = Aggregator()
+            agg.add(event, 0.0)
+            json.dumps(agg.snapshot(0.0), allow_nan=False)
+
+
 def test_ingest_counts_bad_events():
     agg = Aggregator()
     with pytest.raises(EventError):
@@ -283,7 +381,7 @@ def test_prometheus_rendering_parses_and_escapes():
     weird = 'mo"de\\x\ny'
     feed(agg, [
         round_event(mode=weird, draft_instance="dev-1", verifier_instance="edge-1", drafted=4, accepted=3),
-        round_event(mode="sparse", drafted=4, accepted=1, round_s=0.1, draft_s=0.05, verify_s=0.01),
+        round_event(mode="sparse", drafted=4, accepted=1, emitted=2, round_s=0.1, draft_s=0.05, verify_s=0.01),
         request_event(mode="sparse", error="timeout", verifier_instances=["edge-1", "edge-2"]),
     ], now=10.0)  # fmt: skip
     agg.count_bad()
@@ -397,7 +495,8 @@ async def telemetry(nats_server):
 
 async def test_service_aggregates_published_events(telemetry, nc):
     for i in range(4):
-        await nc.publish(SUBJECTS.events_round, msgpack.packb(round_event(round=i, accepted=i)))
+        event = round_event(round=i, accepted=i, emitted=i + 1)
+        await nc.publish(SUBJECTS.events_round, msgpack.packb(event))
     await nc.publish(SUBJECTS.events_request, msgpack.packb(request_event(new_tokens=12, wall_s=0.5)))
     await nc.flush()
     snap = await telemetry.wait_for(
@@ -407,7 +506,7 @@ async def test_service_aggregates_published_events(telemetry, nc):
     assert (w["rounds"], w["requests"], w["drafted"], w["accepted"]) == (4, 1, 16, 6)
     assert w["acceptance_rate"] == pytest.approx(6 / 16)
     assert w["tokens_per_s"] == pytest.approx(24.0)
-    assert w["uplink_bytes_per_token"] == pytest.approx(25.0)
+    assert w["uplink_bytes_per_token"] == pytest.approx(400 / 10)
     assert snap["window"]["verifier"]["v1"]["rounds"] == 4 and snap["bad_events_total"] == 0
 
     status, ctype, text = await telemetry.get("/metrics")
@@ -443,7 +542,24 @@ async def test_service_survives_bad_events_and_replies_errors(telemetry, nc):
     assert _value(fams, "draftwire_bad_events_total") == 6
     rc, out = await telemetry.stop()
     assert rc in (0, -signal.SIGTERM) and "Traceback" not in out
-    assert out.count("WARNING") == 1  # rate-limited: one warning for the whole burst
+    assert out.count("WARNING draftwire.telemetry: bad event") == 1, out  # rate-limited: one for the burst
+
+
+async def test_service_refuses_every_impossible_event_with_an_error_and_keeps_the_figures(telemetry, nc):
+    def subject(event: dict) -> str:
+        return SUBJECTS.events_request if event.get("type") == "request" else SUBJECTS.events_round
+
+    for label, event, needle in IMPOSSIBLE:
+        reply = msgpack.unpackb((await nc.request(subject(event), msgpack.packb(event), timeout=5)).data)
+        assert reply["error"]["code"] == "bad_event" and needle in reply["error"]["message"], (label, reply)
+    for event in GOOD:  # good events beside them still count
+        reply = await nc.request(subject(event), msgpack.packb(event), timeout=5)
+        assert msgpack.unpackb(reply.data) == {"ok": True}
+    snap = await telemetry.stats()
+    assert snap["bad_events_total"] == len(IMPOSSIBLE)
+    assert _figures(snap) == _good_figures()
+    _, out = await telemetry.stop()
+    assert "Traceback" not in out, out
 
 
 async def test_micro_discovery_and_stats_endpoint(telemetry, nc):

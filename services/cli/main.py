@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import sys
+from pathlib import Path
 
 from shared.core.params import (
     DEFAULT_GAMMA,
@@ -23,6 +24,7 @@ from shared.core.params import (
     SamplingParams,
     SpecParams,
 )
+from shared.models.cache import cache_root
 
 DEFAULT_DRAFT = ("smollm2-135m", "int8")
 DEFAULT_TARGET = ("smollm2-135m", "fp32")
@@ -107,8 +109,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_client_identity_flags(p: argparse.ArgumentParser) -> None:
+    """A client's identity on a secured stack: its credentials (its tenant is the file's name) and TLS."""
+    from shared.io.service_shell import add_tls_flags
+
+    g = p.add_argument_group("identity (secured stacks)")
+    g.add_argument("--creds", default=None, help="your nkey seed file (`draftwire up --secure DIR` writes "
+                   "DIR/client.nk; `draftwire auth add-client NAME --secure DIR` another)")
+    add_tls_flags(g)
+
+
+def add_secure_flag(g, default: str | None = None) -> None:
+    g.add_argument("--secure", metavar="DIR", default=default,
+                   help="per-role NATS identities, permissions and TLS: credentials and certificates are "
+                        "created in DIR (or reused) and each service gets its own"
+                        + (f" (default {default})" if default else ""))
+
+
+def cmd_auth(args: argparse.Namespace) -> int:
+    from shared.io import credentials
+
+    role = "client" if args.auth_cmd == "add-client" else "device"
+    try:
+        path = credentials.add_identity(args.secure, args.name, role)
+    except ValueError as exc:
+        print(f"draftwire auth: error: {exc}", file=sys.stderr)
+        return 2
+    what = (f"its tenant subjects: draftwire.prompts.{args.name}, draftwire.results.{args.name}.<id>, "
+            f"draftwire.stream.{args.name}.<id>" if role == "client" else
+            f"a draft service started with --creds {path} takes jobs under draftwire.dev.{args.name}")
+    print(f"{role} {args.name}: {path} ({what}); a running `draftwire up --secure {args.secure}` admits it "
+          "within a second")
+    return 0
+
+
 def add_stack_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("stack")
+    add_secure_flag(g)
     g.add_argument("--nats", default=None, help="use this NATS server instead of starting an embedded one")
     g.add_argument("--nats-port", type=int, default=4222, help="port of the embedded NATS server (0 = any)")
     g.add_argument("--telemetry-port", type=int, default=9464, help="HTTP port of /metrics (0 = any)")
@@ -199,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--local", action="store_true", help="run in-process instead of through the NATS services")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, stats")
     gen.add_argument("--nats", default=None, help="NATS URL of a running stack (default nats://127.0.0.1:4222)")
+    add_client_identity_flags(gen)
     gen.add_argument("--timeout", type=float, default=600.0,
                      help="seconds to wait for the result, sent as the request's timeout_s (its deadline); "
                      "Ctrl-C cancels the request")
@@ -220,8 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-prompts", type=int, default=3)
     demo.add_argument("--prompts", default=None, help="JSONL prompt file (default: the bench set)")
     demo.add_argument("--verbose", action="store_true", help="show the services' logs")
+    add_secure_flag(demo, default=str(Path(cache_root()) / "secure"))
+    demo.add_argument("--insecure", dest="secure", action="store_const", const=None,
+                      help="no authentication or TLS (local development only)")
     add_link_flag(demo)
     demo.set_defaults(func=cmd_demo, nats=None, nats_port=0, telemetry_port=0, max_new_tokens=48)
+
+    auth = sub.add_parser("auth", help="manage the identities of a secured stack")
+    auth_sub = auth.add_subparsers(dest="auth_cmd", required=True)
+    for verb, what in (("add-client", "a client identity (a tenant)"), ("add-device", "a device identity")):
+        add = auth_sub.add_parser(verb, help=f"add {what} as DIR/NAME.nk")
+        add.add_argument("name")
+        add.add_argument("--secure", metavar="DIR", required=True, help="the directory `up --secure` uses")
+        add.set_defaults(func=cmd_auth)
 
     check = sub.add_parser("selfcheck", help="greedy speculative output vs the target's transformers generate")
     add_model_flags(check)
@@ -269,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench, nats=None, nats_port=0, telemetry_port=0, mode="tkslt", policy="fixed",
                        pipeline=False)
 
-    from services.cli import faults, loadtest
+    from services.cli import certs, faults, loadtest
 
+    certs.add_parser(sub)
     faults.add_parser(sub, add_model_flags)
     loadtest.add_parser(sub, add_model_flags)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from shared.core.params import SamplingParams, SpecParams
 from shared.io.bus import SUBJECTS, connect
+from shared.io.credentials import load_identity
+from shared.io.service_shell import connection_options
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 BENCH_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "bench" / "prompts.jsonl"
@@ -44,24 +46,38 @@ def request_body(prompt: str, sampling: SamplingParams, spec: SpecParams, stream
     }
 
 
-async def ask(nc, body: dict, timeout: float, on_text=None) -> dict:
-    """Publish one request and return the final result; `on_text` gets streamed deltas as they arrive."""
+def tenant_of_creds(creds: str | None) -> str:
+    """A client's tenant is its identity's name (the credentials file's stem); "" without credentials."""
+    return load_identity(creds).name if creds else ""
+
+
+async def ask(nc, body: dict, timeout: float, on_text=None, tenant: str = "") -> dict:
+    """Publish one request and return the final result; `on_text` gets streamed deltas as they arrive.
+
+    With a `tenant` (a secured client) the request goes to that tenant's own subjects, the only ones its
+    identity may use."""
     sub = None
+    last_chunk = asyncio.Event()
     if on_text is not None:
         async def on_chunk(msg) -> None:
             chunk = json.loads(msg.data)
-            if not chunk.get("done"):
+            if chunk.get("done"):
+                last_chunk.set()
+            else:
                 on_text(chunk.get("text", ""))
 
-        sub = await nc.subscribe(SUBJECTS.stream(body["id"]), cb=on_chunk)
+        sub = await nc.subscribe(SUBJECTS.stream(body["id"], tenant), cb=on_chunk)
     body = {**body, "timeout_s": timeout}  # the work stops when the client stops waiting
     try:
-        msg = await nc.request(SUBJECTS.prompts, json.dumps(body).encode(), timeout=timeout)
-        await asyncio.sleep(0)  # let the last stream chunks run their callbacks
-        return json.loads(msg.data)
+        msg = await nc.request(SUBJECTS.prompts_for(tenant), json.dumps(body).encode(), timeout=timeout)
+        result = json.loads(msg.data)
+        if sub is not None and "error" not in result:  # a secured stack relays chunks: the last may trail
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(last_chunk.wait(), 1.0)
+        return result
     except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C: stop the generation too, not only the wait
         with contextlib.suppress(Exception):
-            await nc.publish(SUBJECTS.cancel(body["id"]), b"")
+            await nc.publish(SUBJECTS.cancel(body["id"], tenant), b"")
             await nc.flush(timeout=1)
         raise
     finally:
@@ -70,7 +86,8 @@ async def ask(nc, body: dict, timeout: float, on_text=None) -> dict:
 
 
 async def _generate(args, sampling: SamplingParams, spec: SpecParams) -> int:
-    nc = await connect(args.nats or DEFAULT_URL, "draftwire-cli")
+    tenant = tenant_of_creds(getattr(args, "creds", None))
+    nc = await connect(args.nats or DEFAULT_URL, "draftwire-cli", **connection_options(args))
     try:
         body = request_body(args.prompt, sampling, spec, stream=not args.json, rid=uuid.uuid4().hex[:12])
 
@@ -78,7 +95,7 @@ async def _generate(args, sampling: SamplingParams, spec: SpecParams) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        result = await ask(nc, body, args.timeout, None if args.json else write)
+        result = await ask(nc, body, args.timeout, None if args.json else write, tenant)
     finally:
         await nc.close()
     if "error" in result:
@@ -122,7 +139,8 @@ async def _demo(args) -> int:
     stack = await start_stack(args, quiet=not args.verbose)
     rows = []
     try:
-        nc = await connect(stack.url, "draftwire-demo")
+        nc = await connect(stack.url, "draftwire-demo", creds=stack.client_creds, tls=stack.client_tls())
+        tenant = tenant_of_creds(stack.client_creds)
         try:
             for mode in args.modes.split(","):
                 spec = SpecParams(mode=mode, gamma=args.gamma, k=args.k)
@@ -132,7 +150,7 @@ async def _demo(args) -> int:
                                               min_new_tokens=args.max_new_tokens)
                     body = request_body(row["prompt"], sampling, spec, stream=True, rid=f"demo-{mode}-{i}")
                     print(f"\n--- [{mode}] {row['prompt']!r}\n", end="", flush=True)
-                    result = await ask(nc, body, 600, lambda t: print(t, end="", flush=True))
+                    result = await ask(nc, body, 600, lambda t: print(t, end="", flush=True), tenant)
                     if "error" in result:
                         raise RuntimeError(f"{mode}: {result['error']}")
                     s = result["stats"]

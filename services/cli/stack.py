@@ -14,16 +14,20 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 from shared.core.link_profile import LinkProfile, parse_link
-from shared.io.bus import connect, ensure_submit_stream
+from shared.io import credentials
+from shared.io.bus import connect, ensure_done_stream, ensure_submit_stream
 from shared.io.link_emulator import LinkProxy
 from shared.io.nats_server import EmbeddedNats, _die_with_parent, is_reachable
 from shared.io.service_shell import READY_PREFIX
+from shared.io.tls import client_context, make_dev_certs, server_tls_block
 from shared.models.cache import cache_root
 
 SERVICES = ("telemetry", "verifier", "draft", "scheduler")
+ROLE = {"telemetry": "telemetry", "verifier": "edge", "draft": "device", "scheduler": "scheduler"}  # identities
 READY_TIMEOUT_S = 600.0  # first start may pull and convert models
 
 
@@ -42,6 +46,7 @@ class Stack:
     telemetry_url: str | None = None
     link: LinkProxy | None = None  # between the device side (draft) and NATS, when --link is given
     quiet: bool = False
+    secure_dir: str | None = None  # the identities' directory when secured (`--secure DIR`)
     _commands: dict[str, tuple[list[str], dict]] = field(default_factory=dict)
     _drains: list[asyncio.Task] = field(default_factory=list)
 
@@ -84,6 +89,31 @@ class Stack:
             await self.link.stop()
         if self.nats is not None:
             await self.nats.stop()
+
+    @property
+    def client_creds(self) -> str | None:
+        """The first client's credentials when secured (what `demo` and the printed example use)."""
+        return str(credentials.identity_file(self.secure_dir, credentials.FIRST_CLIENT)) if self.secure_dir else None
+
+    @property
+    def tls_ca(self) -> Path | None:
+        return Path(self.secure_dir) / "tls" / "ca.pem" if self.secure_dir else None
+
+    def client_tls(self):
+        """The ssl context a client of this stack needs (None when not secured)."""
+        return client_context(self.tls_ca) if self.secure_dir else None
+
+    def admit_new_identities(self) -> bool:
+        """Reload the embedded server when `auth.conf` changed (`draftwire auth add-client`); True if it did."""
+        if self.secure_dir is None or self.nats is None:
+            return False
+        extra = self.nats.config_extra
+        _, tls, rest = extra.partition("tls {")
+        current = credentials.server_authorization(self.secure_dir) + tls + rest
+        if current == extra:
+            return False
+        self.nats.reload(current)
+        return True
 
     def dead(self) -> list[str]:
         return [f"{n} (exit {p.returncode})" for n, p in self.procs.items() if p.returncode is not None]
@@ -129,23 +159,32 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         await asyncio.to_thread(resolve, source, not quiet)
     nats = None
     url = args.nats
+    secure = getattr(args, "secure", None)
+    authorization = ""
+    if secure:  # every identity's seed file (created once, then reused) and the server config admitting them,
+        # and TLS with development certificates in DIR/tls (reused while valid)
+        secure = str(credentials.ensure_credentials(secure))
+        tls_files = make_dev_certs(Path(secure) / "tls")
+        authorization = credentials.server_authorization(secure) + server_tls_block(tls_files)
     if url is not None:
         if not await is_reachable(url):
             raise ConnectionError(f"no NATS server reachable at {url} (leave out --nats to embed one)")
     else:  # JetStream state is kept per port, so prompts queued while `up` was down are served next time
         store = store_dir or os.path.join(cache_root(), "nats", str(args.nats_port or "any"))
-        nats = EmbeddedNats(port=args.nats_port or None, store_dir=store)
+        nats = EmbeddedNats(port=args.nats_port or None, store_dir=store, config_extra=authorization)
         await nats.start()
         url = nats.url
-    stack = Stack(url=url, nats=nats, quiet=quiet)
+    stack = Stack(url=url, nats=nats, quiet=quiet, secure_dir=secure or None)
+    admin = {"creds": str(credentials.identity_file(secure, "admin")), "tls": stack.client_tls()} if secure else {}
     try:
         if (link := getattr(args, "link", None)) is not None:
             target = urlparse(url)
             profile = link if isinstance(link, LinkProfile) else parse_link(link)
             stack.link = await LinkProxy(target.hostname, target.port or 4222, profile).start()
-        nc = await connect(url, "draftwire-up")
+        nc = await connect(url, "draftwire-up", **admin)
         try:
             await ensure_submit_stream(nc.jetstream(), create_consumer=False)  # keep submissions before the scheduler
+            await ensure_done_stream(nc.jetstream())  # a secured draft may not create it
         finally:
             await nc.close()
         env = {**os.environ, **(env or {}), "DRAFTWIRE_NATS_URL": url}
@@ -154,7 +193,9 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
             service_url = stack.link.url if stack.link is not None and name == "draft" else url
             argv = [sys.executable, "-m", f"services.{name}", "--nats", service_url, *service_args(name, args)]
             for key in replica_keys(name, replicas(name, args)):
-                ready[key] = asyncio.ensure_future(stack.spawn(key, argv, env))
+                own = {**env, "DRAFTWIRE_CREDS": str(credentials.identity_file(secure, ROLE[name])),
+                       "DRAFTWIRE_TLS_CA": str(stack.tls_ca)} if secure else env
+                ready[key] = asyncio.ensure_future(stack.spawn(key, argv, own))
         done, _ = await asyncio.wait(ready.values(), timeout=READY_TIMEOUT_S)
         failed = [n for n, f in ready.items() if f not in done or not f.result()]
         if failed:
@@ -192,7 +233,19 @@ async def run_up(args) -> int:
               f"at {stack.link.url}", flush=True)
     if stack.telemetry_url:
         print(f"draftwire: telemetry at {stack.telemetry_url}/metrics", flush=True)
-    print(f"draftwire: ready ({', '.join(SERVICES)}); publish prompts to draftwire.prompts", flush=True)
+    if stack.secure_dir:
+        client = stack.client_creds
+        print(f"draftwire: secured: every service has its own identity in {stack.secure_dir}; a client connects "
+              f"with its credentials, e.g. `draftwire generate --creds {client} --tls-ca {stack.tls_ca} "
+              f"--nats {stack.url} \"Hello\"`, "
+              f"and publishes to draftwire.prompts.{credentials.FIRST_CLIENT}; add a tenant with "
+              f"`draftwire auth add-client NAME --secure {stack.secure_dir}`", flush=True)
+    else:
+        print("draftwire: WARNING: INSECURE: NATS has no authentication; anyone who reaches "
+              f"{stack.url} can read every prompt and forge any reply (run `draftwire up --secure DIR`)",
+              file=sys.stderr, flush=True)
+    print(f"draftwire: ready ({', '.join(SERVICES)}); publish prompts to draftwire.prompts"
+          f"{'.<tenant>' if stack.secure_dir else ''}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -201,6 +254,8 @@ async def run_up(args) -> int:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
+            if stack.admit_new_identities():
+                print("draftwire: identities changed; NATS reloaded its authorization", flush=True)
             if dead := stack.dead():
                 print(f"draftwire: error: service exited: {', '.join(dead)}; stopping", file=sys.stderr)
                 return 1

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 import nats.errors
+import nats.js.errors
 from nats.micro import Request
 from opentelemetry import trace
 
@@ -54,6 +55,7 @@ from shared.core.round_stats import RoundStats
 from shared.core.speculation import RemoteError, new_session, speculate
 from shared.io import bus
 from shared.io.bus import SUBJECTS, extract_context
+from shared.io.credentials import load_identity
 from shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
@@ -186,9 +188,23 @@ async def start(ctx: ServiceContext) -> None:
     runs: dict[str, Run] = {}  # session -> run
     directory = VerifierDirectory(ctx.nc)
     js = ctx.nc.jetstream()
-    await bus.ensure_done_stream(js)
+    try:  # a secured device may only look at it: the scheduler (or `draftwire up`) creates and updates it
+        await js.stream_info(bus.DONE_STREAM)
+    except nats.js.errors.NotFoundError:
+        try:
+            await bus.ensure_done_stream(js)
+        except (nats.errors.Error, TimeoutError) as exc:  # not allowed to: results wait until it exists
+            log.warning("could not create the %s stream (%r); the scheduler creates it", bus.DONE_STREAM, exc)
     warm: dict[tuple[str, int], CostModel] = {}  # adaptive draft length: per (mode, K), across sessions
     loop = asyncio.get_running_loop()
+
+    # Secured (a device identity): jobs, pings and cancels arrive under the identity's own prefix, and stream
+    # chunks leave under it for the scheduler to relay; no other device can read or forge them.
+    device = load_identity(args.creds).name if args.creds else None
+    prefix = SUBJECTS.device_prefix(device)
+
+    def stream_subject(job: GenerateJob) -> str:
+        return SUBJECTS.draft_chunks(job.session, prefix) if device else SUBJECTS.stream(job.id, job.tenant)
 
     def drafter(job: GenerateJob) -> LoadedModel | None:
         """The draft model, when the job's mode uses one (its context then bounds the job too)."""
@@ -228,7 +244,7 @@ async def start(ctx: ServiceContext) -> None:
             if job.stream:
                 chunk = {"id": job.id, "text": text.push(new), "token_ids": new,
                          "offset": len(session.generated) - len(new), "done": False}
-                await publish(SUBJECTS.stream(job.id), chunk, job.format)
+                await publish(stream_subject(job), chunk, job.format)
 
         key = (job.spec.mode, job.spec.k)
         policy = make_policy(job.spec.policy, job.spec.gamma, warm.get(key))
@@ -324,7 +340,7 @@ async def start(ctx: ServiceContext) -> None:
                     "error": body["error"]["code"] if "error" in body else None, "ts": time.time(),
                 })
                 if job.stream:
-                    await publish(SUBJECTS.stream(job.id), {**body, "offset": 0, "done": True}, job.format)
+                    await publish(stream_subject(job), {**body, "offset": 0, "done": True}, job.format)
                 await finish(run, body)
         finally:
             runs.pop(job.session, None)
@@ -373,8 +389,9 @@ async def start(ctx: ServiceContext) -> None:
             run.cancelled.set()
 
         try:
-            run.subs.append(await ctx.nc.subscribe(SUBJECTS.draft_session(job.session), cb=on_session_ping))
-            run.subs.append(await ctx.nc.subscribe(SUBJECTS.cancel(job.id), cb=on_cancel))
+            run.subs.append(await ctx.nc.subscribe(SUBJECTS.draft_session(job.session, prefix), cb=on_session_ping))
+            cancels = SUBJECTS.draft_cancel(job.session, prefix) if device else SUBJECTS.cancel(job.id, job.tenant)
+            run.subs.append(await ctx.nc.subscribe(cancels, cb=on_cancel))
         except nats.errors.Error as exc:  # a run that cannot be watched or cancelled must not be accepted
             for sub in run.subs:
                 with contextlib.suppress(Exception):
@@ -399,10 +416,11 @@ async def start(ctx: ServiceContext) -> None:
         ctx,
         "draftwire-draft",
         "draft model and speculative loop (device)",
-        [(SUBJECTS.draft_start, handle_start, "drafts"),  # any instance; the scheduler's fallback
-         (SUBJECTS.draft_start_instance(ctx.instance), handle_start, ctx.instance)],  # placed on this one
+        [*([] if device else [(SUBJECTS.draft_start, handle_start, "drafts")]),  # the scheduler's fallback
+         (SUBJECTS.draft_start_instance(ctx.instance, prefix), handle_start, ctx.instance)],  # placed on this one
         metadata={"model": args.draft_model, "dtype": args.draft_dtype},
-        stats=lambda: {"active": len(runs), "max": args.max_concurrent},  # the scheduler places by it
+        # the scheduler places by it, and a secured draft names its device identity (its subjects' prefix)
+        stats=lambda: {"active": len(runs), "max": args.max_concurrent, **({"device": device} if device else {})},
     )
     log.info("drafting with %s (%s)", model.name, model.dtype)
 

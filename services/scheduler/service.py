@@ -90,6 +90,7 @@ from shared.core.prompt_request import (
 from shared.io import bus
 from shared.io.bus import (
     DONE_STREAM,
+    DRAFT_PREFIX,
     JOBS_CONSUMER,
     JOBS_STREAM,
     ROOT,
@@ -104,6 +105,7 @@ from shared.io.bus import (
     inject_headers,
     jobs_subscription,
     submit_subscription,
+    tenant_of,
     validate_token,
 )
 from shared.io.loads import LoadBoard
@@ -277,6 +279,7 @@ class Work:
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
     progress: tuple[int, ...] = ()  # tokens the draft running it had committed at its last session ping
+    prefix: str = ""  # the subjects of the draft's device that runs it (`Subjects.device_prefix`), once known
 
     def cancel(self) -> None:
         if self.cancelled_at is None:
@@ -343,7 +346,8 @@ class Scheduler:
         await ensure_done_stream(self.js)
         self.delivered = await ensure_delivered_bucket(self.js, ttl=2 * self.timeout + DELIVERED_MARGIN_S)
         jobs, submits = await jobs_subscription(self.js), await submit_subscription(self.js)
-        self._subs = [jobs, submits, await self.nc.subscribe(SUBJECTS.cancel_all, cb=self._on_cancel)]
+        self._subs = [jobs, submits, await self.nc.subscribe(SUBJECTS.cancel_all, cb=self._on_cancel),
+                      await self.nc.subscribe(SUBJECTS.dev_chunks_all, cb=self._relay_chunk)]
         self._tasks = [
             asyncio.create_task(
                 self._fetch_loop(jobs, self._admit, what="jobs", slots=self.slots), name="scheduler-jobs"
@@ -374,13 +378,14 @@ class Scheduler:
         """Validate and store; the reply comes from whichever scheduler runs the job."""
         reply = req._msg.reply or None  # nats.micro.Request has no public accessor for the reply subject
         headers = req.headers or {}
+        tenant = tenant_of(req.subject, SUBJECTS.prompts)  # only that client may publish there
         try:
             parsed, fmt = parse_prompt(req.data, headers)
         except RequestError as exc:
             body = error_body(exc.code, str(exc), exc.request_id)
-            await self._answer(body, exc.format or "json", reply, exc.request_id)
+            await self._answer(body, exc.format or "json", reply, exc.request_id, tenant)
             return
-        record = self._record(parsed, fmt, reply)
+        record = self._record(parsed, fmt, reply, tenant=tenant)
         body, maybe_stored = await self._store(record, headers)
         if body is None:
             return
@@ -388,15 +393,15 @@ class Scheduler:
             return  # the job may be stored after all, and it is (or will be) its scheduler's to answer
         # duplicate_id goes to the requester only: results.<id> belongs to the job already running
         duplicate = body["error"]["code"] == "duplicate_id"
-        await self._answer(body, fmt, reply, None if duplicate else parsed.id)
+        await self._answer(body, fmt, reply, None if duplicate else parsed.id, tenant)
 
     def _record(
-        self, req: PromptRequest, fmt: str, reply: str | None, session: str | None = None
+        self, req: PromptRequest, fmt: str, reply: str | None, session: str | None = None, tenant: str = ""
     ) -> JobRecord:
         """The job record for an accepted request; `session` pins the session id (else a fresh one)."""
         now = time.time()
         pinned = {} if session is None else {"new_session": lambda: session}
-        job = build_job(req, fmt, self.defaults, now=now, max_timeout=self.timeout, **pinned)
+        job = build_job(req, fmt, self.defaults, now=now, max_timeout=self.timeout, tenant=tenant, **pinned)
         return JobRecord(job, reply, now)
 
     async def _store(self, record: JobRecord, headers: Mapping[str, str]) -> tuple[dict | None, bool]:
@@ -417,7 +422,8 @@ class Scheduler:
                 await asyncio.sleep(backoff.next())
             try:
                 await self.js.publish(
-                    SUBJECTS.jobs(job.id), record.encode(), timeout=PUBLISH_TIMEOUT_S, headers=msg_headers
+                    SUBJECTS.jobs(job.id, job.tenant), record.encode(), timeout=PUBLISH_TIMEOUT_S,
+                    headers=msg_headers,
                 )
                 return None, True
             except nats.js.errors.APIError as exc:  # an answer: this try stored nothing
@@ -439,17 +445,23 @@ class Scheduler:
         """
         headers = msg.headers or {}
         try:
+            tenant = tenant_of(msg.subject, SUBJECTS.submit)
+        except ValueError:  # the stream takes only submit and submit.<token>: not reachable
+            log.warning("dropping a submission on %s", msg.subject)
+            await _quietly(msg.ack())
+            return
+        try:
             req, fmt = parse_prompt(msg.data, headers)
         except RequestError as exc:
             if exc.request_id is None:
                 log.warning("dropping a submission nobody can be told about: %s: %s", exc.code, exc)
             await self._answer(
-                error_body(exc.code, str(exc), exc.request_id), exc.format or "json", None, exc.request_id
+                error_body(exc.code, str(exc), exc.request_id), exc.format or "json", None, exc.request_id, tenant
             )
             await _quietly(msg.ack())
             return
         meta = msg.metadata
-        record = self._record(req, fmt, None, submission_session(meta.sequence.stream, meta.timestamp))
+        record = self._record(req, fmt, None, submission_session(meta.sequence.stream, meta.timestamp), tenant)
         body, _ = await self._store(record, headers)  # maybe stored: the retry is deduplicated
         if body is None:
             await _quietly(msg.ack())
@@ -460,8 +472,10 @@ class Scheduler:
             log.warning("submission %s not stored yet (%s); retrying", req.id, body["error"]["message"])
             await _quietly(msg.nak(delay=1.0))
 
-    async def _answer(self, body: dict, fmt: str, reply: str | None, request_id: str | None) -> None:
-        """Publish a reply to the requester (if any) and to `results.<id>` (if the id is known).
+    async def _answer(
+        self, body: dict, fmt: str, reply: str | None, request_id: str | None, tenant: str = ""
+    ) -> None:
+        """Publish a reply to the requester (if any) and to its tenant's `results.<id>` (if the id is known).
 
         Never raises: it runs inside the micro handler, which would answer an exception with a second reply
         (a 500) to the same inbox, and after the delivered key, where a retry must not follow either.
@@ -472,7 +486,7 @@ class Scheduler:
                 message = f"result is {len(data)} bytes, over the server's max_payload {self.nc.max_payload}"
                 data = encode_reply(error_body("oversize", message, request_id), fmt)
             headers = {"Content-Type": REPLY_CONTENT_TYPES[fmt]}
-            subjects = [s for s in (reply, request_id and SUBJECTS.results(request_id)) if s]
+            subjects = [s for s in (reply, request_id and SUBJECTS.results(request_id, tenant)) if s]
         except Exception:  # nobody can be answered with what we cannot encode
             log.exception("could not encode the reply to request %s", request_id)
             return
@@ -503,7 +517,7 @@ class Scheduler:
         """Reply unless another scheduler already did for this session (the KV create decides)."""
         if not await self._claim(record.job):
             return False
-        await self._answer(body, record.job.format, record.reply, record.job.id)
+        await self._answer(body, record.job.format, record.reply, record.job.id, record.job.tenant)
         return True
 
     async def _answered(self, job: GenerateJob) -> bool:
@@ -559,7 +573,7 @@ class Scheduler:
             return
         w = Work(record=record, msg=msg)
         self.work[seq] = w
-        if self.cancels.applies(record.job.id, record.accepted_at, time.time()):
+        if self.cancels.applies(_scoped_id(record.job), record.accepted_at, time.time()):
             w.cancel()
         w.task = asyncio.create_task(self._serve(w, seq), name=f"job-{record.job.id}")
 
@@ -678,7 +692,7 @@ class Scheduler:
                 return _cancelled(job.id)
             if time.time() > job.deadline:
                 return error_body("no_draft", "no draft instance took the job before its deadline", job.id)
-            subject, payload, draft = await self._place(job, gone)
+            subject, payload, draft, prefix = await self._place(job, gone)
             w.state = "dispatching"
             try:
                 msg = await bus.request(self.nc, subject, payload, timeout=START_TIMEOUT_S)
@@ -696,10 +710,13 @@ class Scheduler:
                 w.state = "running"
                 return None
             w.state = "running"
+            w.prefix = prefix
+            if w.cancelled_at is not None:  # cancelled while it was being placed
+                await self._forward_cancel(w)
             return start_outcome(msg.data, msg.headers, job.id)
 
-    async def _place(self, job: GenerateJob, gone: set[str]) -> tuple[str, bytes, str | None]:
-        """Where the job goes: (subject, payload, the draft instance addressed or None).
+    async def _place(self, job: GenerateJob, gone: set[str]) -> tuple[str, bytes, str | None, str]:
+        """Where the job goes: (subject, payload, the draft instance addressed or None, its device's prefix).
 
         The least-loaded draft that reports its load gets the job on its own start subject, with the
         least-loaded verifier that reports one named in it. A draft of unknown load (an older one, which
@@ -708,13 +725,27 @@ class Scheduler:
         """
         draft, verifier = await asyncio.gather(self.drafts.choose(gone), self.verifiers.choose())
         if draft is None or draft.key is None:
-            return SUBJECTS.draft_start, job.encode(), None
+            return SUBJECTS.draft_start, job.encode(), None, DRAFT_PREFIX
         self.drafts.placed(draft.instance)
         if verifier is not None and verifier.key is not None:
             job = replace(job, verifier=verifier.instance)
             self.verifiers.placed(verifier.instance)
         log.debug("job %s: placed on draft %s, verifier %s", job.id, draft.instance, job.verifier)
-        return SUBJECTS.draft_start_instance(draft.instance), job.encode(), draft.instance
+        prefix = self._device_prefix(draft.instance)
+        return SUBJECTS.draft_start_instance(draft.instance, prefix), job.encode(), draft.instance, prefix
+
+    def _device_prefix(self, instance: str) -> str:
+        """The subjects of a draft instance's device identity, from its reported stats (unsecured: none)."""
+        reported = self.drafts.reported.get(instance)
+        device = reported.data.get("device") if reported is not None and isinstance(reported.data, dict) else None
+        try:
+            return SUBJECTS.device_prefix(device if isinstance(device, str) else None)
+        except ValueError:
+            return DRAFT_PREFIX
+
+    def _known_prefixes(self) -> list[str]:
+        """Every device's subjects a session could be running under (for a job this scheduler did not place)."""
+        return sorted({DRAFT_PREFIX, *(self._device_prefix(i) for i in self.drafts.reported)})
 
     async def _finished(self, w: Work, done) -> dict | None:
         """The session's result if there is one already: a done message received, or one stored."""
@@ -729,16 +760,21 @@ class Scheduler:
         A live draft's answer carries the tokens it has committed, kept in `w.progress` so that a job whose
         draft dies resumes after them rather than starting over.
         """
-        try:
-            msg = await self.nc.request(
-                SUBJECTS.draft_session(w.record.job.session), b"", timeout=PING_TIMEOUT_S
-            )
-        except nats.errors.NoRespondersError:
-            return False
-        except TimeoutError:
-            return None
-        w.progress = session_progress(msg.data, w.record.job.params.max_new_tokens) or w.progress
-        return True
+        answer: bool | None = False
+        for prefix in [w.prefix] if w.prefix else self._known_prefixes():
+            try:
+                msg = await self.nc.request(
+                    SUBJECTS.draft_session(w.record.job.session, prefix), b"", timeout=PING_TIMEOUT_S
+                )
+            except nats.errors.NoRespondersError:
+                continue
+            except TimeoutError:
+                answer = None
+                continue
+            w.progress = session_progress(msg.data, w.record.job.params.max_new_tokens) or w.progress
+            w.prefix = prefix
+            return True
+        return answer
 
     async def _stored_result(self, w: Work) -> dict | None:
         job = w.record.job
@@ -759,31 +795,53 @@ class Scheduler:
     # --- cancel -------------------------------------------------------------------------------------------
 
     async def _on_cancel(self, msg: Msg) -> None:
-        request_id = msg.subject.rsplit(".", 1)[-1]
+        """`cancel.<id>` or `cancel.<tenant>.<id>`: remembered under that scoped id (`<id>`, `<tenant>.<id>`)."""
+        scoped = msg.subject.removeprefix(SUBJECTS.cancel_all.removesuffix(">"))
+        if not 1 <= scoped.count(".") + 1 <= 2:
+            return
         now = time.time()
-        self.cancels.add(request_id, now)
-        mine = [w for w in self.work.values() if w.record.job.id == request_id]
+        self.cancels.add(scoped, now)
+        mine = [w for w in self.work.values() if _scoped_id(w.record.job) == scoped]
         for w in mine:
-            if self.cancels.applies(request_id, w.record.accepted_at, now):
+            if self.cancels.applies(scoped, w.record.accepted_at, now):
                 w.cancel()
+                await self._forward_cancel(w)
         if not mine:
-            task = asyncio.create_task(self._cancel_queued(request_id, now))
+            task = asyncio.create_task(self._cancel_queued(scoped, now))
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
 
-    async def _cancel_queued(self, request_id: str, now: float) -> None:
+    async def _forward_cancel(self, w: Work) -> None:
+        """A secured draft hears cancels only on its own subjects: pass the tenant's cancel on to it."""
+        if w.prefix and w.prefix != DRAFT_PREFIX:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(SUBJECTS.draft_cancel(w.record.job.session, w.prefix), b"")
+
+    async def _relay_chunk(self, msg: Msg) -> None:
+        """A secured draft's stream chunk, passed on to its tenant's stream subject, and only when it comes
+        from the device running that session (a chunk under any other device's prefix is dropped)."""
+        prefix, _, session = msg.subject.rpartition(".chunk.")
+        for w in self.work.values():
+            job = w.record.job
+            if job.session == session and w.prefix == prefix:
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(SUBJECTS.stream(job.id, job.tenant), msg.data, headers=msg.headers)
+                return
+
+    async def _cancel_queued(self, scoped: str, now: float) -> None:
         """A job nobody has fetched yet: whoever claims its reply answers `cancelled`, then deletes the job.
 
         Answer first: a job deleted unanswered would be lost if the answer failed, while a job answered but
         not deleted (say JetStream went away) is fetched later, remembered as cancelled, and only acked.
         """
         try:
-            raw = await self.js.get_last_msg(JOBS_STREAM, SUBJECTS.jobs(request_id))
+            tenant, _, request_id = scoped.rpartition(".")
+            raw = await self.js.get_last_msg(JOBS_STREAM, SUBJECTS.jobs(request_id, tenant))
             delivered = (await self.js.consumer_info(JOBS_STREAM, JOBS_CONSUMER)).delivered.stream_seq
             if raw.seq <= delivered:
                 return  # handed to a scheduler already, which got this cancel too (or finds it remembered)
             record = JobRecord.decode(raw.data)
-            if not self.cancels.applies(request_id, record.accepted_at, now):
+            if not self.cancels.applies(scoped, record.accepted_at, now):
                 return
             if not await self._deliver_once(record, _cancelled(request_id)):
                 return  # another scheduler answered it
@@ -792,7 +850,7 @@ class Scheduler:
         except (nats.js.errors.NotFoundError, RequestError, ValueError):
             return  # not there any more, or not a job we can read: the holder decides
         except Exception as exc:  # noqa: BLE001 - JetStream away: a job still queued is answered when fetched
-            log.warning("cancelling queued job %s: %r", request_id, exc)
+            log.warning("cancelling queued job %s: %r", scoped, exc)
 
     # --- introspection ------------------------------------------------------------------------------------
 
@@ -802,6 +860,11 @@ class Scheduler:
             "sessions": sessions_snapshot(list(self.work.values()), time.monotonic(), time.time()),
         }
         await req.respond(json.dumps(body).encode())
+
+
+def _scoped_id(job: GenerateJob) -> str:
+    """The id a cancel names: `<id>`, or `<tenant>.<id>` for a tenant's job."""
+    return f"{job.tenant}.{job.id}" if job.tenant else job.id
 
 
 def _cancelled(request_id: str) -> dict:
@@ -847,6 +910,7 @@ async def start(ctx: ServiceContext) -> Scheduler:
         "accepts prompts into the durable job queue and runs them on draft instances",
         [
             (SUBJECTS.prompts, scheduler.prompts_endpoint, "schedulers"),
+            (SUBJECTS.prompts_tenants, scheduler.prompts_endpoint, "schedulers"),  # one subject per tenant
             (SESSIONS_SUBJECT, scheduler.sessions_endpoint, "schedulers"),
             (f"{SESSIONS_SUBJECT}.{ctx.instance}", scheduler.sessions_endpoint, ctx.instance),
         ],

@@ -320,7 +320,7 @@ def _valid_token(value: str) -> bool:
 # --- the scheduler -> draft job ---------------------------------------------------------------------------
 
 _JOB_KEYS = frozenset({"id", "prompt", "params", "spec", "stream", "format", "session", "deadline", "resume"})
-_JOB_OPTIONAL_KEYS = frozenset({"verifier"})
+_JOB_OPTIONAL_KEYS = frozenset({"verifier", "tenant"})
 MAX_RESUME_TOKENS = 1 << 18  # a resumed job's generated tokens travel as 4 bytes each
 MAX_JOB_BYTES = MAX_REQUEST_BYTES + 4 * MAX_RESUME_TOKENS
 
@@ -344,6 +344,9 @@ class GenerateJob:
     # The verifier instance the scheduler placed the session on (the least loaded it saw); the draft uses it
     # while it is alive. Encoded only when set, and only sent to drafts that serve their own start subject.
     verifier: str | None = None
+    # Who sent it: the client identity whose own subjects (`prompts.<tenant>`) it came in on; its results and
+    # stream go to that tenant's subjects only. "" = the shared subjects of an unsecured deployment.
+    tenant: str = ""
 
     def encode(self) -> bytes:
         body = {
@@ -359,6 +362,8 @@ class GenerateJob:
         }
         if self.verifier is not None:
             body["verifier"] = self.verifier
+        if self.tenant:
+            body["tenant"] = self.tenant
         return msgpack.packb(body)
 
     @classmethod
@@ -409,7 +414,11 @@ def _decode_job(data: bytes) -> GenerateJob:
     if verifier is not None and (not isinstance(verifier, str) or not _valid_token(verifier)):
         message = f"job verifier must be a valid NATS token, got {verifier!r}"
         raise RequestError("bad_request", message, request_id=rid)
-    return GenerateJob(rid, prompt, params, spec, stream, fmt, session, float(deadline), resume_ids, verifier)
+    tenant = obj.get("tenant", "")
+    if not isinstance(tenant, str) or (tenant and not _valid_token(tenant)):
+        raise RequestError("bad_request", f"job tenant must be a valid NATS token, got {tenant!r}", request_id=rid)
+    return GenerateJob(rid, prompt, params, spec, stream, fmt, session, float(deadline), resume_ids, verifier,
+                       tenant)
 
 
 def _params(cls, value: object, rid: str):
@@ -476,8 +485,10 @@ def build_job(
     max_timeout: float,
     draw_seed: Callable[[], int] = fresh_seed,
     new_session: Callable[[], str] = new_session_id,
+    tenant: str = "",
 ) -> GenerateJob:
-    """The job for an accepted request: a fresh session id and an absolute deadline (unix seconds)."""
+    """The job for an accepted request: a fresh session id and an absolute deadline (unix seconds); `tenant`
+    is the client identity the request came from (its subject says, not its body)."""
     return GenerateJob(
         id=req.id,
         prompt=req.prompt,
@@ -487,6 +498,7 @@ def build_job(
         format=fmt,
         session=new_session(),
         deadline=now + request_timeout(req, max_timeout),
+        tenant=tenant,
     )
 
 

@@ -36,6 +36,15 @@ QUANTILES = (0.5, 0.99)
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+# Per-field bounds. A value outside them is a bug or a forgery, never a measurement, and one such value in
+# the totals would spoil every rate Prometheus takes from them; so the whole event is refused.
+MAX_TOKENS = 1 << 31  # token counts, round numbers, gamma, k: far beyond max_new_tokens (2^20), k (2^24)
+MAX_BYTES = 1 << 40  # bytes of one round or request: 1 TiB, where one message is 8 MiB at most
+MAX_DURATION_S = 7 * 24 * 3600.0  # seconds of one round or request: a week (requests default to 600 s)
+MAX_RATE = float(1 << 31)  # tokens per second
+MAX_TS = float(1 << 33)  # unix seconds: the year 2242 (a clock beyond that is broken)
+
+
 class EventError(ValueError):
     """An event that cannot be counted; the message says which field is wrong and why."""
 
@@ -67,16 +76,34 @@ def _names(v: Any) -> list[str]:
     return [_name(x) for x in v]
 
 
-def _count(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise TypeError("a non-negative integer")
-    return v
+def _count_below(limit: int, shown: str) -> Checker:
+    """An integer in [0, limit); bools (an int subclass) and integral floats are refused."""
+
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < limit:
+            raise TypeError(f"a non-negative integer below {shown}")
+        return v
+
+    return check
 
 
-def _seconds(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-        raise TypeError("a finite non-negative number")
-    return float(v)
+def _number_upto(limit: float, shown: str) -> Checker:
+    """A number in [0, limit]: refuses NaN and the infinities too (every comparison with NaN is false)."""
+
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= limit:
+            raise TypeError(f"a finite non-negative number at most {shown}")
+        return float(v)
+
+    return check
+
+
+_tokens = _count_below(MAX_TOKENS, "2^31")
+_bytes = _count_below(MAX_BYTES, "2^40")
+_seconds = _number_upto(MAX_DURATION_S, f"{MAX_DURATION_S:g}")
+_rate = _number_upto(MAX_RATE, "2^31")
+_fraction = _number_upto(1.0, "1")
+_ts = _number_upto(MAX_TS, "2^33")
 
 
 def _opt_text(v: Any) -> str | None:
@@ -89,16 +116,16 @@ def _opt_text(v: Any) -> str | None:
 
 ROUND_SCHEMA: dict[str, Checker] = {
     "request_id": _id, "mode": _id, "draft_instance": _name, "verifier_instance": _name,
-    "round": _count, "drafted": _count, "accepted": _count, "emitted": _count,
-    "uplink_bytes": _count, "downlink_bytes": _count,
-    "draft_s": _seconds, "verify_s": _seconds, "round_s": _seconds, "gamma": _count, "ts": _seconds,
+    "round": _tokens, "drafted": _tokens, "accepted": _tokens, "emitted": _tokens,
+    "uplink_bytes": _bytes, "downlink_bytes": _bytes,
+    "draft_s": _seconds, "verify_s": _seconds, "round_s": _seconds, "gamma": _tokens, "ts": _ts,
 }  # fmt: skip
 REQUEST_SCHEMA: dict[str, Checker] = {
-    "request_id": _id, "mode": _id, "gamma": _count, "k": _count,
+    "request_id": _id, "mode": _id, "gamma": _tokens, "k": _tokens,
     "draft_instance": _name, "verifier_instances": _names,
-    "new_tokens": _count, "wall_s": _seconds, "tokens_per_s": _seconds, "acceptance_rate": _seconds,
-    "uplink_bytes": _count, "downlink_bytes": _count, "finish_reason": _opt_text, "error": _opt_text,
-    "ts": _seconds,
+    "new_tokens": _tokens, "wall_s": _seconds, "tokens_per_s": _rate, "acceptance_rate": _fraction,
+    "uplink_bytes": _bytes, "downlink_bytes": _bytes, "finish_reason": _opt_text, "error": _opt_text,
+    "ts": _ts,
 }  # fmt: skip
 SCHEMAS = {"round": ROUND_SCHEMA, "request": REQUEST_SCHEMA}
 
@@ -107,13 +134,14 @@ def validate_event(obj: Any, expect_type: str | None = None) -> dict:
     """Check a decoded event against its schema and return only the known fields, normalized.
 
     Unknown extra keys are ignored so producers can add fields before telemetry knows them. `expect_type`
-    rejects e.g. a round event published on the request subject.
+    rejects e.g. a round event published on the request subject. Whatever `obj` is, the only exception is
+    EventError. Besides each field's bounds, a round emits at most its accepted tokens plus the target's one.
     """
     if not isinstance(obj, Mapping):
         raise EventError(f"event must be a map, got {type(obj).__name__}")
     kind = obj.get("type")
-    if kind not in SCHEMAS:
-        raise EventError(f"event 'type' must be one of {sorted(SCHEMAS)}, got {kind!r}")
+    if not isinstance(kind, str) or kind not in SCHEMAS:  # a list or map `type` is not even hashable
+        raise EventError(f"event 'type' must be one of {sorted(SCHEMAS)}, got {_short(kind)}")
     if expect_type is not None and kind != expect_type:
         raise EventError(f"{kind} event on the {expect_type} subject")
     schema = SCHEMAS[kind]
@@ -127,6 +155,8 @@ def validate_event(obj: Any, expect_type: str | None = None) -> dict:
             raise EventError(f"{kind} event: field {key!r} must be {exc}, got {_short(obj[key])}") from None
     if kind == "round" and out["accepted"] > out["drafted"]:
         raise EventError(f"round event: accepted ({out['accepted']}) > drafted ({out['drafted']})")
+    if kind == "round" and out["emitted"] > out["accepted"] + 1:
+        raise EventError(f"round event: emitted ({out['emitted']}) > accepted + 1 ({out['accepted'] + 1})")
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,11 +35,13 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
 from shared.core.subject_names import validate_token
+from shared.io.credentials import load_identity
 from shared.io.nats_server import is_reachable
 
 log = logging.getLogger(__name__)
 
 ROOT = "draftwire"
+DRAFT_PREFIX = f"{ROOT}.draft"  # the unsecured drafts' subjects (`Subjects.device_prefix`)
 JOBS_STREAM = "DRAFTWIRE_JOBS"
 JOBS_CONSUMER = "DRAFTWIRE_SCHEDULER"
 SUBMIT_STREAM = "DRAFTWIRE_SUBMIT"
@@ -52,12 +55,19 @@ SERVICE_ERROR_HEADER = "Nats-Service-Error"  # nats.micro's error reply (with Na
 
 @dataclass(frozen=True)
 class Subjects:
-    """The subject map. Fixed subjects are fields; per-id subjects are methods that validate the id."""
+    """The subject map. Fixed subjects are fields; per-id subjects are methods that validate the id.
+
+    Client-facing subjects come in two shapes: the shared ones of an unsecured deployment
+    (`prompts`, `results.<id>`, ...) and a tenant's own (`prompts.<tenant>`, `results.<tenant>.<id>`, ...),
+    which only that client identity may use (`shared.core.nats_permissions`). `tenant=""` is the shared shape.
+    """
 
     prompts: str = f"{ROOT}.prompts"  # micro endpoint, queue group `schedulers` (request/reply)
+    prompts_tenants: str = f"{ROOT}.prompts.*"  # the same, one subject per tenant (the token names it)
     submit: str = f"{ROOT}.submit"  # JetStream, fire-and-forget; results on `results.<id>`
-    cancel_all: str = f"{ROOT}.cancel.*"
-    jobs_all: str = f"{ROOT}.jobs.*"  # internal: accepted jobs, one per request id in flight
+    submit_tenants: str = f"{ROOT}.submit.*"
+    cancel_all: str = f"{ROOT}.cancel.>"
+    jobs_all: str = f"{ROOT}.jobs.>"  # internal: accepted jobs, one per (tenant, request id) in flight
     done_all: str = f"{ROOT}.done.*"  # internal: each session's final result, kept for a new scheduler
     verify: str = f"{ROOT}.verify"
     verifier_info: str = f"{ROOT}.verifier.info"
@@ -67,34 +77,68 @@ class Subjects:
     events_request: str = f"{ROOT}.events.request"
     events_all: str = f"{ROOT}.events.>"
 
-    def stream(self, request_id: str) -> str:
-        return f"{ROOT}.stream.{validate_token(request_id, 'request id')}"
+    def prompts_for(self, tenant: str = "") -> str:
+        return f"{ROOT}.prompts.{validate_token(tenant, 'tenant')}" if tenant else self.prompts
 
-    def results(self, request_id: str) -> str:
+    def submit_for(self, tenant: str = "") -> str:
+        return f"{ROOT}.submit.{validate_token(tenant, 'tenant')}" if tenant else self.submit
+
+    def stream(self, request_id: str, tenant: str = "") -> str:
+        return f"{ROOT}.stream.{_scoped(request_id, tenant)}"
+
+    def results(self, request_id: str, tenant: str = "") -> str:
         """Every final result or error of a prompt, for publishers that sent it without a reply subject."""
-        return f"{ROOT}.results.{validate_token(request_id, 'request id')}"
+        return f"{ROOT}.results.{_scoped(request_id, tenant)}"
 
-    def cancel(self, request_id: str) -> str:
+    def cancel(self, request_id: str, tenant: str = "") -> str:
         """Publish anything here to cancel request `request_id` (queued or running)."""
-        return f"{ROOT}.cancel.{validate_token(request_id, 'request id')}"
+        return f"{ROOT}.cancel.{_scoped(request_id, tenant)}"
 
-    def jobs(self, request_id: str) -> str:
-        return f"{ROOT}.jobs.{validate_token(request_id, 'request id')}"
+    def jobs(self, request_id: str, tenant: str = "") -> str:
+        return f"{ROOT}.jobs.{_scoped(request_id, tenant)}"
 
     def done(self, session: str) -> str:
         return f"{ROOT}.done.{validate_token(session, 'session id')}"
 
-    def draft_session(self, session: str) -> str:
-        """Held by the one draft instance running `session`: "no responders" here means nobody runs it."""
-        return f"{ROOT}.draft.session.{validate_token(session, 'session id')}"
+    def device_prefix(self, device: str | None = None) -> str:
+        """Where a draft instance takes its jobs, session pings and cancels, and sends its stream chunks:
+        `draftwire.draft` unsecured, else its device identity's own `draftwire.dev.<device>`, which no other
+        device may read or write (so no device learns another's sessions or speaks for them)."""
+        return f"{ROOT}.dev.{validate_token(device, 'device')}" if device else DRAFT_PREFIX
 
-    def draft_start_instance(self, instance: str) -> str:
+    def draft_session(self, session: str, prefix: str = "") -> str:
+        """Held by the one draft instance running `session`: "no responders" here means nobody runs it."""
+        return f"{prefix or DRAFT_PREFIX}.session.{validate_token(session, 'session id')}"
+
+    def draft_start_instance(self, instance: str, prefix: str = "") -> str:
         """One draft instance's own start subject: the scheduler sends a job here to place it on that instance
-        (`draft_start`, queue group `drafts`, takes a job any instance may run)."""
-        return f"{ROOT}.draft.start.{validate_token(instance, 'draft instance')}"
+        (`draft_start`, queue group `drafts`, takes a job any unsecured instance may run)."""
+        return f"{prefix or DRAFT_PREFIX}.start.{validate_token(instance, 'draft instance')}"
+
+    def draft_cancel(self, session: str, prefix: str) -> str:
+        """A secured draft's cancel of `session` (the scheduler forwards the tenant's `cancel.<tenant>.<id>`)."""
+        return f"{prefix}.cancel.{validate_token(session, 'session id')}"
+
+    def draft_chunks(self, session: str, prefix: str) -> str:
+        """A secured draft's stream chunks of `session`; the scheduler holding the job relays them to the
+        tenant's `stream.<tenant>.<id>` (a device never publishes on a tenant's subjects itself)."""
+        return f"{prefix}.chunk.{validate_token(session, 'session id')}"
+
+    dev_chunks_all: str = f"{ROOT}.dev.*.chunk.*"
 
     def verify_instance(self, instance: str) -> str:
         return f"{ROOT}.verify.{validate_token(instance, 'verifier instance')}"
+
+
+def _scoped(request_id: str, tenant: str) -> str:
+    """`<id>` or `<tenant>.<id>`: a request id is unique within its tenant only."""
+    rid = validate_token(request_id, "request id")
+    return f"{validate_token(tenant, 'tenant')}.{rid}" if tenant else rid
+
+
+def tenant_of(subject: str, shared: str) -> str:
+    """The tenant a client subject belongs to: "" for `shared` itself, else the token after it."""
+    return "" if subject == shared else validate_token(subject.removeprefix(f"{shared}."), "tenant")
 
 
 SUBJECTS = Subjects()
@@ -108,14 +152,34 @@ async def _log_error(exc: Exception) -> None:
     log.warning("NATS client error: %s", exc or type(exc).__name__)
 
 
-async def connect(url: str, name: str, *, initial_timeout: float = 5.0, **kw) -> Client:
+class _TlsCloseNoise(logging.Filter):
+    """asyncio warns "returning true from eof_received() has no effect when using ssl" each time a TLS peer
+    closes a connection nats-py reads: harmless, and it would drown real warnings on every shutdown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_TlsCloseNoise())
+
+
+async def connect(
+    url: str, name: str, *, initial_timeout: float = 5.0, creds: str | os.PathLike[str] | None = None, **kw
+) -> Client:
     """Connect with a bounded first attempt, then reconnect forever.
 
     nats-py retries the *initial* connect too (60 x 2 s by default, forever with max_reconnect_attempts=-1),
     so a missing server would hang a service for minutes. We bound the first connect with
     `initial_timeout` and raise ConnectionError; once connected, the client reconnects indefinitely so a
-    restarted server does not take the services down. `kw` overrides any nats.connect option.
+    restarted server does not take the services down. `creds` is an identity's nkey seed file
+    (`shared.io.credentials`): the client signs in as it and uses its own inbox prefix. `kw` overrides any
+    nats.connect option (`tls=` an ssl.SSLContext, for instance).
     """
+    if creds is not None:
+        try:
+            kw = {**load_identity(creds).connect_options(), **kw}
+        except ValueError as exc:
+            raise ConnectionError(str(exc)) from None
     opts: dict = {
         "name": name,
         "connect_timeout": 2,
@@ -193,12 +257,37 @@ async def publish(nc: Client, subject: str, payload: bytes, headers: dict[str, s
 #
 # Every create is idempotent and updates a stream whose editable settings changed, so each service can ensure
 # what it uses at start, in any order.
+#
+# Every stream is bounded in messages, bytes, age, messages per subject and bytes per message (headers
+# included), so no publisher can grow the server's store without limit. tests/test_stream_limits.py checks
+# these against the request limits of shared/core/prompt_request.py.
 
 JOBS_MAX_AGE_S = 24 * 3600.0  # far beyond any request timeout: a job leaves the queue by its ack, not by age
 JOBS_ACK_WAIT_S = 4.0  # a job goes to another scheduler this long after its holder stopped heartbeating
 JOBS_MAX_ACK_PENDING = 1024  # jobs in flight across all schedulers
 JOBS_DUPLICATE_WINDOW_S = 120.0  # a job publish retried (same Nats-Msg-Id) within this is stored once
-DONE_MAX_AGE_S = 15 * 60.0
+JOBS_MAX_MSGS = 100_000  # jobs queued or running: hours of work for any fleet; beyond it, `overloaded`
+JOBS_MAX_BYTES = 1 << 30  # 1 GiB of store for them, whatever their prompts' sizes
+JOBS_MAX_MSGS_PER_SUBJECT = 1  # one job per request id in flight: how the intake detects a duplicate id
+JOBS_MAX_MSG_SIZE = 2 << 20  # above MAX_JOB_BYTES (1.27 MiB, the largest record) plus its headers
+
+SUBMIT_MAX_MSGS = 100_000  # fire-and-forget prompts awaiting a scheduler; beyond it the publisher is refused
+SUBMIT_MAX_BYTES = 1 << 30  # 1 GiB of store for them
+SUBMIT_MAX_AGE_S = 24 * 3600.0  # a prompt no scheduler took for a day is dropped: the only silent loss
+SUBMIT_MAX_MSGS_PER_SUBJECT = 10_000  # one submit subject (one tenant, with per-client subjects) fills 1/10th
+SUBMIT_MAX_MSG_SIZE = 512 << 10  # above MAX_REQUEST_BYTES (272 KiB) plus headers; bigger is `oversize` anyway
+SUBMIT_ACK_WAIT_S = 30.0  # covers storing the job (or answering an error) before the submission is acked
+SUBMIT_DUPLICATE_WINDOW_S = 120.0  # a publisher's retry with the same Nats-Msg-Id within this is stored once
+
+DONE_MAX_AGE_S = 15 * 60.0  # a replacement scheduler takes a job over within seconds; results older are moot
+DONE_MAX_MSGS = 100_000  # results kept for replacement schedulers
+DONE_MAX_BYTES = 1 << 30  # 1 GiB of store for them
+DONE_MAX_MSGS_PER_SUBJECT = 1  # a session has one final result
+DONE_MAX_MSG_SIZE = 8 << 20  # the embedded server's and deploy/'s max_payload: a bigger result cannot be sent
+
+DELIVERED_MAX_MSGS = 1_000_000  # one key per reply within the bucket's TTL (minutes): far beyond any load
+DELIVERED_MAX_BYTES = 256 << 20  # a key costs ~100 bytes of store
+DELIVERED_MAX_VALUE_SIZE = 1024  # the value is the claiming scheduler's instance name
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -216,8 +305,10 @@ async def ensure_jobs_stream(
     ack_wait: float = JOBS_ACK_WAIT_S,
     max_ack_pending: int = JOBS_MAX_ACK_PENDING,
     duplicate_window: float = JOBS_DUPLICATE_WINDOW_S,
-    max_msgs: int = 100_000,
-    max_bytes: int = 1 << 30,
+    max_msgs: int = JOBS_MAX_MSGS,
+    max_bytes: int = JOBS_MAX_BYTES,
+    max_age: float = JOBS_MAX_AGE_S,
+    max_msg_size: int = JOBS_MAX_MSG_SIZE,
     storage: StorageType = StorageType.FILE,
 ) -> ConsumerInfo:
     """The accepted jobs (`draftwire.jobs.<id>`) and the durable pull consumer all schedulers share.
@@ -244,13 +335,16 @@ async def ensure_jobs_stream(
             subjects=[SUBJECTS.jobs_all],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=storage,
-            max_msgs_per_subject=1,
+            max_msgs_per_subject=JOBS_MAX_MSGS_PER_SUBJECT,
+            # Refuse, never drop: a job in the stream was promised a reply, and the refusal is what the
+            # intake answers as `overloaded` (or `duplicate_id`, per subject).
             discard=DiscardPolicy.NEW,
             discard_new_per_subject=True,
             duplicate_window=duplicate_window,
             max_msgs=max_msgs,
             max_bytes=max_bytes,
-            max_age=JOBS_MAX_AGE_S,
+            max_age=max_age,
+            max_msg_size=max_msg_size,
         ),
     )
     config = ConsumerConfig(
@@ -270,33 +364,43 @@ async def ensure_submit_stream(
     js: JetStreamContext,
     *,
     create_consumer: bool = True,
-    ack_wait: float = 30.0,
-    duplicate_window: float = 120.0,
-    max_msgs: int = 100_000,
-    max_bytes: int = 1 << 30,
-    max_age: float = 24 * 3600.0,
+    ack_wait: float = SUBMIT_ACK_WAIT_S,
+    duplicate_window: float = SUBMIT_DUPLICATE_WINDOW_S,
+    max_msgs: int = SUBMIT_MAX_MSGS,
+    max_bytes: int = SUBMIT_MAX_BYTES,
+    max_age: float = SUBMIT_MAX_AGE_S,
+    max_msgs_per_subject: int = SUBMIT_MAX_MSGS_PER_SUBJECT,
+    max_msg_size: int = SUBMIT_MAX_MSG_SIZE,
     storage: StorageType = StorageType.FILE,
 ) -> ConsumerInfo | None:
     """Fire-and-forget submissions on `draftwire.submit`, kept until a scheduler turned them into jobs.
 
     A work queue with PubAcks, so `js.publish` confirms a submission was stored; a `Nats-Msg-Id` header
-    dedupes a publisher's retries within `duplicate_window`. Full means refused (discard new), never
-    silently dropping the oldest. A scheduler acks a submission once its job is stored (or it was
-    answered with an error on `draftwire.results.<id>`); `ack_wait` only has to cover that.
+    dedupes a publisher's retries within `duplicate_window`. Full means refused, never silently dropping
+    the oldest: the publisher's `js.publish` raises an APIError (err_code 10077, "maximum messages
+    exceeded", "... per subject exceeded" or "maximum bytes exceeded"; 10054 for an over-size message).
+    A scheduler acks a submission once its job is stored (or it was answered with an error on
+    `draftwire.results.<id>`); `ack_wait` only has to cover that.
     """
     await _ensure_stream(
         js,
         StreamConfig(
             name=SUBMIT_STREAM,
             description="draftwire fire-and-forget prompts awaiting a scheduler",
-            subjects=[SUBJECTS.submit],
+            subjects=[SUBJECTS.submit, SUBJECTS.submit_tenants],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=storage,
             duplicate_window=duplicate_window,
+            # NEW: a full stream refuses the next prompt with an error its publisher sees, where OLD would
+            # silently delete prompts that were already acknowledged as stored. Per subject too: without
+            # discard_new_per_subject the per-subject limit would drop that subject's oldest prompt.
             discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
             max_msgs=max_msgs,
             max_bytes=max_bytes,
             max_age=max_age,
+            max_msgs_per_subject=max_msgs_per_subject,
+            max_msg_size=max_msg_size,
         ),
     )
     if not create_consumer:
@@ -307,13 +411,20 @@ async def ensure_submit_stream(
         description="schedulers turn submissions into jobs; ack once the job is stored",
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait,
-        max_deliver=-1,
-        filter_subject=SUBJECTS.submit,
+        max_deliver=-1,  # no filter: the stream holds only submissions (shared and per tenant)
     )
     return await js.add_consumer(SUBMIT_STREAM, config)
 
 
-async def ensure_done_stream(js: JetStreamContext, *, storage: StorageType = StorageType.FILE) -> None:
+async def ensure_done_stream(
+    js: JetStreamContext,
+    *,
+    max_msgs: int = DONE_MAX_MSGS,
+    max_bytes: int = DONE_MAX_BYTES,
+    max_age: float = DONE_MAX_AGE_S,
+    max_msg_size: int = DONE_MAX_MSG_SIZE,
+    storage: StorageType = StorageType.FILE,
+) -> None:
     """Each session's final result or error (`draftwire.done.<session>`), kept for a replacement scheduler.
 
     The draft publishes there (with `js.publish`) and the scheduler reads it live (a core subscription) and
@@ -327,30 +438,52 @@ async def ensure_done_stream(js: JetStreamContext, *, storage: StorageType = Sto
             subjects=[SUBJECTS.done_all],
             retention=RetentionPolicy.LIMITS,
             storage=storage,
-            max_msgs_per_subject=1,
-            max_age=DONE_MAX_AGE_S,
-            max_bytes=1 << 30,
+            # OLD: this is a recovery copy (the scheduler gets the result live); when full, the oldest
+            # result, nearest its expiry and long delivered, goes rather than a new one being refused.
+            discard=DiscardPolicy.OLD,
+            max_msgs_per_subject=DONE_MAX_MSGS_PER_SUBJECT,
+            max_msgs=max_msgs,
+            max_bytes=max_bytes,
+            max_age=max_age,
+            max_msg_size=max_msg_size,
         ),
     )
 
 
-async def ensure_delivered_bucket(js: JetStreamContext, *, ttl: float) -> KeyValue:
+async def ensure_delivered_bucket(
+    js: JetStreamContext, *, ttl: float, max_msgs: int = DELIVERED_MAX_MSGS
+) -> KeyValue:
     """The KV bucket in which a scheduler creates key `<session>` before replying: the one that creates it
     replies, any other (a replacement racing a slow original) does not. If the bucket exists with another TTL
-    (another scheduler has another timeout), it is used as it is."""
+    (another scheduler has another timeout), it is used as it is.
+
+    Bounded like the streams: history 1 is one message per key, the TTL its age. nats-py's KV streams discard
+    NEW (kept: dropping an old key would let a second scheduler reply again; a refused create means no reply,
+    never two) and have no message limit, so that is set on the bucket's stream afterwards, with the size
+    limits (which also bounds a bucket an older version made without them).
+    """
     config = KeyValueConfig(
         bucket=DELIVERED_BUCKET,
         description="draftwire: sessions whose reply was sent",
         history=1,
         ttl=ttl,
+        max_bytes=DELIVERED_MAX_BYTES,
+        max_value_size=DELIVERED_MAX_VALUE_SIZE,
         storage=StorageType.FILE,
     )
     try:
-        return await js.create_key_value(config)
+        kv = await js.create_key_value(config)
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != 10058:
             raise
-        return await js.key_value(DELIVERED_BUCKET)
+        kv = await js.key_value(DELIVERED_BUCKET)
+    stream = (await js.stream_info(f"KV_{DELIVERED_BUCKET}")).config
+    bounded = stream.evolve(
+        max_msgs=max_msgs, max_bytes=DELIVERED_MAX_BYTES, max_msg_size=DELIVERED_MAX_VALUE_SIZE
+    )
+    if bounded != stream:
+        await js.update_stream(bounded)
+    return kv
 
 
 async def jobs_subscription(js: JetStreamContext) -> JetStreamContext.PullSubscription:

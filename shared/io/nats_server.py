@@ -59,9 +59,9 @@ def nats_server_binary() -> Path:
     )
 
 
-def render_config(max_payload: int = DEFAULT_MAX_PAYLOAD) -> str:
-    """The server config file; only what the CLI flags cannot express."""
-    return f"max_payload: {int(max_payload)}\n"
+def render_config(max_payload: int = DEFAULT_MAX_PAYLOAD, extra: str = "") -> str:
+    """The server config file; only what the CLI flags cannot express (plus `extra`: authorization, TLS)."""
+    return f"max_payload: {int(max_payload)}\n{extra}"
 
 
 def parse_ports_file(text: str) -> int:
@@ -125,6 +125,7 @@ class EmbeddedNats:
         store_dir: str | os.PathLike[str] | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         extra_args: Sequence[str] = (),
+        config_extra: str = "",
         startup_timeout: float = 10.0,
         stop_timeout: float = 5.0,
     ) -> None:
@@ -133,6 +134,7 @@ class EmbeddedNats:
         self.store_dir = Path(store_dir) if store_dir is not None else None
         self.max_payload = max_payload
         self.extra_args = tuple(extra_args)
+        self.config_extra = config_extra  # more server config (authorization, accounts, tls blocks)
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -184,7 +186,7 @@ class EmbeddedNats:
         store = self.store_dir or self._workdir / "store"
         store.mkdir(parents=True, exist_ok=True)
         config = self._workdir / "server.conf"
-        config.write_text(render_config(self.max_payload))
+        config.write_text(render_config(self.max_payload, self.config_extra))
         # A file, not a PIPE: nobody drains a pipe, and a full pipe would block the server's logging.
         self._log = open(self._workdir / "nats-server.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -218,6 +220,15 @@ class EmbeddedNats:
         raise TimeoutError(
             f"nats-server did not accept connections within {self.startup_timeout}s:\n{self.log_tail()}"
         )
+
+    def reload(self, config_extra: str) -> None:
+        """Rewrite the config with new `config_extra` and have the running server reload it (SIGHUP):
+        how a new identity is admitted without dropping anyone's connection."""
+        if self.proc is None or self._workdir is None:
+            raise RuntimeError("EmbeddedNats not started")
+        self.config_extra = config_extra
+        (self._workdir / "server.conf").write_text(render_config(self.max_payload, config_extra))
+        self.proc.send_signal(signal.SIGHUP)
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after `stop_timeout`; always reaps the child so no zombie/orphan remains."""

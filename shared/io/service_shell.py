@@ -69,12 +69,35 @@ def service_parser(service: str, description: str) -> argparse.ArgumentParser:
         help="instance name, unique per process [DRAFTWIRE_INSTANCE]",
     )
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[DRAFTWIRE_LOG_LEVEL]")
+    p.add_argument("--creds", default=env("CREDS"),
+                   help="this service's nkey seed file (`draftwire up --secure DIR` writes one per role); "
+                        "without it the connection is anonymous [DRAFTWIRE_CREDS]")
+    add_tls_flags(p)
     p.add_argument(
         "--torch-threads", type=int, default=env_int("TORCH_THREADS", 0),
         help="torch intra-op threads, 0 = torch's default; give each model service its own cores when "
         "several share a machine, or they slow each other down many times over [DRAFTWIRE_TORCH_THREADS]",
     )
     return p
+
+
+def add_tls_flags(p: argparse.ArgumentParser) -> None:
+    """`--tls-ca` (trust this CA: the connection to NATS is TLS) and, for mutual TLS, `--tls-cert`/`--tls-key`."""
+    p.add_argument("--tls-ca", default=env("TLS_CA"), help="CA that signed the NATS server's certificate; "
+                   "turns TLS on (`draftwire certs DIR` makes development ones) [DRAFTWIRE_TLS_CA]")
+    p.add_argument("--tls-cert", default=env("TLS_CERT"), help="client certificate, where the server asks for one "
+                   "[DRAFTWIRE_TLS_CERT]")
+    p.add_argument("--tls-key", default=env("TLS_KEY"), help="its private key [DRAFTWIRE_TLS_KEY]")
+
+
+def connection_options(args: argparse.Namespace) -> dict:
+    """connect() options from --creds and --tls-*: the identity to sign in as, and the TLS context."""
+    opts: dict = {"creds": getattr(args, "creds", None) or None}
+    if ca := getattr(args, "tls_ca", None):
+        from shared.io.tls import client_context
+
+        opts["tls"] = client_context(ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    return opts
 
 
 def add_model_flags(p: argparse.ArgumentParser, role: str, default_dtype: str) -> None:
@@ -130,7 +153,10 @@ async def _serve(name: str, args: argparse.Namespace, start: StartFn) -> None:
 
         torch.set_num_threads(args.torch_threads)
     tracer = setup_tracing(f"draftwire-{name}", args.instance)
-    nc = await connect(args.nats, name=f"draftwire-{name}-{args.instance}")
+    if not getattr(args, "creds", None):
+        log.warning("INSECURE: connecting to NATS without credentials; anyone who reaches the server can read "
+                    "and forge this service's traffic (run `draftwire up --secure DIR` or pass --creds)")
+    nc = await connect(args.nats, name=f"draftwire-{name}-{args.instance}", **connection_options(args))
     ctx = ServiceContext(name=name, instance=args.instance, args=args, nc=nc, tracer=tracer)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
