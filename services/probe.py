@@ -12,11 +12,11 @@ import json
 import sys
 
 from shared.io.bus import connect
-from shared.io.service_shell import DEFAULT_NATS_URL, env
+from shared.io.service_shell import DEFAULT_NATS_URL, add_tls_flags, connection_options, env
 
 
-async def _ping(url: str, name: str, timeout: float) -> bool:
-    nc = await connect(url, f"draftwire-probe-{name}", initial_timeout=timeout)
+async def _ping(url: str, name: str, timeout: float, options: dict) -> bool:
+    nc = await connect(url, f"draftwire-probe-{name}", initial_timeout=timeout, **options)
     try:
         msg = await nc.request(f"$SRV.PING.draftwire-{name}", b"", timeout=timeout)
         return json.loads(msg.data).get("name") == f"draftwire-{name}"
@@ -29,9 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", choices=("scheduler", "draft", "verifier", "telemetry"))
     p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL))
     p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--creds", default=env("CREDS"), help="the service's own identity, secured [DRAFTWIRE_CREDS]")
+    add_tls_flags(p)
     args = p.parse_args(argv)
     try:
-        ok = asyncio.run(_ping(args.nats, args.name, args.timeout))
+        ok = asyncio.run(_ping(args.nats, args.name, args.timeout, connection_options(args)))
     except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
         print(f"draftwire-probe: {args.name}: {exc}", file=sys.stderr)
         return 1

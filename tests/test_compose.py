@@ -109,3 +109,43 @@ def test_dockerfile_installs_pinned_cpu_torch_and_the_package() -> None:
     assert "torch==2.13.0" in text and "whl/cpu" in text
     assert re.search(r"COPY shared", text) and re.search(r"COPY services", text)
     assert SERVICES["scheduler"]["build"]["dockerfile"] == "deploy/Dockerfile"
+
+
+# --- secured by default -------------------------------------------------------------------------------------
+
+ROLE_OF = {"scheduler": "scheduler", "verifier": "edge", "draft": "device", "telemetry": "telemetry"}
+
+
+@pytest.mark.parametrize("name", DRAFTWIRE)
+def test_each_service_gets_its_own_identity_and_the_ca_as_secrets(name: str) -> None:
+    env = _env(name)
+    assert env["DRAFTWIRE_CREDS"] == "/run/secrets/creds" and env["DRAFTWIRE_TLS_CA"] == "/run/secrets/ca.pem"
+    mounted = {s["target"]: s["source"] for s in SERVICES[name]["secrets"]}
+    assert mounted == {"creds": f"{ROLE_OF[name]}_identity", "ca.pem": "nats_ca"}
+    assert COMPOSE["secrets"][f"{ROLE_OF[name]}_identity"]["file"] == f"./deploy/secrets/{ROLE_OF[name]}.nk"
+
+
+def test_the_keys_service_writes_every_secret_and_a_config_nats_server_accepts(tmp_path: Path) -> None:
+    """Run the keys service's command, then check nats.conf with the real nats-server (`-t`)."""
+    from shared.io.nats_server import nats_server_binary
+
+    keys = SERVICES["keys"]
+    assert SERVICES["nats"]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    assert "./deploy/secrets:/secrets" in keys["volumes"] and "./deploy/secrets:/etc/nats/secrets:ro" in \
+        SERVICES["nats"]["volumes"]
+    secrets = tmp_path / "secrets"
+    cmd = keys["command"]
+    assert cmd[:3] == ["draftwire", "auth", "init"] and cmd[3] == "/secrets"
+    out = subprocess.run([sys.executable, "-m", "services.cli", *cmd[1:3], str(secrets), *cmd[4:]], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    for secret in COMPOSE["secrets"].values():
+        assert (secrets / secret["file"].removeprefix("./deploy/secrets/")).is_file(), secret
+    conf = (ROOT / "deploy" / "nats.conf").read_text().replace("/etc/nats/", f"{tmp_path}/")
+    conf = conf.replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
+    (tmp_path / "nats.conf").write_text(conf)
+    check = subprocess.run([str(nats_server_binary()), "-t", "-c", str(tmp_path / "nats.conf")],
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "authorization" in (secrets / "auth.conf").read_text()
+    assert not (ROOT / ".dockerignore").exists() or "deploy/secrets/" in (ROOT / ".dockerignore").read_text()

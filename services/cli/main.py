@@ -126,6 +126,21 @@ def add_secure_flag(g, default: str | None = None) -> None:
                         + (f" (default {default})" if default else ""))
 
 
+def cmd_auth_init(args: argparse.Namespace) -> int:
+    """Identities and TLS certificates for a secured deployment (compose's `keys` service runs this)."""
+    from shared.io import credentials
+    from shared.io.tls import DEFAULT_HOSTS, make_dev_certs
+
+    d = credentials.ensure_credentials(args.dir)
+    tls = make_dev_certs(d / "tls", (*DEFAULT_HOSTS, *args.host))
+    roles = json.loads((d / "roles.json").read_text())
+    for name, role in sorted(roles.items()):
+        print(f"{role:<10} {d / (name + '.nk')}")
+    print(f"server     {d / 'auth.conf'} (nats-server `authorization` block), {tls.cert} + {tls.key} (TLS)")
+    print(f"clients    trust {tls.ca} (DRAFTWIRE_TLS_CA); each service signs in with its own .nk (DRAFTWIRE_CREDS)")
+    return 0
+
+
 def cmd_auth(args: argparse.Namespace) -> int:
     from shared.io import credentials
 
@@ -266,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     auth = sub.add_parser("auth", help="manage the identities of a secured stack")
     auth_sub = auth.add_subparsers(dest="auth_cmd", required=True)
+    init = auth_sub.add_parser("init", help="create (or reuse) every role's identity and dev TLS certs in DIR")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--host", action="append", default=[], metavar="H",
+                      help="another name the NATS server is reached by (127.0.0.1, localhost and nats always are)")
+    init.set_defaults(func=cmd_auth_init)
     for verb, what in (("add-client", "a client identity (a tenant)"), ("add-device", "a device identity")):
         add = auth_sub.add_parser(verb, help=f"add {what} as DIR/NAME.nk")
         add.add_argument("name")
