@@ -622,6 +622,13 @@ class Scheduler:
             self.work.pop(seq, None)
             self.slots.release()
 
+    def _unless_stopping(self) -> None:
+        """Leave a job's loop once the scheduler stops, even if its cancellation was lost: on Python 3.11
+        `asyncio.wait_for` (here and inside nats-py's requests) can swallow a cancel that lands as its timeout
+        fires, and the loop would then run on, holding `stop()` forever."""
+        if self.stopping:
+            raise asyncio.CancelledError
+
     async def _heartbeat(self, w: Work) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
@@ -653,6 +660,7 @@ class Scheduler:
         job = w.record.job
         misses = 0
         while True:
+            self._unless_stopping()
             with contextlib.suppress(nats.errors.TimeoutError):
                 msg = await done.next_msg(timeout=PING_S)
                 return draft_result(msg.data, msg.headers, job.id)
@@ -688,6 +696,7 @@ class Scheduler:
         backoff = Backoff(initial=0.1, cap=1.0)
         gone: set[str] = set()  # drafts that reported a load but whose own start subject had no responders
         while True:
+            self._unless_stopping()
             if w.cancelled_at is not None:
                 return _cancelled(job.id)
             if time.time() > job.deadline:

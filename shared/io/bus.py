@@ -201,8 +201,11 @@ async def connect(
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         cause = nc.last_error or exc
         await nc.close()
+        hint = ""
+        if any(s in repr(cause) for s in ("Authorization Violation", "CERTIFICATE_VERIFY_FAILED", "tls")):
+            hint = " (a secured server: pass your identity with --creds and its CA with --tls-ca)"
         raise ConnectionError(
-            f"could not connect to NATS at {url} within {initial_timeout}s: {cause!r}"
+            f"could not connect to NATS at {url} within {initial_timeout}s: {cause!r}{hint}"
         ) from exc
     return nc
 
