@@ -402,3 +402,53 @@ def _is_error(data: bytes) -> bool:
     except ValueError:
         return False
 
+
+
+CHAT = [{"role": "user", "content": "Write a haiku about the sea."}]
+
+
+async def test_a_chat_is_rendered_with_the_target_s_template_and_equals_transformers_generate(client):
+    """`messages` through the services, greedy: the tokens transformers' generate makes from the chat
+    template's add_generation_prompt rendering, stopping at the same end-of-turn."""
+    import torch
+
+    target = load_model("smollm2-135m", "fp32", progress=False)
+    ids = target.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = torch.tensor([ids["input_ids"]])
+    with torch.inference_mode():
+        out = target.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                    max_new_tokens=40, eos_token_id=list(target.eos_token_ids),
+                                    pad_token_id=target.eos_token_ids[0])
+    expected = [t for t in out[0, prompt.shape[1]:].tolist()]
+    body = {"id": "chat1", "messages": CHAT, "max_new_tokens": 40}
+    result = json.loads((await client.request("draftwire.prompts", json.dumps(body).encode(), timeout=120)).data)
+    assert "error" not in result, result
+    assert result["token_ids"] == expected and result["text"].strip()
+    assert result["finish_reason"] == ("stop" if expected[-1] in target.eos_token_ids else "length")
+
+
+async def test_a_stop_string_ends_the_text_before_it_and_is_never_streamed(client, reference):
+    full = target_text = None
+    body = {"id": "nostop", "prompt": PROMPT, "max_new_tokens": 32, "min_new_tokens": 32}
+    full = json.loads((await client.request("draftwire.prompts", json.dumps(body).encode(), timeout=120)).data)
+    target_text = full["text"]
+    stop = target_text[12:16]
+    chunks: list[dict] = []
+    sub = await client.subscribe(SUBJECTS.stream("withstop"), cb=functools.partial(_append_json, chunks))
+    body = {"id": "withstop", "prompt": PROMPT, "max_new_tokens": 32, "min_new_tokens": 32, "stop": [stop, "zzz"],
+            "stream": True}
+    result = json.loads((await client.request("draftwire.prompts", json.dumps(body).encode(), timeout=120)).data)
+    for _ in range(50):
+        if chunks and chunks[-1]["done"]:
+            break
+        await asyncio.sleep(0.02)
+    await sub.unsubscribe()
+    at = target_text.find(stop)
+    assert result["finish_reason"] == "stop" and result["text"] == target_text[:at]
+    assert full["token_ids"][: len(result["token_ids"])] == result["token_ids"]
+    streamed = "".join(c["text"] for c in chunks[:-1])
+    assert streamed == result["text"] and stop not in streamed
+
+
+async def _append_json(chunks, msg):
+    chunks.append(json.loads(msg.data))

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ from shared.core.race import unless
 from shared.core.rejection_sampling import NonFinite
 from shared.core.round_stats import RoundStats
 from shared.core.speculation import RemoteError, new_session, speculate
+from shared.core.stop_strings import find_stop, streamable
 from shared.io import bus
 from shared.io.bus import SUBJECTS, extract_context
 from shared.io.credentials import load_identity
@@ -96,10 +98,12 @@ def build_parser():
 
 
 class TextStream:
-    """Turns committed token ids into text deltas, holding back an incomplete UTF-8 character."""
+    """Turns committed token ids into text deltas, holding back an incomplete UTF-8 character and any tail
+    that may grow into a stop string; nothing from a stop string on is ever sent."""
 
-    def __init__(self, decode) -> None:
+    def __init__(self, decode, stops: Sequence[str] = ()) -> None:
         self.decode = decode
+        self.stops = tuple(stops)
         self.tokens: list[int] = []
         self.sent = ""
 
@@ -107,6 +111,11 @@ class TextStream:
         self.tokens.extend(new)
         text = self.decode(self.tokens)
         if text.endswith("\ufffd"):
+            return ""
+        if self.stops:
+            at = find_stop(text, self.stops)
+            text = text[:at] if at is not None else text[: streamable(text, self.stops)]
+        if len(text) <= len(self.sent):
             return ""
         delta, self.sent = text[len(self.sent) :], text
         return delta
@@ -229,11 +238,11 @@ async def start(ctx: ServiceContext) -> None:
             directory.drop_target()  # perhaps the edge was redeployed: ask again next time
             raise RemoteError("vocab_mismatch", f"draft {model.name} has vocabulary {model.vocab_size} but target "
                                              f"{target.model} has {target.vocab_size}")
-        run.session = session = new_session(
-            drafting, model, target.eos_token_ids, target.vocab_size, run.prompt_ids, job.params, job.spec,
+        run.session = session = new_session(  # the request's stop token ids end it like an EOS
+            drafting, model, (*target.eos_token_ids, *job.stop_token_ids), target.vocab_size, run.prompt_ids, job.params, job.spec,
             job.session, job.deadline, job.resume,
         )
-        text = TextStream(model.decode)
+        text = TextStream(model.decode, job.stop)
         text.push(list(job.resume))  # already streamed by the run that died: deltas continue after it
 
         async def on_round(rs: RoundStats, new: list[int]) -> None:
@@ -250,7 +259,7 @@ async def start(ctx: ServiceContext) -> None:
         policy = make_policy(job.spec.policy, job.spec.gamma, warm.get(key))
         result = await run.unless_stopped(speculate(
             session, link, decode=model.decode, compute=compute, on_round=on_round, tracer=ctx.tracer,
-            policy=policy, should_stop=run.stop_reason,
+            policy=policy, should_stop=run.stop_reason, stop=job.stop,
         ))
         if isinstance(policy, AdaptiveGamma):  # the next session on this device starts from what this one learnt
             warm[key] = policy.model
@@ -352,13 +361,20 @@ async def start(ctx: ServiceContext) -> None:
         """The immediate answer to a start, and the prompt's token ids when the job is accepted."""
         if job.deadline and time.time() > job.deadline:
             return error_body("deadline_exceeded", "the job's deadline passed before it started", job.id), None
-        prompt_ids = await asyncio.to_thread(model.encode, job.prompt)
-        if not prompt_ids:
-            return error_body("bad_request", "the prompt is empty after tokenization", job.id), None
         target = directory.cached_target()
         if target is None:
             with contextlib.suppress(nats.errors.Error, TimeoutError, ValueError, RemoteError):
                 target = await directory.target(time.time() + INFO_QUICK_S)
+        if job.messages is not None:  # a chat, rendered as the target's template says (ours if none is known)
+            template = target.chat_template if target is not None else None
+            try:
+                prompt_ids = await asyncio.to_thread(model.render_chat, job.messages, template)
+            except Exception as exc:  # noqa: BLE001 - no template, or a template that refuses these messages
+                return error_body("bad_request", f"cannot render the chat: {exc}", job.id), None
+        else:
+            prompt_ids = await asyncio.to_thread(model.encode, job.prompt)
+        if not prompt_ids:
+            return error_body("bad_request", "the prompt is empty after tokenization", job.id), None
         if message := context_error(len(prompt_ids), job.params.max_new_tokens, drafter(job), target):
             return error_body("context_length_exceeded", message, job.id), None
         return {"accepted": True, "instance": ctx.instance}, prompt_ids

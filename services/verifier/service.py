@@ -80,7 +80,8 @@ async def start(ctx: ServiceContext) -> None:
         raise SystemExit("verifier: --verify-budget and --max-queue must be >= 1, --batch-hold >= 0")
     model = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False, args.target_device)
     core = VerifierCore(model, max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens)
-    target = TargetInfo(model.name, model.vocab_size, tuple(model.eos_token_ids), model.context_length)
+    target = TargetInfo(model.name, model.vocab_size, tuple(model.eos_token_ids), model.context_length,
+                        model.chat_template)
     # memory is bounded: the weights, at most max_cached_tokens of KV (LRU eviction), one batch's temporaries
     kv_bound_mb = args.max_cached_tokens * core.kv_bytes_per_token() // (1 << 20)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")

@@ -30,6 +30,10 @@ from shared.core.params import (
 from shared.core.subject_names import validate_token
 
 MAX_PROMPT_BYTES = 256 * 1024
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_STOP_STRINGS = 4  # as OpenAI's `stop`
+MAX_STOP_BYTES = 256
+MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_BYTES = MAX_PROMPT_BYTES + 16 * 1024  # room for the other fields of a JSON/msgpack request
 FORMATS = ("text", "json", "msgpack")
 REQUEST_MODES = ("auto", *MODES)
@@ -66,7 +70,13 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class PromptRequest:
-    """One validated prompt; None for gamma/k/seed means "scheduler's choice"."""
+    """One validated prompt; None for gamma/k/seed means "scheduler's choice".
+
+    Exactly one of `prompt` (raw completion text) and `messages` (a chat, OpenAI's role/content shape,
+    rendered by the draft with the target's chat template) is given. `stop` strings end the generation where
+    they appear in the decoded text (not included in the result, as OpenAI does); `stop_token_ids` end it
+    after one of those tokens, like an end-of-sequence token.
+    """
 
     prompt: str
     id: str
@@ -83,11 +93,15 @@ class PromptRequest:
     confidence: float | None = None
     pipeline: bool | None = None
     timeout_s: float | None = None  # seconds the request may take; clamped to the scheduler's cap
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
 
 
 REQUEST_FIELDS = tuple(f.name for f in fields(PromptRequest))
 # JSON null means "not given" for these only
-_NULLABLE = frozenset({"id", "seed", "mode", "gamma", "k", "policy", "confidence", "pipeline", "timeout_s"})
+_NULLABLE = frozenset({"id", "seed", "mode", "gamma", "k", "policy", "confidence", "pipeline", "timeout_s",
+                       "messages", "stop", "stop_token_ids"})
 
 
 def new_request_id() -> str:
@@ -206,8 +220,19 @@ def _fields_from_object(obj: object, fmt: str) -> dict:
             f"allowed: {', '.join(REQUEST_FIELDS)}",
         )
     out = {k: v for k, v in obj.items() if not (v is None and k in _NULLABLE)}
-    if "prompt" not in out:
-        raise RequestError("bad_request", "missing required field 'prompt'")
+    if ("prompt" in out) == ("messages" in out):
+        raise RequestError("bad_request", "give exactly one of 'prompt' (a completion) and 'messages' (a chat)")
+    if "messages" in out:
+        out["messages"] = _messages(out["messages"])
+        out["prompt"] = ""
+    if "stop" in out:
+        out["stop"] = _stop_strings(out["stop"])
+    if "stop_token_ids" in out:
+        ids = out["stop_token_ids"]
+        _check_type("stop_token_ids", ids, isinstance(ids, list) and len(ids) <= MAX_STOP_TOKEN_IDS
+                    and all(_is_int(t) and 0 <= t < 2**31 for t in ids),
+                    f"a list of at most {MAX_STOP_TOKEN_IDS} token ids")
+        out["stop_token_ids"] = tuple(ids)
     for name in ("max_new_tokens", "min_new_tokens", "seed", "gamma", "k"):
         if name in out:
             _check_type(name, out[name], _is_int(out[name]), "an integer")
@@ -228,6 +253,38 @@ def _fields_from_object(obj: object, fmt: str) -> dict:
     return out
 
 
+def _messages(value: object) -> tuple[tuple[str, str], ...]:
+    """OpenAI's chat shape: a non-empty list of {"role": ..., "content": "..."} (string content only)."""
+    if not isinstance(value, list) or not value:
+        raise RequestError("bad_param", "messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not set(m) <= {"role", "content", "name"} or "role" not in m:
+            raise RequestError("bad_param", f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = m["role"], m.get("content")
+        if role not in CHAT_ROLES:
+            raise RequestError("bad_param", f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise RequestError("bad_param", f"messages[{i}].content must be a string")
+        _check_encodable(f"messages[{i}].content", content)
+        out.append((role, content))
+    if (size := sum(len(c.encode("utf-8")) for _, c in out)) > MAX_PROMPT_BYTES:
+        raise RequestError("oversize", f"messages are {size} bytes; the limit is {MAX_PROMPT_BYTES} bytes")
+    return tuple(out)
+
+
+def _stop_strings(value: object) -> tuple[str, ...]:
+    """A string or a list of up to MAX_STOP_STRINGS non-empty strings (OpenAI's `stop`)."""
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS or not all(
+            isinstance(x, str) and 0 < len(x.encode("utf-8", "surrogatepass")) <= MAX_STOP_BYTES for x in stops):
+        raise RequestError("bad_param", f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty "
+                                        f"strings of at most {MAX_STOP_BYTES} bytes")
+    for x in stops:
+        _check_encodable("stop", x)
+    return tuple(stops)
+
+
 def _check_encodable(name: str, value: str) -> None:
     try:
         value.encode("utf-8")
@@ -244,7 +301,7 @@ def _validated(kw: dict, new_id: Callable[[], str]) -> PromptRequest:
         except ValueError as exc:
             raise RequestError("bad_param", str(exc)) from None
     prompt = kw["prompt"]
-    if not prompt:
+    if not prompt and not kw.get("messages"):
         raise RequestError("bad_param", "prompt must be a non-empty string")
     _check_encodable("prompt", prompt)
     if (size := len(prompt.encode("utf-8"))) > MAX_PROMPT_BYTES:
@@ -320,7 +377,7 @@ def _valid_token(value: str) -> bool:
 # --- the scheduler -> draft job ---------------------------------------------------------------------------
 
 _JOB_KEYS = frozenset({"id", "prompt", "params", "spec", "stream", "format", "session", "deadline", "resume"})
-_JOB_OPTIONAL_KEYS = frozenset({"verifier", "tenant"})
+_JOB_OPTIONAL_KEYS = frozenset({"verifier", "tenant", "messages", "stop", "stop_token_ids"})
 MAX_RESUME_TOKENS = 1 << 18  # a resumed job's generated tokens travel as 4 bytes each
 MAX_JOB_BYTES = MAX_REQUEST_BYTES + 4 * MAX_RESUME_TOKENS
 
@@ -347,6 +404,9 @@ class GenerateJob:
     # Who sent it: the client identity whose own subjects (`prompts.<tenant>`) it came in on; its results and
     # stream go to that tenant's subjects only. "" = the shared subjects of an unsecured deployment.
     tenant: str = ""
+    messages: tuple[tuple[str, str], ...] | None = None  # a chat: the draft renders it (then `prompt` is "")
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
         body = {
@@ -364,6 +424,12 @@ class GenerateJob:
             body["verifier"] = self.verifier
         if self.tenant:
             body["tenant"] = self.tenant
+        if self.messages is not None:
+            body["messages"] = [list(m) for m in self.messages]
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if self.stop_token_ids:
+            body["stop_token_ids"] = list(self.stop_token_ids)
         return msgpack.packb(body)
 
     @classmethod
@@ -390,8 +456,20 @@ def _decode_job(data: bytes) -> GenerateJob:
     rid, prompt, stream, fmt = obj["id"], obj["prompt"], obj["stream"], obj["format"]
     if not isinstance(rid, str) or not _valid_token(rid):
         raise RequestError("bad_request", f"job id must be a valid NATS token, got {rid!r}")
-    if not isinstance(prompt, str) or not prompt:
+    messages = obj.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, list) and len(m) == 2 and m[0] in CHAT_ROLES and isinstance(m[1], str) for m in messages):
+            raise RequestError("bad_request", "job messages must be [role, content] pairs", request_id=rid)
+        messages = tuple((m[0], m[1]) for m in messages)
+    if not isinstance(prompt, str) or not (prompt or messages):
         raise RequestError("bad_request", "job prompt must be a non-empty string", request_id=rid)
+    stop, stop_ids = obj.get("stop", []), obj.get("stop_token_ids", [])
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(x, str) and x for x in stop):
+        raise RequestError("bad_request", "job stop must be a list of non-empty strings", request_id=rid)
+    if not isinstance(stop_ids, list) or len(stop_ids) > MAX_STOP_TOKEN_IDS or not all(
+            _is_int(t) and 0 <= t < 2**31 for t in stop_ids):
+        raise RequestError("bad_request", "job stop_token_ids must be token ids", request_id=rid)
     if not isinstance(stream, bool) or fmt not in FORMATS:
         raise RequestError("bad_request", f"job stream/format invalid: {stream!r}, {fmt!r}", request_id=rid)
     session, deadline = obj["session"], obj["deadline"]
@@ -418,7 +496,7 @@ def _decode_job(data: bytes) -> GenerateJob:
     if not isinstance(tenant, str) or (tenant and not _valid_token(tenant)):
         raise RequestError("bad_request", f"job tenant must be a valid NATS token, got {tenant!r}", request_id=rid)
     return GenerateJob(rid, prompt, params, spec, stream, fmt, session, float(deadline), resume_ids, verifier,
-                       tenant)
+                       tenant, messages, tuple(stop), tuple(stop_ids))
 
 
 def _params(cls, value: object, rid: str):
@@ -499,6 +577,9 @@ def build_job(
         session=new_session(),
         deadline=now + request_timeout(req, max_timeout),
         tenant=tenant,
+        messages=req.messages,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
     )
 
 

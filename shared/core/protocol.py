@@ -776,20 +776,22 @@ class TargetInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     context_length: int
+    chat_template: str | None = None  # the target tokenizer's: a chat is rendered with it on the device
 
     def encode(self, **extra) -> bytes:
         """The info reply; `extra` adds the answering instance's own fields (name, live counts)."""
         return msgpack.packb({"model": self.model, "vocab_size": self.vocab_size,
                               "eos_token_ids": list(self.eos_token_ids), "context_length": self.context_length,
-                              **extra})
+                              **({"chat_template": self.chat_template} if self.chat_template else {}), **extra})
 
     @classmethod
     def decode(cls, data: bytes) -> TargetInfo:
         """ValueError on anything but a well-formed info reply."""
         try:
             obj = msgpack.unpackb(data, raw=False)
+            template = obj.get("chat_template")
             info = cls(str(obj["model"]), int(obj["vocab_size"]), tuple(int(t) for t in obj["eos_token_ids"]),
-                       int(obj["context_length"]))
+                       int(obj["context_length"]), template if isinstance(template, str) and template else None)
         except Exception as exc:  # noqa: BLE001 - msgpack and field errors alike mean "not an info reply"
             raise ValueError(f"bad verifier info reply: {type(exc).__name__}: {exc}") from None
         if info.vocab_size < 1 or info.context_length < 1:

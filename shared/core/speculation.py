@@ -40,6 +40,7 @@ from shared.core.protocol import (
 )
 from shared.core.rejection_sampling import VerificationError
 from shared.core.round_stats import GenerationStats, RoundStats
+from shared.core.stop_strings import find_stop
 from shared.core.verifier_sessions import RoundRefused, SessionUnknown, VerifierCore
 from shared.models.runtime import LoadedModel
 
@@ -98,6 +99,7 @@ async def speculate(
     tracer: trace.Tracer | None = None,
     policy: DraftLengthPolicy | None = None,
     should_stop: StopCheck | None = None,
+    stop: Sequence[str] = (),
 ) -> GenerationResult:
     """Run `session` to completion. `compute` runs model work (a thread in services); `on_round` streams.
 
@@ -105,7 +107,9 @@ async def speculate(
     its outcome. With `spec.pipeline` the device drafts ahead while the round is in flight (PEARL); that only
     overlaps when `compute` runs off the event loop and the link really waits, as in the draft service.
     `should_stop` is asked before every round; a reason it returns ("cancelled", "deadline_exceeded") ends the
-    loop at once and becomes the partial result's `finish_reason`. A verifier's refusal raises RemoteError.
+    loop at once and becomes the partial result's `finish_reason`. `stop` strings end the generation where
+    one first appears in the decoded text (`finish_reason` "stop"; the result's text ends before it, its
+    token ids at the token that completed it). A verifier's refusal raises RemoteError.
     """
     tracer = tracer or trace.get_tracer("draftwire")
     spec = session.spec
@@ -115,6 +119,9 @@ async def speculate(
     pipelined = spec.pipeline and spec.mode != "ar"
     prefetch: Prefetch | None = None
     t_start = time.perf_counter()
+    stop_at: int | None = None  # where the text ends: the first stop string's index
+    checked = 0  # the text length already searched for stop strings
+    kept = None  # token ids kept when a stop string ended the generation
     while not session.done:
         reason = should_stop() if should_stop is not None else None
         if reason:
@@ -160,16 +167,33 @@ async def speculate(
             tested = rs.drafted if verdict.considered is None else verdict.considered
             policy.observe(RoundObservation(tested, rs.accepted, rs.draft_s, rs.round_s, rs.uplink_bytes,
                                             prefill=rebuilt, batch=verdict.batch, verify_token_s=verdict.token_s))
+        if stop and new:
+            text = decode(session.generated)
+            if (stop_at := find_stop(text, stop, checked)) is not None:
+                session.finish_reason = "stop"
+                kept = _through_stop(session.generated, len(session.generated) - len(new), decode, stop)
+            checked = len(text)
         if on_round is not None:
             await on_round(rs, new)
     stats.wall_s = time.perf_counter() - t_start
-    stats.new_tokens = len(session.generated)
+    ids = session.generated if kept is None else kept
+    stats.new_tokens = len(ids)
+    text = decode(ids)
     return GenerationResult(
-        text=decode(session.generated),
-        token_ids=session.generated,
+        text=text if stop_at is None else text[:stop_at],
+        token_ids=ids,
         finish_reason=session.finish_reason,
         stats=stats,
     )
+
+
+def _through_stop(ids: list[int], before: int, decode: Callable[[list[int]], str], stop: Sequence[str]) -> list[int]:
+    """The shortest prefix of `ids` (at least `before` long: those were checked) whose text holds a stop
+    string: the tokens after the one that completed it are dropped."""
+    for n in range(before + 1, len(ids) + 1):
+        if find_stop(decode(ids[:n]), stop) is not None:
+            return ids[:n]
+    return ids
 
 
 async def _exchange(
@@ -312,20 +336,21 @@ class LocalEngine:
         self.verifier = VerifierCore(target, max_sessions=4)
 
     async def agenerate(
-        self, prompt: str | list[int], params: SamplingParams, spec: SpecParams, link: LinkProfile | None = None
+        self, prompt: str | list[int], params: SamplingParams, spec: SpecParams, link: LinkProfile | None = None,
+        stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
     ) -> GenerationResult:
-        """`link` emulates the device-edge link in-process (waits computed by its shapers)."""
+        """`link` emulates the device-edge link in-process (waits computed by its shapers); `stop` strings and
+        `stop_token_ids` end the generation as on the NATS contract."""
         tokenizer = self.draft if self.draft is not None else self.target
-        session = new_session(
-            self.draft, tokenizer, self.target.eos_token_ids, self.target.vocab_size, prompt, params, spec
-        )
+        session = new_session(self.draft, tokenizer, (*self.target.eos_token_ids, *stop_token_ids),
+                              self.target.vocab_size, prompt, params, spec)
         edge: EdgeTransport = InProcessEdge(self.verifier)
         if link is not None:
             from shared.io.link_emulator import ShapedEdge
 
             edge = ShapedEdge(edge, link)
         try:
-            return await speculate(session, edge, decode=tokenizer.decode)
+            return await speculate(session, edge, decode=tokenizer.decode, stop=stop)
         finally:
             self.verifier.close(session.session)
 

@@ -195,6 +195,22 @@ class LoadedModel:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) and template else None
+
+    def render_chat(self, messages: Sequence[tuple[str, str]], chat_template: str | None = None) -> list[int]:
+        """A chat's token ids as `chat_template` (default: this tokenizer's) renders it for the next reply
+        (`add_generation_prompt`), exactly what transformers feeds `generate`. ValueError without a template."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError(f"{self.name} has no chat template: send `prompt` instead of `messages`")
+        out = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                                 chat_template=template, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
     def new_sequence(self) -> KVSequence:
         return KVSequence(self.model, self.device)
 
