@@ -26,7 +26,7 @@ async def _ping(url: str, name: str, timeout: float, options: dict) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m services.probe", description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=("scheduler", "draft", "verifier", "telemetry"))
+    p.add_argument("name", choices=("scheduler", "draft", "verifier", "telemetry", "gateway"))
     p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL))
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--creds", default=env("CREDS"), help="the service's own identity, secured [DRAFTWIRE_CREDS]")

@@ -18,7 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
-DRAFTWIRE = ("scheduler", "verifier", "draft", "telemetry")
+DRAFTWIRE = ("scheduler", "verifier", "draft", "telemetry", "gateway")
 
 
 def _env(name: str) -> dict:
@@ -113,7 +113,8 @@ def test_dockerfile_installs_pinned_cpu_torch_and_the_package() -> None:
 
 # --- secured by default -------------------------------------------------------------------------------------
 
-ROLE_OF = {"scheduler": "scheduler", "verifier": "edge", "draft": "device", "telemetry": "telemetry"}
+ROLE_OF = {"scheduler": "scheduler", "verifier": "edge", "draft": "device", "telemetry": "telemetry",
+           "gateway": "gateway"}
 
 
 @pytest.mark.parametrize("name", DRAFTWIRE)

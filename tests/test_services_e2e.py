@@ -452,3 +452,87 @@ async def test_a_stop_string_ends_the_text_before_it_and_is_never_streamed(clien
 
 async def _append_json(chunks, msg):
     chunks.append(json.loads(msg.data))
+
+
+# --- the OpenAI-compatible gateway, with OpenAI's own client -------------------------------------------------
+
+
+async def _nats_chat(client, rid: str, **fields) -> dict:
+    body = {"id": rid, "messages": CHAT, **fields}
+    return json.loads((await client.request("draftwire.prompts", json.dumps(body).encode(), timeout=120)).data)
+
+
+async def test_openai_client_chat_equals_the_nats_contract_streamed_or_not(stack, client):
+    import openai
+
+    oa = openai.AsyncOpenAI(base_url=stack.gateway_url, api_key="-")
+    model = (await oa.models.list()).data[0].id
+    assert model == "smollm2-135m"
+    same = {"temperature": 0.8, "seed": 11}
+    reply = await oa.chat.completions.create(model=model, messages=CHAT, max_tokens=24, **same)
+    nats_reply = await _nats_chat(client, "oa-ref", max_new_tokens=24, **same)
+    assert reply.choices[0].message.content == nats_reply["text"] and reply.choices[0].message.role == "assistant"
+    target = load_model("smollm2-135m", "fp32", progress=False)
+    assert reply.usage.prompt_tokens == len(target.render_chat([(m["role"], m["content"]) for m in CHAT]))
+    assert reply.usage.completion_tokens == len(nats_reply["token_ids"])
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.choices[0].finish_reason == nats_reply["finish_reason"]
+    assert reply.model_extra["draftwire"]["acceptance_rate"] >= 0  # the speculative statistics ride along
+
+    stream = await oa.chat.completions.create(model=model, messages=CHAT, max_tokens=24, stream=True,
+                                              stream_options={"include_usage": True}, **same)
+    parts, finish, usage = [], None, None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(parts) == nats_reply["text"] and finish == nats_reply["finish_reason"]
+    assert usage.completion_tokens == len(nats_reply["token_ids"])
+
+    completion = await oa.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0)
+    assert completion.choices[0].text == json.loads((await client.request(
+        "draftwire.prompts", json.dumps({"prompt": PROMPT, "max_new_tokens": 16}).encode(), timeout=120)).data)["text"]
+
+
+async def test_openai_client_gets_openai_s_error_shape(stack):
+    import openai
+
+    oa = openai.AsyncOpenAI(base_url=stack.gateway_url, api_key="-")
+    with pytest.raises(openai.BadRequestError) as bad:
+        await oa.chat.completions.create(model="smollm2-135m", messages=CHAT, n=2)
+    assert bad.value.body["type"] == "invalid_request_error" and bad.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as bad:
+        await oa.chat.completions.create(model="smollm2-135m", messages=[{"role": "wizard", "content": "x"}])
+    assert bad.value.body["code"] == "bad_param"
+    with pytest.raises(openai.NotFoundError):
+        await oa.chat.completions.create(model="gpt-9", messages=CHAT)
+
+
+async def test_a_client_that_disconnects_mid_stream_cancels_its_generation(stack, client):
+    import aiohttp
+
+    ended: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_request(msg) -> None:
+        event = msgpack.unpackb(msg.data)
+        if not ended.done():
+            ended.set_result((time.monotonic(), event))
+
+    sub = await client.subscribe(SUBJECTS.events_request, cb=on_request)
+    body = {"model": "smollm2-135m", "messages": CHAT, "max_tokens": 2000, "min_tokens": 2000, "stream": True,
+            "temperature": 0}
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{stack.gateway_url}/chat/completions", json=body)
+        lines = 0
+        async for _ in response.content:
+            lines += 1
+            if lines >= 6:  # a few chunks in: generating
+                break
+        gone = time.monotonic()
+        response.close()
+    at, event = await asyncio.wait_for(ended, 30)
+    await sub.unsubscribe()
+    assert event["error"] == "cancelled" and event["new_tokens"] < 2000
+    assert at - gone < 5.0, f"the generation ran {at - gone:.1f}s after its client left"

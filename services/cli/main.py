@@ -164,6 +164,8 @@ def add_stack_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nats", default=None, help="use this NATS server instead of starting an embedded one")
     g.add_argument("--nats-port", type=int, default=4222, help="port of the embedded NATS server (0 = any)")
     g.add_argument("--telemetry-port", type=int, default=9464, help="HTTP port of /metrics (0 = any)")
+    g.add_argument("--gateway-port", type=int, default=8000,
+                   help="HTTP port of the OpenAI-compatible API (default 8000, as vLLM's; 0 = any)")
     for flag, what in (("verifiers", "verifier"), ("drafts", "draft"), ("schedulers", "scheduler")):
         g.add_argument(f"--{flag}", type=_positive, default=1, help=f"{what} instances to start (default 1)")
     add_link_flag(g)
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
-    up = sub.add_parser("up", help="start NATS (embedded unless --nats) and the four services")
+    up = sub.add_parser("up", help="start NATS (embedded unless --nats) and the services (scheduler, draft, verifier, telemetry, gateway)")
     add_stack_flags(up)
     add_model_flags(up)
     add_generation_flags(up)

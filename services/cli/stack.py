@@ -1,4 +1,4 @@
-"""`draftwire up`: an embedded nats-server (unless one is reachable) and the four services as child processes.
+"""`draftwire up`: an embedded nats-server (unless one is reachable) and the services as child processes.
 
 The children are started exactly as compose starts them (`python -m services.<name>` configured by flags),
 so `up` is the compose file without Docker. Ready means every service printed its ready line; Ctrl-C or
@@ -26,8 +26,9 @@ from shared.io.service_shell import READY_PREFIX
 from shared.io.tls import client_context, make_dev_certs, server_tls_block
 from shared.models.cache import cache_root
 
-SERVICES = ("telemetry", "verifier", "draft", "scheduler")
-ROLE = {"telemetry": "telemetry", "verifier": "edge", "draft": "device", "scheduler": "scheduler"}  # identities
+SERVICES = ("telemetry", "verifier", "draft", "scheduler", "gateway")
+ROLE = {"telemetry": "telemetry", "verifier": "edge", "draft": "device", "scheduler": "scheduler",
+        "gateway": "gateway"}  # the identity each runs as when secured (the gateway is a client: its own tenant)
 READY_TIMEOUT_S = 600.0  # first start may pull and convert models
 
 
@@ -44,6 +45,7 @@ class Stack:
     nats: EmbeddedNats | None = None
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     telemetry_url: str | None = None
+    gateway_url: str | None = None  # the OpenAI-compatible API's base URL
     link: LinkProxy | None = None  # between the device side (draft) and NATS, when --link is given
     quiet: bool = False
     secure_dir: str | None = None  # the identities' directory when secured (`--secure DIR`)
@@ -139,6 +141,8 @@ def service_args(name: str, args) -> list[str]:
                 "--default-pipeline" if getattr(args, "pipeline", False) else "--no-default-pipeline"]
     if name == "telemetry":
         return ["--http-port", str(args.telemetry_port)]
+    if name == "gateway":  # callers that build their own args get a free port
+        return ["--http-port", str(getattr(args, "gateway_port", 0))]
     raise ValueError(name)
 
 
@@ -210,8 +214,8 @@ async def _wait_ready(proc: asyncio.subprocess.Process, stack: Stack, name: str,
     """Read the child's stdout until its ready line; keep draining it afterwards so it never blocks."""
     while line := (await proc.stdout.readline()).decode(errors="replace"):
         if line.startswith(READY_PREFIX):
-            if name == "telemetry" and "http=" in line:
-                stack.telemetry_url = line.rsplit("http=", 1)[1].split()[0]
+            if name in ("telemetry", "gateway") and "http=" in line:
+                setattr(stack, f"{name}_url", line.rsplit("http=", 1)[1].split()[0])
             stack._drains.append(asyncio.create_task(_drain(proc, quiet)))
             return True
         if not quiet:
@@ -233,6 +237,9 @@ async def run_up(args) -> int:
               f"at {stack.link.url}", flush=True)
     if stack.telemetry_url:
         print(f"draftwire: telemetry at {stack.telemetry_url}/metrics", flush=True)
+    if stack.gateway_url:
+        print(f"draftwire: OpenAI-compatible API at {stack.gateway_url} (e.g. OpenAI(base_url=\"{stack.gateway_url}\", "
+              "api_key=\"-\"))", flush=True)
     if stack.secure_dir:
         client = stack.client_creds
         print(f"draftwire: secured: every service has its own identity in {stack.secure_dir}; a client connects "

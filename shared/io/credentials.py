@@ -21,6 +21,7 @@ from shared.core.nats_permissions import ROLES, authorization_block, inbox_prefi
 
 FIXED = ("admin", "scheduler", "edge", "device", "telemetry")
 FIRST_CLIENT = "client"
+GATEWAY = "gateway"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # a subject token and a file name
 
 
@@ -100,8 +101,10 @@ def ensure_credentials(directory: str | os.PathLike[str]) -> Path:
     roles = _roles(d)
     for name in FIXED:
         _add(d, roles, name, name)
-    if not any(role == "client" for role in roles.values()):
+    if not any(name != GATEWAY and role == "client" for name, role in roles.items()):
         _add(d, roles, FIRST_CLIENT, "client")
+    if GATEWAY not in roles:  # the OpenAI-compatible gateway is a client: its HTTP callers are one tenant
+        _add(d, roles, GATEWAY, "client")
     _save(d, roles)
     return d
 
