@@ -51,6 +51,16 @@ def test_link_belongs_to_the_stack_not_to_a_remote_generate() -> None:
     assert out.returncode == 2 and "draftwire up" in out.stderr
 
 
+def test_flags_a_request_over_nats_cannot_carry_are_refused_not_ignored() -> None:
+    out = run_cli("generate", "--quant", "u8", "--target-model", "qwen2.5-coder-1.5b", "hi")
+    assert out.returncode != 0 and "--target-model, --quant only apply with --local" in out.stderr
+
+
+def test_version() -> None:
+    out = run_cli("--version")
+    assert out.returncode == 0 and re.fullmatch(r"draftwire \d+\.\d+\.\d+\n", out.stdout)
+
+
 def test_generate_local_json_over_an_emulated_link_with_policies() -> None:
     out = run_cli("generate", "--local", "hello", *TINY, "--draft-dtype", "fp32", "--json", "--link",
                   "up=1M,down=4M,rtt=20ms", "--mode", "dssd", "--policy", "adaptive", "--pipeline",

@@ -60,9 +60,18 @@ def test_generated_ids_are_unique_tokens():
     assert a.id != b.id and "." not in a.id and a.id.isalnum()
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"{", b'{"a": 1', b"[1, 2]", b'"quoted"', b"  {} trailing"])
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"quoted"', b"plain { braces } later"])
 def test_text_that_is_not_a_json_object_stays_text(body):
     req, fmt = parse_prompt(body)
+    assert fmt == "text" and req.prompt == body.decode()
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"{", b'{"a": 1', b"  {} trailing"])
+def test_a_body_that_starts_like_json_but_does_not_parse_is_an_error_unless_sent_as_text(body):
+    with pytest.raises(RequestError) as err:
+        parse_prompt(body)
+    assert err.value.code == "bad_encoding" and "text/plain" in str(err.value)
+    req, fmt = parse_prompt(body, {"Content-Type": "text/plain"})
     assert fmt == "text" and req.prompt == body.decode()
 
 
@@ -262,8 +271,7 @@ def test_errors_carry_id_and_format_when_known():
 def test_deeply_nested_json_is_handled():
     deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     assert _err(deep, {"Content-Type": "application/json"}).code == "bad_encoding"
-    _, fmt = parse_prompt(deep)  # does not parse as a JSON object, so by the sniffing rules it is text
-    assert fmt == "text"
+    assert _err(deep).code == "bad_encoding"  # sniffed: it starts like JSON, so it must parse
 
 
 def test_guess_format():
@@ -351,9 +359,11 @@ def test_an_empty_policy_is_refused_not_passed_on():
 
 
 def test_json_must_be_utf8_even_when_sniffed():
-    # json.loads(bytes) also reads UTF-16: without a Content-Type such a body is (NUL-laden) text, not JSON
+    # json.loads(bytes) also reads UTF-16: such a body is not taken as JSON; it starts like JSON, so it is an
+    # error (as text/plain it is a NUL-laden prompt)
     utf16 = '{"prompt": "hi"}'.encode("utf-16-le")
-    req, fmt = parse_prompt(utf16)
+    assert _err(utf16).code == "bad_encoding"
+    req, fmt = parse_prompt(utf16, {"Content-Type": "text/plain"})
     assert fmt == "text" and req.prompt == utf16.decode("utf-8")
     assert _err(utf16, {"Content-Type": "application/json"}).code == "bad_encoding"
 

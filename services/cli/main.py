@@ -63,6 +63,13 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-new-tokens", type=int, default=0, help="mask end-of-sequence until this many tokens")
 
 
+def local_only_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given on the command line that a request over NATS cannot carry."""
+    defaults = build_parser().parse_args(["generate", "x"])
+    names = ("draft_model", "draft_dtype", "target_model", "target_dtype", "draft_device", "target_device", "quant")
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) != getattr(defaults, n, None)]
+
+
 def params_from_args(args: argparse.Namespace) -> tuple[SamplingParams, SpecParams]:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**63)
     sampling = SamplingParams(
@@ -85,6 +92,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          "(or use `generate --local --link ...` to emulate it in-process)")
     if not args.local:
         from services.cli.remote import generate_remote
+
+        if ignored := local_only_flags(args):  # the stack's services chose these when they started
+            raise ParamError(f"{', '.join(ignored)} only apply with --local (the running stack's services "
+                             "chose their models and wire quantization when they started)")
 
         return generate_remote(args, sampling, spec)
     from shared.core.speculation import LocalEngine
@@ -244,8 +255,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("draftwire")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftwire", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"draftwire {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one prompt")

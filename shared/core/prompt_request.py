@@ -188,8 +188,10 @@ def _decode_body(data: bytes, fmt: str | None) -> tuple[object, str]:
     if data.lstrip(_JSON_WS).startswith(b"{"):
         try:  # decode first: json.loads(bytes) would also read UTF-16 and UTF-32
             obj = json.loads(data.decode("utf-8"))
-        except (ValueError, RecursionError):
-            obj = None
+        except (ValueError, RecursionError) as exc:
+            # a broken JSON request must not run as a prompt that happens to be JSON-looking text
+            raise RequestError("bad_encoding", f"the body starts like a JSON object but is not valid JSON ({exc}); "
+                               "send Content-Type: text/plain to mean it as a prompt", fmt="json") from None
         if isinstance(obj, dict):
             return obj, "json"
     return _utf8(data, "text prompt"), "text"
@@ -327,7 +329,8 @@ def parse_prompt(
     """Parse one `draftwire.prompts` payload into (request, format), format being "text"|"json"|"msgpack".
 
     A Content-Type header decides the format; without one it is sniffed: a valid msgpack map, else a JSON
-    object (the body starts with `{` and parses), else UTF-8 text that is the prompt itself.
+    object (the body starts with `{`: it must then parse, or it is a `bad_encoding` error), else UTF-8 text
+    that is the prompt itself.
     Raises RequestError (with `.format`, and `.request_id` once the id was read) on anything else.
     """
     data = bytes(data)
