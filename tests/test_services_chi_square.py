@@ -5,7 +5,8 @@ the catalog has no second tiny model, so the draft is a Hugging Face dir written
 10% of the way from the target to a differently seeded one, with a byte tokenizer that gives the same ids
 (tests/toy_models.py). The client uses nothing but nats-py and the documented contract: a JSON request,
 `token_ids` in the reply. Concurrent sampled requests with gamma = 3 in `tkslt` and `dssd` mode; the joint of
-their first three tokens against the target's, enumerated from the target model. A second stack whose
+their first four tokens against the target's, enumerated from the target model (the first one comes from the
+zero-token opening round, the next three are drafted and verified). A second stack whose
 verifier scores draft token i with target row i + 1 (planted at interpreter start) must fail the same test.
 """
 
@@ -29,8 +30,8 @@ from tests.toy_models import blend, save_hf_dir, tiny_llama
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 PROMPT = "def f(x):"
-PARAMS = {"temperature": 0.2, "top_p": 0.7}  # a first-three-token joint with few, well-filled cells
-LENGTH = 3
+PARAMS = {"temperature": 0.2, "top_p": 0.7}  # a first-four-token joint with few, well-filled cells
+LENGTH = 4  # the first token comes from the opening round (no draft): three more are speculated
 GAMMA = 3
 REQUESTS = 300
 PASS_P = 1e-3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -14,23 +15,31 @@ from pathlib import Path
 import aiohttp
 import msgpack
 import pytest
+from opentelemetry.trace import NoOpTracer
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
+from services.scheduler.service import build_parser as scheduler_parser
+from services.scheduler.service import start as start_scheduler
 from services.telemetry.service import STATS_SUBJECT, LogLimiter
 from shared.core.telemetry_figures import (
     MAX_BYTES,
     MAX_EVENT_BYTES,
     OVERFLOW,
-    PROMETHEUS_CONTENT_TYPE,
     SCHEMAS,
     Aggregator,
     EventError,
+    TokenClock,
     decode_event,
     error_code,
     percentile,
-    render_prometheus,
     validate_event,
 )
-from shared.io.bus import SUBJECTS
+from shared.core.telemetry_metrics import MAX_POSITIONS, Metrics, reported_counts
+from shared.io.bus import SUBJECTS, connect
+from shared.io.service_shell import ServiceContext, register
+from tests.fake_draft import FakeDraft
 from tests.nats_fixtures import *
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +63,12 @@ def request_event(**kw) -> dict:
         "acceptance_rate": 0.75, "uplink_bytes": 500, "downlink_bytes": 200, "finish_reason": "length",
         "error": None, "ts": 1_700_000_000.0,
     }  # fmt: skip
+    ev.update(kw)
+    return ev
+
+
+def rejected_event(**kw) -> dict:
+    ev = {"type": "request", "rejected": True, "request_id": "", "error": "bad_encoding", "ts": 1.7e9}
     ev.update(kw)
     return ev
 
@@ -143,9 +158,11 @@ def test_errors_by_code():
         request_event(error="timeout"), request_event(error="no_session: gone"),
         request_event(error="timeout"), request_event(error="Something broke badly"), request_event(),
     ])  # fmt: skip
+    agg.ingest(rejected_event(error="overloaded", request_id="r9"), 0.0)
     snap = agg.snapshot(0.0)
-    assert snap["window"]["all"]["errors"] == {"no_session": 1, "other": 1, "timeout": 2}
+    assert snap["window"]["all"]["errors"] == {"no_session": 1, "other": 1, "overloaded": 1, "timeout": 2}
     assert snap["totals"]["mode"]["sparse"]["errors"] == {"no_session": 1, "other": 1, "timeout": 2}
+    assert snap["totals"]["all"]["requests"] == 6 and snap["totals"]["mode"]["sparse"]["requests"] == 5
     assert error_code("verifier_error:x") == "verifier_error" and error_code("") == "other"
 
 
@@ -182,6 +199,13 @@ def test_validate_event_normalizes_and_ignores_extra_keys():
     assert ev["draft_s"] == 0.0 and isinstance(ev["draft_s"], float)
     assert "future_field" not in ev
     assert validate_event(request_event(error="timeout", verifier_instances=()))["verifier_instances"] == []
+    assert validate_event(round_event(ttft_s=0.25))["ttft_s"] == 0.25
+    assert validate_event(round_event(itl_s=0, ttft_s=None))["itl_s"] == 0.0  # None: absent
+    assert "ttft_s" not in validate_event(round_event()) and "rejected" not in validate_event(request_event())
+    assert validate_event(request_event(rejected=False))["type"] == "request"
+    assert validate_event(rejected_event(mode=3, extra=1), "request") == {
+        "type": "rejected", "request_id": "", "error": "bad_encoding", "ts": 1.7e9
+    }
 
 
 @pytest.mark.parametrize(
@@ -267,8 +291,34 @@ IMPOSSIBLE = [
     ("accepted > drafted", round_event(drafted=2, accepted=3, emitted=4), "accepted (3) > drafted (2)"),
     ("emitted > accepted+1", round_event(drafted=4, accepted=1, emitted=3), "emitted (3) > accepted + 1 (2)"),
     ("acceptance rate 1.5", request_event(acceptance_rate=1.5), "'acceptance_rate' must be a finite non-neg"),
+    ("negative TTFT", round_event(ttft_s=-0.5), "'ttft_s' must be a finite non-negative number"),
+    ("NaN ITL", round_event(itl_s=NAN), "'itl_s' must be a finite"),
+    ("year-long ITL", round_event(itl_s=365 * 86400.0), "'itl_s' must be a finite non-negative number at"),
+    ("TTFT and ITL", round_event(ttft_s=0.1, itl_s=0.1), "ttft_s and itl_s on a round"),
+    ("TTFT, no token", round_event(accepted=0, emitted=0, ttft_s=0.1), "ttft_s on a round that emitted 0"),
+    ("rejected round", round_event(rejected=True), "'rejected' must be absent, false, or true on a request"),
+    ("rejected as 1", request_event(rejected=1), "'rejected' must be absent, false, or true"),
+    ("rejected, no code", rejected_event(error=None), "'error' must be a non-empty string"),
+    ("rejected, empty code", rejected_event(error=""), "'error' must be a non-empty string"),
+    ("rejected, no ts", {"type": "request", "rejected": True, "request_id": "", "error": "x"}, "field(s) ts"),
+    ("rejected, integer id", rejected_event(request_id=7), "'request_id' must be a string"),
 ]  # fmt: skip
-GOOD = [round_event(drafted=4, accepted=3, emitted=4), request_event(new_tokens=20)]
+GOOD = [round_event(drafted=4, accepted=3, emitted=4, ttft_s=0.2), request_event(new_tokens=20),
+        rejected_event()]
+
+
+def samples(metrics: Metrics) -> dict[tuple, float]:
+    """(sample name, sorted labels) -> value of /metrics as Prometheus reads it, `_created` left out."""
+    text = generate_latest(metrics.registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if not s.name.endswith("_created")}
+
+
+def _good_samples() -> dict[tuple, float]:
+    m = Metrics()
+    for ev in GOOD:
+        m.add(validate_event(ev))
+    return samples(m)
 
 
 def _figures(snapshot: dict) -> dict:
@@ -295,6 +345,15 @@ def test_impossible_events_never_reach_the_figures(event, needle):
     snap = agg.snapshot(0.0)
     assert snap["bad_events_total"] == 1
     assert _figures(snap) == _good_figures()
+    metrics = Metrics()  # so are the Prometheus metrics: the service counts only what validate_event returns
+    for ev in [GOOD[0], event, *GOOD[1:]]:
+        try:
+            metrics.add(validate_event(ev))
+        except EventError:
+            metrics.count_bad()
+    got = samples(metrics)
+    assert got.pop(("draftwire_bad_events_total", ())) == 1
+    assert got == {k: v for k, v in _good_samples().items() if k[0] != "draftwire_bad_events_total"}
 
 
 ODD_VALUES = [
@@ -319,6 +378,9 @@ def test_validation_is_total_and_what_it_accepts_is_bounded(make):
             agg = Aggregator()
             agg.add(event, 0.0)
             json.dumps(agg.snapshot(0.0), allow_nan=False)
+            metrics = Metrics()
+            metrics.add(event)
+            assert all(math.isfinite(v) for v in samples(metrics).values())
 
 
 def test_ingest_counts_bad_events():
@@ -331,89 +393,184 @@ def test_ingest_counts_bad_events():
     assert snap["bad_events_total"] == 2 and snap["totals"]["all"]["rounds"] == 1
 
 
-# --- pure: Prometheus text ------------------------------------------------------------------------------------
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
+# --- pure: Prometheus metrics (prometheus_client) -----------------------------------------------------------
 
 
-def parse_prometheus(text: str) -> dict[str, dict]:
-    """A strict little parser of exposition format 0.0.4: {family: {"type", "help", "samples"}}."""
-    assert text.endswith("\n")
-    families: dict[str, dict] = {}
-    for line in text.splitlines():
-        if line.startswith(("# HELP ", "# TYPE ")):
-            _, what, name, rest = line.split(" ", 3)
-            fam = families.setdefault(name, {"samples": []})
-            assert what.lower() not in fam, f"duplicate {what} for {name}"
-            assert not fam["samples"], f"{what} after samples of {name}"
-            fam[what.lower()] = rest
+def families(metrics: Metrics) -> dict:
+    """/metrics as Prometheus' own parser reads it: {family name: Metric}."""
+    text = generate_latest(metrics.registry).decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def histogram(fams: dict, name: str, **labels) -> tuple[dict[float, float], float, float]:
+    """({le: cumulative count}, count, sum) of one histogram series; checks the buckets are well formed."""
+    got = {"bucket": {}, "count": None, "sum": None}
+    for smp in fams[name].samples:
+        lab = dict(smp.labels)
+        le = lab.pop("le", None)
+        if lab != labels:
             continue
-        assert line and not line.startswith("#"), f"unexpected line {line!r}"
-        m = _SAMPLE.match(line)
-        assert m, f"bad sample line {line!r}"
-        name, body, value = m.groups()
-        labels, pos = {}, 0
-        while body and pos < len(body):
-            lm = _LABEL.match(body, pos)
-            assert lm, f"bad labels in {line!r}"
-            labels[lm.group(1)] = re.sub(
-                r"\\(.)", lambda x: {"n": "\n"}.get(x.group(1), x.group(1)), lm.group(2)
-            )
-            pos = lm.end()
-        assert name in families and "type" in families[name] and "help" in families[name], name
-        families[name]["samples"].append((labels, float(value)))
-    for name, fam in families.items():
-        assert fam["type"] in ("counter", "gauge"), name
-        assert fam["type"] != "counter" or name.endswith("_total"), name
-        assert name.startswith("draftwire_"), name
-    return families
+        if smp.name.endswith("_bucket"):
+            got["bucket"][float(le)] = smp.value
+        elif smp.name.endswith(("_count", "_sum")):
+            got[smp.name.rsplit("_", 1)[1]] = smp.value
+    buckets = [got["bucket"][le] for le in sorted(got["bucket"])]
+    assert fams[name].type == "histogram" and buckets == sorted(buckets), (name, got)
+    assert got["bucket"][math.inf] == got["count"], (name, got)
+    return got["bucket"], got["count"], got["sum"]
 
 
-def _value(families, name, **labels) -> float:
-    hits = [v for lab, v in families[name]["samples"] if lab == labels]
-    assert len(hits) == 1, (name, labels, families[name]["samples"])
+def value(fams: dict, name: str, **labels) -> float:
+    hits = [s.value for s in fams[name].samples if s.labels == labels and not s.name.endswith("_created")]
+    assert len(hits) == 1, (name, labels, fams[name].samples)
     return hits[0]
 
 
-def test_prometheus_rendering_parses_and_escapes():
-    agg = Aggregator(window_s=120)
-    weird = 'mo"de\\x\ny'
-    feed(agg, [
-        round_event(mode=weird, draft_instance="dev-1", verifier_instance="edge-1", drafted=4, accepted=3),
-        round_event(mode="sparse", drafted=4, accepted=1, emitted=2, round_s=0.1, draft_s=0.05, verify_s=0.01),
-        request_event(mode="sparse", error="timeout", verifier_instances=["edge-1", "edge-2"]),
-    ], now=10.0)  # fmt: skip
-    agg.count_bad()
-    text = render_prometheus(agg, now=11.0)
-    fams = parse_prometheus(text)
-    assert _value(fams, "draftwire_rounds_total", mode=weird) == 1
-    assert _value(fams, "draftwire_acceptance_rate", mode=weird) == 0.75
-    assert _value(fams, "draftwire_acceptance_rate", mode="sparse") == 0.25
-    assert _value(fams, "draftwire_request_errors_total", mode="sparse", code="timeout") == 1
-    assert _value(fams, "draftwire_round_phase_seconds", mode="sparse", phase="network") == pytest.approx(
-        0.04
-    )
-    assert _value(fams, "draftwire_round_duration_seconds", mode="sparse", quantile="0.99") == 0.1
-    assert _value(fams, "draftwire_instance_rounds_total", role="verifier", instance="edge-1") == 1
-    assert _value(fams, "draftwire_instance_requests_total", role="verifier", instance="edge-2") == 1
-    assert _value(fams, "draftwire_instance_accepted_tokens_total", role="draft", instance="d1") == 1
-    assert _value(fams, "draftwire_bad_events_total") == 1
-    assert _value(fams, "draftwire_window_seconds") == 120
-    # no data, no sample (rather than NaN): the request-only verifier has no acceptance rate
-    assert not [
-        lab for lab, _ in fams["draftwire_instance_acceptance_rate"]["samples"] if lab["instance"] == "edge-2"
+def test_metrics_histograms_count_the_events_fed():
+    m = Metrics()
+    rounds = [  # one request: its first tokens after 0.3 s, then two more rounds with tokens and one without
+        round_event(round=0, round_s=0.04, ttft_s=0.3),
+        round_event(round=1, round_s=0.06, itl_s=0.06),
+        round_event(round=2, round_s=0.012, drafted=2, accepted=0, emitted=0),
+        round_event(round=3, round_s=2.5, itl_s=2.51),
+        round_event(round=0, mode="full", round_s=0.05, ttft_s=45.0),
     ]
-    # a snapshot that went through JSON renders identically (what /stats returns is enough to rebuild /metrics)
-    assert render_prometheus(json.loads(json.dumps(agg.snapshot(11.0)))) == text
-    with pytest.raises(TypeError):
-        render_prometheus(agg)
+    for ev in [*rounds, request_event(wall_s=3.0), request_event(wall_s=0.2, error="timeout"),
+               request_event(mode="full", wall_s=700.0)]:
+        m.add(validate_event(ev))
+    fams = families(m)
+    buckets, count, total = histogram(fams, "draftwire_round_duration_seconds", mode="sparse")
+    assert count == 4 and total == pytest.approx(0.04 + 0.06 + 0.012 + 2.5)
+    assert [buckets[le] for le in (0.01, 0.02, 0.05, 0.075, 2.0, 5.0)] == [0, 1, 2, 3, 3, 4]
+    buckets, count, total = histogram(fams, "draftwire_time_to_first_token_seconds", mode="sparse")
+    assert (count, total, buckets[0.2], buckets[0.3]) == (1, 0.3, 0, 1)
+    assert histogram(fams, "draftwire_time_to_first_token_seconds", mode="full")[1:] == (1, 45.0)
+    buckets, count, total = histogram(fams, "draftwire_inter_token_latency_seconds", mode="sparse")
+    assert (count, buckets[0.075], buckets[2.0]) == (2, 1, 1) and total == pytest.approx(2.57)
+    buckets, count, total = histogram(fams, "draftwire_e2e_request_latency_seconds", mode="sparse")
+    assert (count, total, buckets[0.25], buckets[3.0]) == (2, 3.2, 1, 2)
+    buckets, count, _ = histogram(fams, "draftwire_e2e_request_latency_seconds", mode="full")
+    assert count == 1 and buckets[1200.0] == 1 and buckets[600.0] == 0
+    assert value(fams, "draftwire_request_errors", mode="sparse", code="timeout") == 1
+    assert value(fams, "draftwire_requests", mode="sparse", draft="d1") == 2
+    assert value(fams, "draftwire_generation_tokens", mode="sparse", draft="d1") == 40
 
 
-def test_prometheus_rendering_of_empty_aggregator():
-    fams = parse_prometheus(render_prometheus(Aggregator(), now=0.0))
-    assert _value(fams, "draftwire_bad_events_total") == 0
-    assert fams["draftwire_rounds_total"]["samples"] == []
+def test_metrics_spec_decode_counters_and_per_position_on_hand_made_rounds():
+    m = Metrics()
+    # (drafted, accepted, emitted): position p counts the drafts whose first p+1 tokens were all accepted
+    rounds = [(4, 4, 5), (4, 2, 3), (4, 0, 1), (2, 1, 2), (0, 0, 1), (3, 3, 3)]
+    for drafted, accepted, emitted in rounds:
+        m.add(validate_event(round_event(drafted=drafted, accepted=accepted, emitted=emitted)))
+    m.add(validate_event(round_event(verifier_instance="v2", drafted=1, accepted=1, emitted=2)))
+    fams = families(m)
+    labels = {"mode": "sparse", "draft": "d1", "verifier": "v1"}
+    assert value(fams, "draftwire_spec_decode_num_drafts", **labels) == 5  # drafted 0: not a draft
+    assert value(fams, "draftwire_spec_decode_num_draft_tokens", **labels) == 17
+    assert value(fams, "draftwire_spec_decode_num_accepted_tokens", **labels) == 10
+    assert value(fams, "draftwire_spec_decode_num_emitted_tokens", **labels) == 15
+    assert value(fams, "draftwire_rounds", **labels) == 6
+    assert value(fams, "draftwire_uplink_bytes", **labels) == 600
+    assert value(fams, "draftwire_downlink_bytes", **labels) == 240
+    assert value(fams, "draftwire_draft_seconds", **labels) == pytest.approx(0.06)
+    assert value(fams, "draftwire_verify_seconds", **labels) == pytest.approx(0.12)
+    assert value(fams, "draftwire_spec_decode_num_drafts", mode="sparse", draft="d1", verifier="v2") == 1
+    family = fams["draftwire_spec_decode_num_accepted_tokens_per_pos"]
+    per_pos = {s.labels["position"]: s.value for s in family.samples if s.name.endswith("_total")}
+    assert per_pos == {"0": 5, "1": 3, "2": 2, "3": 1}  # every drafted position has its series, as vLLM's
+    assert sum(per_pos.values()) == 10 + 1  # all verifiers: every accepted token at exactly one position
+    weird = 'mo"de\\x\ny'  # label values are escaped: the parser reads back what went in
+    m.add(validate_event(round_event(mode=weird, draft_instance="d,1", verifier_instance="")))
+    labels = {"mode": weird, "draft": "d,1", "verifier": ""}
+    assert value(families(m), "draftwire_rounds", **labels) == 1
+    m.add(validate_event(round_event(drafted=2**20, accepted=2**20, emitted=2**20 + 1)))  # no 2^20 labels
+    per_pos = [s for s in families(m)["draftwire_spec_decode_num_accepted_tokens_per_pos"].samples
+               if s.name.endswith("_total") and s.labels["mode"] == "sparse"]
+    assert len(per_pos) == MAX_POSITIONS
+
+
+def test_metrics_count_rejected_requests_and_bad_events_and_bound_their_labels():
+    m = Metrics(max_names=2, max_combinations=3)
+    m.add(validate_event(rejected_event(error="bad_param")))
+    m.add(validate_event(rejected_event(error="bad_param", request_id="x")))
+    m.add(validate_event(rejected_event(error="overloaded: the job queue is full")))
+    m.count_bad()
+    for i in range(6):
+        m.add(validate_event(round_event(draft_instance=f"d{i}", verifier_instance=f"v{i % 2}")))
+    for i in range(70):
+        m.add(validate_event(request_event(error=f"code{i}")))
+    fams = families(m)
+    assert value(fams, "draftwire_request_errors", mode="", code="bad_param") == 2
+    assert value(fams, "draftwire_request_errors", mode="", code="overloaded") == 1
+    assert value(fams, "draftwire_bad_events") == 1
+    rounds = {tuple(sorted(s.labels.items())): s.value for s in fams["draftwire_rounds"].samples
+              if s.name.endswith("_total")}
+    assert rounds == {
+        (("draft", "d0"), ("mode", "sparse"), ("verifier", "v0")): 1,
+        (("draft", "d1"), ("mode", "sparse"), ("verifier", "v1")): 1,
+        (("draft", OVERFLOW), ("mode", "sparse"), ("verifier", "v0")): 2,  # names past the cap of 2
+        (("draft", OVERFLOW), ("mode", "sparse"), ("verifier", OVERFLOW)): 2,  # combinations past 3
+    }
+    codes = {s.labels["code"] for s in fams["draftwire_request_errors"].samples if s.name.endswith("_total")}
+    assert len(codes) == 64 + 1 and "other" in codes  # 64 codes (2 of them refusals), then "other"
+
+
+def test_loads_gauges_take_counts_only_and_bound_the_instances():
+    data = {"d1": {"active": 2}, "d2": {"active": True}, "d3": None, "d4": {"active": -1}, "d5": [3],
+            "d6": {"active": 2.0}, "d7": {"active": 0}, "d8": {"active": 5}, "d9": {"active": 2**40}}
+    assert reported_counts(data, "active", 10) == {"d1": 2, "d7": 0, "d8": 5}
+    assert reported_counts(data, "active", 2) == {"d1": 2, "d7": 0, OVERFLOW: 5}
+    m = Metrics()
+    m.loads.update({"d1": {"active": 3}}, {"v1": {"queue": 4, "sessions": 9}, "v2": {"queue": 0}})
+    fams = families(m)
+    assert value(fams, "draftwire_sessions_in_flight", draft="d1") == 3
+    assert value(fams, "draftwire_verifier_queue_depth", verifier="v1") == 4
+    assert value(fams, "draftwire_verifier_queue_depth", verifier="v2") == 0
+    m.loads.update({}, {"v2": {"queue": 1}})  # an instance that no longer answers drops out
+    fams = families(m)
+    assert fams["draftwire_sessions_in_flight"].samples == []
+    assert [s.labels for s in fams["draftwire_verifier_queue_depth"].samples] == [{"verifier": "v2"}]
+
+
+def test_the_dashboard_and_the_scrape_config_name_what_telemetry_serves():
+    import yaml
+
+    from services.telemetry.service import DEFAULT_HTTP_PORT
+
+    m = Metrics()
+    for ev in [round_event(ttft_s=0.1), round_event(itl_s=0.1), request_event(error="x"), rejected_event()]:
+        m.add(validate_event(ev))
+    m.loads.update({"d1": {"active": 1}}, {"v1": {"queue": 0}})
+    served = {name for name, _ in samples(m)}
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "draftwire.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for e in exprs for name in re.findall(r"draftwire_[a-z_]+", e)}
+    assert used and used <= served, used - served
+    titles = " | ".join(panel["title"].lower() for panel in dashboard["panels"])
+    for title in ("acceptance", "tokens per second", "first token", "inter-token", "errors", "in flight"):
+        assert title in titles, title
+    for q in ("0.5", "0.99"):  # TTFT and ITL quantiles from the histograms
+        assert sum(f"histogram_quantile({q}," in e for e in exprs) >= 2, q
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())["scrape_configs"]
+    assert scrape[0]["static_configs"][0]["targets"] == [f"telemetry:{DEFAULT_HTTP_PORT}"]
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    for name in ("prometheus", "grafana"):
+        assert compose[name]["profiles"] == ["monitoring"]
+        for volume in compose[name]["volumes"]:
+            assert (REPO / volume.split(":")[0]).exists(), volume
+
+
+def test_token_clock_gives_ttft_then_itl_per_round_with_tokens():
+    clock = TokenClock(start=10.0)
+    assert clock.lap(10.5, 0) == {}  # a round that commits nothing has no token latency
+    assert clock.lap(10.75, 3) == {"ttft_s": 0.75}
+    assert clock.lap(10.8, 0) == {}
+    assert clock.lap(11.0, 2) == {"itl_s": pytest.approx(0.25)}
+    assert clock.lap(11.5, 1) == {"itl_s": 0.5}
+    resumed = TokenClock(start=3.0, resumed=True)  # a failover's run: its first tokens are not the request's
+    assert resumed.lap(4.0, 2) == {"itl_s": 1.0}
+    for lap in ({"ttft_s": 0.75}, {"itl_s": 0.5}):
+        validate_event(round_event(**lap))
 
 
 def test_log_limiter():
@@ -424,7 +581,7 @@ def test_log_limiter():
     assert lim.allow(10.5) is None
 
 
-# --- the service, as a subprocess on a real nats-server --------------------------------------------------------
+# --- the service, as a subprocess on a real nats-server ---------------------------------------------------
 
 
 def _env() -> dict[str, str]:
@@ -440,6 +597,11 @@ class Telemetry:
     async def get(self, path: str) -> tuple[int, str, str]:
         async with aiohttp.ClientSession() as s, s.get(self.url + path) as r:
             return r.status, r.headers["Content-Type"], await r.text()
+
+    async def metrics(self) -> dict:
+        status, ctype, body = await self.get("/metrics")
+        assert status == 200 and ctype == CONTENT_TYPE_LATEST
+        return {f.name: f for f in text_string_to_metric_families(body)}
 
     async def stats(self) -> dict:
         status, _, body = await self.get("/stats")
@@ -466,7 +628,7 @@ class Telemetry:
 async def telemetry(nats_server):
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.telemetry", "--nats", nats_server.url, "--http-port", "0",
-        "--instance", "telemetry-test", cwd=REPO, env=_env(),
+        "--instance", "telemetry-test", "--loads-interval", "0.2", cwd=REPO, env=_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     output: list[str] = []
@@ -509,12 +671,15 @@ async def test_service_aggregates_published_events(telemetry, nc):
     assert w["uplink_bytes_per_token"] == pytest.approx(400 / 10)
     assert snap["window"]["verifier"]["v1"]["rounds"] == 4 and snap["bad_events_total"] == 0
 
-    status, ctype, text = await telemetry.get("/metrics")
-    assert status == 200 and ctype == PROMETHEUS_CONTENT_TYPE
-    fams = parse_prometheus(text)
-    assert _value(fams, "draftwire_rounds_total", mode="sparse") == 4
-    assert _value(fams, "draftwire_acceptance_rate", mode="sparse") == pytest.approx(0.375)
-    assert _value(fams, "draftwire_instance_generated_tokens_total", role="draft", instance="d1") == 12
+    fams = await telemetry.metrics()
+    labels = {"mode": "sparse", "draft": "d1", "verifier": "v1"}
+    assert value(fams, "draftwire_rounds", **labels) == 4
+    assert value(fams, "draftwire_spec_decode_num_drafts", **labels) == 4
+    assert value(fams, "draftwire_spec_decode_num_accepted_tokens", **labels) == 6
+    assert value(fams, "draftwire_generation_tokens", mode="sparse", draft="d1") == 12
+    assert histogram(fams, "draftwire_round_duration_seconds", mode="sparse")[1] == 4
+    assert histogram(fams, "draftwire_e2e_request_latency_seconds", mode="sparse")[1:] == (1, 0.5)
+    assert not any(s.name.endswith("_created") for f in fams.values() for s in f.samples)
 
     assert (await telemetry.get("/healthz"))[::2] == (200, "ok")
     assert (await telemetry.get("/nope"))[0] == 404
@@ -538,8 +703,7 @@ async def test_service_survives_bad_events_and_replies_errors(telemetry, nc):
 
     snap = await telemetry.wait_for(lambda s: s["bad_events_total"] == 6)
     assert snap["bad_events_total"] == 6 and snap["totals"]["all"]["rounds"] == 1
-    fams = parse_prometheus((await telemetry.get("/metrics"))[2])
-    assert _value(fams, "draftwire_bad_events_total") == 6
+    assert value(await telemetry.metrics(), "draftwire_bad_events") == 6
     rc, out = await telemetry.stop()
     assert rc in (0, -signal.SIGTERM) and "Traceback" not in out
     assert out.count("WARNING draftwire.telemetry: bad event") == 1, out  # rate-limited: one for the burst
@@ -560,6 +724,79 @@ async def test_service_refuses_every_impossible_event_with_an_error_and_keeps_th
     assert _figures(snap) == _good_figures()
     _, out = await telemetry.stop()
     assert "Traceback" not in out, out
+
+
+async def _reporting(nc, service: str, instance: str, stats: dict):
+    """A micro service instance that reports `stats` in `$SRV.STATS`, as the drafts and verifiers do."""
+    ctx = ServiceContext(name=service, instance=instance, args=None, nc=nc, tracer=None)
+
+    async def nothing(req):
+        await req.respond(b"")
+
+    endpoints = [(f"test.{instance}", nothing, instance)]
+    return await register(ctx, service, "fake", endpoints, stats=lambda: stats)
+
+
+async def test_service_gauges_sessions_in_flight_and_verifier_queues(telemetry, nc):
+    await _reporting(nc, "draftwire-draft", "d-busy", {"active": 3, "max": 4})
+    await _reporting(nc, "draftwire-draft", "d-idle", {"active": 0, "max": 4})
+    verifier = await _reporting(nc, "draftwire-verifier", "v1", {"sessions": 5, "queue": 2, "busy": 1})
+    await nc.flush()
+    deadline = asyncio.get_running_loop().time() + 5
+    while len((fams := await telemetry.metrics())["draftwire_sessions_in_flight"].samples) < 2:
+        assert asyncio.get_running_loop().time() < deadline, fams["draftwire_sessions_in_flight"]
+        await asyncio.sleep(0.05)
+    assert value(fams, "draftwire_sessions_in_flight", draft="d-busy") == 3
+    assert value(fams, "draftwire_sessions_in_flight", draft="d-idle") == 0
+    assert value(fams, "draftwire_verifier_queue_depth", verifier="v1") == 2
+    await verifier.stop()  # gone: its gauge goes at the next gathering
+    while (await telemetry.metrics())["draftwire_verifier_queue_depth"].samples:
+        assert asyncio.get_running_loop().time() < deadline + 5
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def scheduler(url: str):
+    """A scheduler in this process, as tests/test_scheduler.py starts one."""
+    nc = await connect(url, name="draftwire-scheduler-test")
+    args = scheduler_parser().parse_args(["--nats", url, "--instance", "sched-test"])
+    ctx = ServiceContext(name="scheduler", instance="sched-test", args=args, nc=nc, tracer=NoOpTracer())
+    await start_scheduler(ctx)
+    try:
+        yield
+    finally:
+        for cleanup in reversed(ctx.cleanups):
+            await cleanup()
+        for svc in ctx.services:
+            await svc.stop()
+        await nc.drain()
+
+
+async def test_requests_the_scheduler_refuses_are_counted_by_code(telemetry, nats_server, nc):
+    draft = await FakeDraft(nc, "hold").start()  # the fake draft reports no events: only refusals are counted
+    async with scheduler(nats_server.url):
+        for data, code in [(b"\xc1\xff garbage \xfe", "bad_encoding"),
+                           (json.dumps({"id": "bad-1", "prompt": "x", "top_p": 7}).encode(), "bad_param"),
+                           (json.dumps({"prompt": "x", "tempreature": 1}).encode(), "bad_request"),
+                           (json.dumps({"prompt": "x", "timeout_s": 0}).encode(), "bad_param")]:
+            reply = json.loads((await nc.request("draftwire.prompts", data, timeout=5)).data)
+            assert reply["error"]["code"] == code, reply
+        dup = b'{"id": "dup", "prompt": "x"}'
+        held = asyncio.ensure_future(nc.request("draftwire.prompts", dup, timeout=5))
+        await asyncio.wait_for(draft.received.wait(), 5)  # stored and running: the same id is refused
+        reply = json.loads((await nc.request("draftwire.prompts", dup, timeout=5)).data)
+        assert reply["error"]["code"] == "duplicate_id", reply
+        draft.release.set()
+        assert "error" not in json.loads((await held).data)
+    snap = await telemetry.wait_for(lambda s: s["totals"]["all"]["requests"] == 5)
+    assert snap["totals"]["all"]["errors"] == {"bad_encoding": 1, "bad_param": 2, "bad_request": 1,
+                                               "duplicate_id": 1}
+    assert snap["bad_events_total"] == 0 and snap["totals"]["mode"] == {}
+    fams = await telemetry.metrics()
+    assert value(fams, "draftwire_request_errors", mode="", code="bad_param") == 2
+    assert value(fams, "draftwire_request_errors", mode="", code="bad_encoding") == 1
+    assert value(fams, "draftwire_request_errors", mode="", code="bad_request") == 1
+    assert value(fams, "draftwire_request_errors", mode="", code="duplicate_id") == 1
 
 
 async def test_micro_discovery_and_stats_endpoint(telemetry, nc):

@@ -55,6 +55,7 @@ from shared.core.rejection_sampling import NonFinite
 from shared.core.round_stats import RoundStats
 from shared.core.speculation import RemoteError, new_session, speculate
 from shared.core.stop_strings import find_stop, streamable
+from shared.core.telemetry_figures import TokenClock
 from shared.io import bus
 from shared.io.bus import SUBJECTS, extract_context
 from shared.io.credentials import load_identity
@@ -139,6 +140,7 @@ class Run:
     session: DraftSession | None = None
     task: asyncio.Task | None = None
     subs: list = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)  # accepted here: time to first token counts from it
 
     @property
     def round(self) -> int:
@@ -245,10 +247,12 @@ async def start(ctx: ServiceContext) -> None:
         text = TextStream(model.decode, job.stop)
         text.push(list(job.resume))  # already streamed by the run that died: deltas continue after it
 
+        clock = TokenClock(run.started, resumed=bool(job.resume))
+
         async def on_round(rs: RoundStats, new: list[int]) -> None:
             event = {"type": "round", "request_id": job.id, "mode": job.spec.mode, "gamma": rs.drafted,
                      "draft_instance": ctx.instance, "verifier_instance": link.instance or "",
-                     **rs.to_dict(), "ts": time.time()}
+                     **rs.to_dict(), "ts": time.time(), **clock.lap(time.perf_counter(), rs.emitted)}
             await publish(SUBJECTS.events_round, event)
             if job.stream:
                 chunk = {"id": job.id, "text": text.push(new), "token_ids": new,
@@ -260,6 +264,7 @@ async def start(ctx: ServiceContext) -> None:
         result = await run.unless_stopped(speculate(
             session, link, decode=model.decode, compute=compute, on_round=on_round, tracer=ctx.tracer,
             policy=policy, should_stop=run.stop_reason, stop=job.stop,
+            open_early=True,  # the draft's prefill hides behind the target's (drafting runs off the loop here)
         ))
         if isinstance(policy, AdaptiveGamma):  # the next session on this device starts from what this one learnt
             warm[key] = policy.model

@@ -383,7 +383,7 @@ class Scheduler:
             parsed, fmt = parse_prompt(req.data, headers)
         except RequestError as exc:
             body = error_body(exc.code, str(exc), exc.request_id)
-            await self._answer(body, exc.format or "json", reply, exc.request_id, tenant)
+            await self._refuse(body, exc.format or "json", reply, exc.request_id, tenant)
             return
         record = self._record(parsed, fmt, reply, tenant=tenant)
         body, maybe_stored = await self._store(record, headers)
@@ -393,7 +393,7 @@ class Scheduler:
             return  # the job may be stored after all, and it is (or will be) its scheduler's to answer
         # duplicate_id goes to the requester only: results.<id> belongs to the job already running
         duplicate = body["error"]["code"] == "duplicate_id"
-        await self._answer(body, fmt, reply, None if duplicate else parsed.id, tenant)
+        await self._refuse(body, fmt, reply, None if duplicate else parsed.id, tenant)
 
     def _record(
         self, req: PromptRequest, fmt: str, reply: str | None, session: str | None = None, tenant: str = ""
@@ -455,7 +455,7 @@ class Scheduler:
         except RequestError as exc:
             if exc.request_id is None:
                 log.warning("dropping a submission nobody can be told about: %s: %s", exc.code, exc)
-            await self._answer(
+            await self._refuse(
                 error_body(exc.code, str(exc), exc.request_id), exc.format or "json", None, exc.request_id, tenant
             )
             await _quietly(msg.ack())
@@ -471,6 +471,14 @@ class Scheduler:
         else:
             log.warning("submission %s not stored yet (%s); retrying", req.id, body["error"]["message"])
             await _quietly(msg.nak(delay=1.0))
+
+    async def _refuse(self, body: dict, fmt: str, reply: str | None, request_id: str | None, tenant: str):
+        """Answer a request this scheduler refused, and tell telemetry (a draft reports the other outcomes)."""
+        await self._answer(body, fmt, reply, request_id, tenant)
+        event = {"type": "request", "rejected": True, "request_id": request_id or "",
+                 "error": body["error"]["code"], "ts": time.time()}
+        with contextlib.suppress(Exception):  # best effort, as every event
+            await self.nc.publish(SUBJECTS.events_request, msgpack.packb(event))
 
     async def _answer(
         self, body: dict, fmt: str, reply: str | None, request_id: str | None, tenant: str = ""

@@ -1,14 +1,18 @@
 """Telemetry: every draftwire event in, Prometheus metrics, JSON stats and a NATS stats endpoint out.
 
 The events subscription has no queue group, so every telemetry instance sees every event and any one of them
-can be scraped for the whole picture. All arithmetic lives in `shared.core.telemetry_figures`; this module only moves bytes
-and reads the clock. A malformed event is counted in bad_events_total, logged with a rate limit and answered
-with an error when it carries a reply subject; it never stops the service.
+can be scraped for the whole picture. The arithmetic lives in `shared.core.telemetry_figures` (the window of
+`/stats`) and `shared.core.telemetry_metrics` (the prometheus_client registry of `/metrics`); this module only
+moves bytes, reads the clock and gathers the loads the drafts and verifiers report, every --loads-interval,
+so a scrape never waits on NATS. A malformed event is counted in bad_events_total, logged with a rate limit
+and answered with an error when it carries a reply subject; it never stops the service.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -19,17 +23,20 @@ import msgpack
 from aiohttp import web
 from nats.aio.msg import Msg
 from nats.micro import Request
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from shared.core.nats_permissions import SERVICE_OF_ROLE
 from shared.core.telemetry_figures import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_WINDOW_S,
-    PROMETHEUS_CONTENT_TYPE,
     Aggregator,
     EventError,
     decode_event,
-    render_prometheus,
 )
+from shared.core.telemetry_metrics import Loads, Metrics
 from shared.io.bus import ROOT, SUBJECTS
+from shared.io.loads import gather_stats
 from shared.io.service_shell import ServiceContext, env, register, run, service_parser
 
 log = logging.getLogger("draftwire.telemetry")
@@ -40,6 +47,9 @@ SERVICE_NAME = "draftwire-telemetry"
 EXPECTED_TYPE = {SUBJECTS.events_round: "round", SUBJECTS.events_request: "request"}
 DEFAULT_HTTP_PORT = 9464  # the OpenTelemetry Prometheus exporter's default port
 BAD_EVENT_LOG_INTERVAL_S = 10.0
+DEFAULT_LOADS_INTERVAL_S = 5.0
+LOADS_WINDOW_S, LOADS_QUIET_S = 0.5, 0.05  # a gathering waits for the first (or each known) reply, then quiet
+LOADS_FROM = (SERVICE_OF_ROLE["device"], SERVICE_OF_ROLE["edge"])  # drafts report `active`, verifiers `queue`
 
 
 def _port(text: str) -> int:
@@ -90,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("TELEMETRY_MAX_EVENTS", str(DEFAULT_MAX_EVENTS)),
         help="events kept per series and kind, whatever the window [DRAFTWIRE_TELEMETRY_MAX_EVENTS]",
     )
+    p.add_argument(
+        "--loads-interval",
+        type=_positive(float),
+        default=env("TELEMETRY_LOADS_INTERVAL", str(DEFAULT_LOADS_INTERVAL_S)),
+        help="seconds between gatherings of the drafts' sessions in flight and the verifiers' queues "
+        "[DRAFTWIRE_TELEMETRY_LOADS_INTERVAL]",
+    )
     return p
 
 
@@ -115,10 +132,9 @@ def error_reply(message: str) -> bytes:
     return msgpack.packb({"error": {"code": "bad_event", "message": message}})
 
 
-def make_app(agg: Aggregator, healthy: Callable[[], bool]) -> web.Application:
+def make_app(agg: Aggregator, registry: CollectorRegistry, healthy: Callable[[], bool]) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
-        body = render_prometheus(agg, time.time()).encode()
-        return web.Response(body=body, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def stats(_: web.Request) -> web.Response:
         return web.json_response(agg.snapshot(time.time()))
@@ -149,9 +165,29 @@ async def serve_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     return runner, f"http://{shown}:{bound_port}"
 
 
+async def watch_loads(nc, loads: Loads, interval: float) -> None:
+    """Gather the drafts' and verifiers' `$SRV.STATS` into `loads` every `interval` s, until cancelled."""
+    seen: dict[str, set[str]] = {service: set() for service in LOADS_FROM}
+    while True:
+        found: dict[str, dict] = {}
+        for service in LOADS_FROM:
+            try:
+                reported = await gather_stats(nc, service, window=LOADS_WINDOW_S, quiet=LOADS_QUIET_S,
+                                              expect=seen[service])
+            except Exception as exc:  # noqa: BLE001 - disconnected: no loads until the next gathering
+                log.debug("gathering $SRV.STATS.%s failed: %r", service, exc)
+                reported = {}
+            seen[service] = set(reported)
+            found[service] = {name: r.data for name, r in reported.items()}
+        loads.update(*(found[service] for service in LOADS_FROM))
+        await asyncio.sleep(interval)
+
+
 async def start(ctx: ServiceContext) -> None:
     args = ctx.args
     agg = Aggregator(window_s=args.window, max_events=args.max_events)
+    disable_created_metrics()  # this process's own registry: no `_created` series beside every counter
+    metrics = Metrics()
     limiter = LogLimiter()
 
     async def on_event(msg: Msg) -> None:
@@ -160,6 +196,7 @@ async def start(ctx: ServiceContext) -> None:
             event = decode_event(msg.data, EXPECTED_TYPE.get(msg.subject))
         except EventError as exc:
             agg.count_bad()
+            metrics.count_bad()
             suppressed = limiter.allow(time.monotonic())
             if suppressed is None:
                 log.debug("bad event on %s: %s", msg.subject, exc)
@@ -170,6 +207,7 @@ async def start(ctx: ServiceContext) -> None:
                 await msg.respond(error_reply(str(exc)))
             return
         agg.add(event, now)
+        metrics.add(event)
         if msg.reply:  # a publisher that asks gets an ack, e.g. to know telemetry has counted it
             await msg.respond(msgpack.packb({"ok": True}))
 
@@ -177,8 +215,17 @@ async def start(ctx: ServiceContext) -> None:
         await req.respond(json.dumps(agg.snapshot(time.time())).encode())
 
     await ctx.nc.subscribe(SUBJECTS.events_all, cb=on_event)
-    runner, url = await serve_http(make_app(agg, lambda: ctx.nc.is_connected), args.http_host, args.http_port)
+    app = make_app(agg, metrics.registry, lambda: ctx.nc.is_connected)
+    runner, url = await serve_http(app, args.http_host, args.http_port)
     ctx.cleanups.append(runner.cleanup)
+    watcher = asyncio.create_task(watch_loads(ctx.nc, metrics.loads, args.loads_interval), name="loads")
+
+    async def stop_watching() -> None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+    ctx.cleanups.append(stop_watching)
     await register(
         ctx,
         SERVICE_NAME,

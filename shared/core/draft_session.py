@@ -143,6 +143,18 @@ class DraftSession:
         )
         return req, time.perf_counter() - t0
 
+    def can_open_early(self) -> bool:
+        """Whether a zero-token opening round can hide the draft's prefill behind the target's: the very start
+        of a generation (nothing generated or resumed yet: a resumed run must place its rounds where the lost
+        run did, so its continuation is the same), a draft model, and two or more tokens to make."""
+        return self._seq is not None and self.spec.mode != "ar" and not self.verifier_knows_session \
+            and not self.generated and self.params.max_new_tokens >= 2
+
+    def warm_up(self) -> None:
+        """The draft's prefill: its cache over every committed token, so the next draft step only extends it."""
+        if self._seq is not None:
+            self._seq.next_logits(self.committed, 1)
+
     def predraft(self, req: VerifyRequest, n: int, cancelled: Callable[[], bool] = lambda: False) -> Prefetch:
         """PEARL: while `req` is being verified, draft on as if all of it will be accepted.
 

@@ -76,6 +76,7 @@ def role_permissions(role: str, name: str) -> Permissions:
             publish=(f"{ROOT}.jobs.>", f"{ROOT}.results.>", f"{ROOT}.stream.>", f"{ROOT}.draft.start",
                      f"{ROOT}.draft.start.*", f"{ROOT}.draft.session.*", f"{ROOT}.dev.*.start.*",
                      f"{ROOT}.dev.*.session.*", f"{ROOT}.dev.*.cancel.*", f"{ROOT}.scheduler.sessions.*", "_INBOX.>",
+                     f"{ROOT}.events.request",  # the requests it refuses itself
                      "$SRV.STATS.draftwire-draft", "$SRV.STATS.draftwire-verifier", *_jetstream_owner()),
             subscribe=(*inbox, f"{ROOT}.prompts", f"{ROOT}.prompts.*", f"{ROOT}.cancel.>", f"{ROOT}.done.*",
                        f"{ROOT}.dev.*.chunk.*",
@@ -98,9 +99,9 @@ def role_permissions(role: str, name: str) -> Permissions:
             subscribe=(*inbox, f"{ROOT}.dev.{name}.>", *_micro(SERVICE_OF_ROLE[role])),
             allow_responses=True,
         )
-    if role == "telemetry":
+    if role == "telemetry":  # gathers the loads the drafts and verifiers report (sessions in flight, queues)
         return Permissions(
-            publish=(),
+            publish=("$SRV.STATS.draftwire-draft", "$SRV.STATS.draftwire-verifier"),
             subscribe=(*inbox, f"{ROOT}.events.>", f"{ROOT}.telemetry.stats", *_micro(SERVICE_OF_ROLE[role])),
             allow_responses=True,
         )

@@ -100,6 +100,7 @@ async def speculate(
     policy: DraftLengthPolicy | None = None,
     should_stop: StopCheck | None = None,
     stop: Sequence[str] = (),
+    open_early: bool = False,
 ) -> GenerationResult:
     """Run `session` to completion. `compute` runs model work (a thread in services); `on_round` streams.
 
@@ -109,7 +110,11 @@ async def speculate(
     `should_stop` is asked before every round; a reason it returns ("cancelled", "deadline_exceeded") ends the
     loop at once and becomes the partial result's `finish_reason`. `stop` strings end the generation where
     one first appears in the decoded text (`finish_reason` "stop"; the result's text ends before it, its
-    token ids at the token that completed it). A verifier's refusal raises RemoteError.
+    token ids at the token that completed it). With `open_early` the first round of a fresh verifier session
+    drafts nothing and the draft runs its prefill while the target runs its own (the target's first token
+    comes from p directly, as a rejection at the first position would): worth it only where `compute` runs
+    off the event loop and the draft's prefill is not negligible, as in the draft service under load. A
+    verifier's refusal raises RemoteError.
     """
     tracer = tracer or trace.get_tracer("draftwire")
     spec = session.spec
@@ -122,6 +127,7 @@ async def speculate(
     stop_at: int | None = None  # where the text ends: the first stop string's index
     checked = 0  # the text length already searched for stop strings
     kept = None  # token ids kept when a stop string ended the generation
+    opening = open_early and session.can_open_early()
     while not session.done:
         reason = should_stop() if should_stop is not None else None
         if reason:
@@ -129,14 +135,18 @@ async def speculate(
             break
         t0 = time.perf_counter()
         with tracer.start_as_current_span("round") as span:
-            gamma = policy.next_gamma()
+            gamma = 0 if opening else policy.next_gamma()
             reused = len(prefetch.tokens) if prefetch is not None else 0
             with tracer.start_as_current_span("draft"):
                 req, draft_s = await compute(functools.partial(session.next_request, gamma, prefetch))
             span.set_attributes({"draftwire.round": req.round, "draftwire.gamma": len(req.tokens)})
             in_flight = asyncio.ensure_future(_exchange(session, link, req))
             ahead = None
-            if pipelined:
+            if opening:  # the draft's prefill, while the target runs its own
+                with tracer.start_as_current_span("draft_prefill"):
+                    await compute(session.warm_up)
+                opening = False
+            elif pipelined:
                 arrived = threading.Event()
                 in_flight.add_done_callback(lambda _f, ev=arrived: ev.set())
                 with tracer.start_as_current_span("predraft"):
@@ -337,7 +347,7 @@ class LocalEngine:
 
     async def agenerate(
         self, prompt: str | list[int], params: SamplingParams, spec: SpecParams, link: LinkProfile | None = None,
-        stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+        stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), open_early: bool = False,
     ) -> GenerationResult:
         """`link` emulates the device-edge link in-process (waits computed by its shapers); `stop` strings and
         `stop_token_ids` end the generation as on the NATS contract."""
@@ -350,7 +360,7 @@ class LocalEngine:
 
             edge = ShapedEdge(edge, link)
         try:
-            return await speculate(session, edge, decode=tokenizer.decode, stop=stop)
+            return await speculate(session, edge, decode=tokenizer.decode, stop=stop, open_early=open_early)
         finally:
             self.verifier.close(session.session)
 

@@ -1,12 +1,11 @@
-"""Telemetry aggregation: validate events, roll them up over a time window, render JSON and Prometheus text.
+"""Telemetry events: their validation, the token clock that stamps them, and a rolling window over them.
 
 Pure: no I/O and no clock. Every call that depends on time takes `now` (seconds, same clock for all calls),
 so the telemetry service passes time.time() and tests pass hand-picked instants.
 
-Two kinds of numbers come out:
-- windowed gauges over the last `window_s` seconds (acceptance rate, tokens/s, bytes per token, round-time
-  breakdown and percentiles), per mode and per draft / verifier instance, plus "all";
-- monotonically increasing totals since start, which Prometheus turns into rates itself.
+The window gives what `/stats` serves: gauges over the last `window_s` seconds (acceptance rate, tokens/s,
+bytes per token, round-time breakdown and percentiles), per mode and per draft / verifier instance, plus
+"all", and totals since start. The Prometheus metrics are `shared.core.telemetry_metrics`.
 
 Events are windowed by arrival time (`now` at `add`), not by the producer's `ts`: a device with a skewed clock
 must neither hide its events nor pin them in the window forever.
@@ -33,7 +32,6 @@ MAX_ERROR_CODES = 64
 OVERFLOW = "_other"  # label value that absorbs names beyond the series cap, so cardinality stays bounded
 ROLES = ("mode", "draft", "verifier")
 QUANTILES = (0.5, 0.99)
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 # Per-field bounds. A value outside them is a bug or a forgery, never a measurement, and one such value in
@@ -128,6 +126,11 @@ REQUEST_SCHEMA: dict[str, Checker] = {
     "ts": _ts,
 }  # fmt: skip
 SCHEMAS = {"round": ROUND_SCHEMA, "request": REQUEST_SCHEMA}
+# Only on rounds that commit tokens (see TokenClock): the run's first such round has ttft_s, later ones itl_s.
+OPTIONAL: dict[str, dict[str, Checker]] = {"round": {"ttft_s": _seconds, "itl_s": _seconds}}
+# A request the scheduler refused before any draft saw it (`"rejected": true` on a request event): no mode, no
+# draft, perhaps no id yet (a payload that does not parse). validate_event returns it as type "rejected".
+REJECTED_SCHEMA: dict[str, Checker] = {"request_id": _name, "error": _id, "ts": _ts}
 
 
 def validate_event(obj: Any, expect_type: str | None = None) -> dict:
@@ -135,7 +138,9 @@ def validate_event(obj: Any, expect_type: str | None = None) -> dict:
 
     Unknown extra keys are ignored so producers can add fields before telemetry knows them. `expect_type`
     rejects e.g. a round event published on the request subject. Whatever `obj` is, the only exception is
-    EventError. Besides each field's bounds, a round emits at most its accepted tokens plus the target's one.
+    EventError. Besides each field's bounds, a round emits at most its accepted tokens plus the target's one,
+    and only a round that emitted tokens has a token latency (ttft_s or itl_s, not both). A request event with
+    `"rejected": true` comes back as type "rejected" with REJECTED_SCHEMA's fields.
     """
     if not isinstance(obj, Mapping):
         raise EventError(f"event must be a map, got {type(obj).__name__}")
@@ -144,19 +149,30 @@ def validate_event(obj: Any, expect_type: str | None = None) -> dict:
         raise EventError(f"event 'type' must be one of {sorted(SCHEMAS)}, got {_short(kind)}")
     if expect_type is not None and kind != expect_type:
         raise EventError(f"{kind} event on the {expect_type} subject")
-    schema = SCHEMAS[kind]
+    rejected = obj.get("rejected", False)
+    if rejected is not False and not (rejected is True and kind == "request"):
+        raise EventError(f"{kind} event: field 'rejected' must be absent, false, or true on a request event")
+    schema = REJECTED_SCHEMA if rejected else SCHEMAS[kind]
     if missing := [k for k in schema if k not in obj]:
         raise EventError(f"{kind} event: missing field(s) {', '.join(missing)}")
-    out: dict[str, Any] = {"type": kind}
-    for key, check in schema.items():
+    out: dict[str, Any] = {"type": "rejected" if rejected else kind}
+    optional = {} if rejected else OPTIONAL.get(kind, {})
+    for key, check in [*schema.items(), *((k, c) for k, c in optional.items() if obj.get(k) is not None)]:
         try:
             out[key] = check(obj[key])
         except (TypeError, ValueError) as exc:
             raise EventError(f"{kind} event: field {key!r} must be {exc}, got {_short(obj[key])}") from None
-    if kind == "round" and out["accepted"] > out["drafted"]:
-        raise EventError(f"round event: accepted ({out['accepted']}) > drafted ({out['drafted']})")
-    if kind == "round" and out["emitted"] > out["accepted"] + 1:
-        raise EventError(f"round event: emitted ({out['emitted']}) > accepted + 1 ({out['accepted'] + 1})")
+    if out["type"] == "round":
+        if out["accepted"] > out["drafted"]:
+            raise EventError(f"round event: accepted ({out['accepted']}) > drafted ({out['drafted']})")
+        if out["emitted"] > out["accepted"] + 1:
+            raise EventError(
+                f"round event: emitted ({out['emitted']}) > accepted + 1 ({out['accepted'] + 1})"
+            )
+        latencies = [k for k in optional if k in out]
+        if len(latencies) > 1 or (latencies and out["emitted"] == 0):
+            raise EventError(f"round event: {' and '.join(latencies)} on a round that emitted "
+                             f"{out['emitted']} tokens (one of them, on a round that emitted some)")
     return out
 
 
@@ -186,6 +202,30 @@ def error_code(error: str) -> str:
     """
     head = error.split(":", 1)[0].strip()
     return head if _CODE.fullmatch(head) else "other"
+
+
+# --- producing: the token clock -----------------------------------------------------------------------
+
+
+class TokenClock:
+    """Time to first token, then inter-token latency, as vLLM v1 counts them: per round that commits tokens.
+
+    The draft stamps its round events with `lap`'s result: `ttft_s` on the run's first round that commits
+    tokens (from when the draft accepted the job), `itl_s` on every later one (since the previous one). Both
+    from the draft's own monotonic clock, so telemetry keeps no per-request state and needs no agreement
+    between hosts' clocks. A run that resumes a session (failover) has no first token: its laps are all itl_s.
+    """
+
+    def __init__(self, start: float, resumed: bool = False) -> None:
+        self._last = start
+        self._key = "itl_s" if resumed else "ttft_s"
+
+    def lap(self, now: float, committed: int) -> dict[str, float]:
+        if committed <= 0:
+            return {}
+        out = {self._key: max(0.0, now - self._last)}
+        self._last, self._key = now, "itl_s"
+        return out
 
 
 # --- aggregation ----------------------------------------------------------------------------------------------
@@ -320,6 +360,23 @@ class _Series:
 Key = tuple[str, str]  # (role, name); role "all" has name ""
 
 
+class NameCap:
+    """At most `limit` distinct names per role; later ones become `overflow`: label cardinality is bounded."""
+
+    def __init__(self, limit: int, overflow: str = OVERFLOW) -> None:
+        self.limit, self.overflow = limit, overflow
+        self._names: dict[str, set[str]] = {}
+
+    def __call__(self, role: str, name: str) -> str:
+        names = self._names.setdefault(role, set())
+        if name in names:
+            return name
+        if len(names) >= self.limit:
+            return self.overflow
+        names.add(name)
+        return name
+
+
 class Aggregator:
     """Rolling window + totals, keyed by mode and by draft / verifier instance. Feed validated events."""
 
@@ -339,8 +396,8 @@ class Aggregator:
         self.bad_events = 0
         self._series: dict[Key, _Series] = {}
         self._totals: dict[Key, Totals] = {}
-        self._names: dict[str, set[str]] = {role: set() for role in ROLES}
-        self._codes: set[str] = set()
+        self._bounded = NameCap(max_series)
+        self._codes = NameCap(MAX_ERROR_CODES, overflow="other")
 
     # -- input --
 
@@ -367,12 +424,16 @@ class Aggregator:
             for key in self._keys(event, [event["verifier_instance"]]):
                 self._series_for(key, now).rounds.append(r)
                 self._totals_for(key).add_round(r)
-        else:
+        elif event["type"] == "request":
             err = event["error"]
             q = _Request(now, event["new_tokens"], event["wall_s"], None if err is None else self._code(err))
             for key in self._keys(event, event["verifier_instances"]):
                 self._series_for(key, now).requests.append(q)
                 self._totals_for(key).add_request(q)
+        else:  # refused by the scheduler: a request of no mode or instance, with its error, under "all"
+            q = _Request(now, 0, 0.0, self._code(event["error"]))
+            self._series_for(("all", ""), now).requests.append(q)
+            self._totals_for(("all", "")).add_request(q)
 
     def _keys(self, event: dict, verifiers: Iterable[str]) -> list[Key]:
         keys: list[Key] = [("all", ""), ("mode", self._bounded("mode", event["mode"]))]
@@ -381,21 +442,8 @@ class Aggregator:
         keys += sorted({("verifier", self._bounded("verifier", v)) for v in verifiers if v})
         return keys
 
-    def _bounded(self, role: str, name: str) -> str:
-        names = self._names[role]
-        if name in names:
-            return name
-        if len(names) >= self.max_series:
-            return OVERFLOW
-        names.add(name)
-        return name
-
     def _code(self, error: str) -> str:
-        code = error_code(error)
-        if code not in self._codes and len(self._codes) >= MAX_ERROR_CODES:
-            return "other"
-        self._codes.add(code)
-        return code
+        return self._codes("code", error_code(error))
 
     def _series_for(self, key: Key, now: float) -> _Series:
         # Only the touched series is pruned here (O(1) amortized per event); snapshot prunes them all.
@@ -444,143 +492,3 @@ class Aggregator:
             "window": window,
             "totals": totals,
         }
-
-
-# --- Prometheus text exposition format 0.0.4 ---------------------------------------------------------------
-
-PREFIX = "draftwire_"
-
-# (metric, help, totals key); each becomes draftwire_<metric>{mode} and draftwire_instance_<metric>{role,...}
-COUNTERS: tuple[tuple[str, str, str], ...] = (
-    ("rounds_total", "Speculation rounds reported since telemetry started.", "rounds"),
-    ("requests_total", "Finished requests reported since telemetry started.", "requests"),
-    ("drafted_tokens_total", "Draft tokens sent for verification.", "drafted"),
-    ("accepted_tokens_total", "Draft tokens accepted by the target.", "accepted"),
-    ("emitted_tokens_total", "Tokens committed by rounds.", "emitted"),
-    ("generated_tokens_total", "New tokens of finished requests.", "new_tokens"),
-    ("uplink_bytes_total", "Encoded device-to-edge bytes of rounds.", "uplink_bytes"),
-    ("downlink_bytes_total", "Encoded edge-to-device bytes of rounds.", "downlink_bytes"),
-    ("draft_seconds_total", "Device draft compute time of rounds.", "draft_s"),
-    ("verify_seconds_total", "Edge verification compute time of rounds.", "verify_s"),
-    ("round_seconds_total", "Wall time of rounds as the device saw them.", "round_s"),
-    ("request_seconds_total", "Wall time of finished requests.", "wall_s"),
-)
-# (metric, help, window key) for plain windowed gauges
-GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("window_rounds", "Rounds in the window.", "rounds"),
-    ("window_requests", "Requests in the window.", "requests"),
-    ("acceptance_rate", "Accepted / drafted tokens over the window.", "acceptance_rate"),
-    ("tokens_per_second", "New tokens / request wall time over the window.", "tokens_per_s"),
-    ("round_tokens_per_second", "Emitted tokens / round wall time over the window.", "round_tokens_per_s"),
-    ("uplink_bytes_per_token", "Uplink bytes / emitted tokens over the window.", "uplink_bytes_per_token"),
-    (
-        "downlink_bytes_per_token",
-        "Downlink bytes / emitted tokens over the window.",
-        "downlink_bytes_per_token",
-    ),
-)
-PHASES = (("draft", "mean_draft_s"), ("verify", "mean_verify_s"), ("network", "mean_network_s"))
-
-
-def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(v: float) -> str:
-    if isinstance(v, bool):
-        v = int(v)
-    if isinstance(v, int):
-        return str(v)
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))
-
-
-class _Family:
-    def __init__(self, name: str, kind: str, help_text: str) -> None:
-        self.name, self.kind, self.help = name, kind, help_text
-        self.samples: list[tuple[dict[str, str], float]] = []
-
-    def add(self, labels: dict[str, str], value: float | None) -> None:
-        if value is not None:
-            self.samples.append((labels, value))
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-        for labels, value in self.samples:
-            body = ",".join(f'{k}="{escape_label(str(v))}"' for k, v in labels.items())
-            name = f"{self.name}{{{body}}}" if body else self.name
-            lines.append(f"{name} {format_value(value)}")
-        return lines
-
-
-def _scoped(snapshot_part: dict) -> list[tuple[str, dict[str, str], dict]]:
-    """(family infix, labels, stats) for every mode and instance series; "all" is left to PromQL sums."""
-    out = [("", {"mode": name}, stats) for name, stats in snapshot_part["mode"].items()]
-    for role in ("draft", "verifier"):
-        out += [
-            ("instance_", {"role": role, "instance": name}, stats)
-            for name, stats in snapshot_part[role].items()
-        ]
-    return out
-
-
-def render_prometheus(source: Aggregator | Mapping, now: float | None = None) -> str:
-    """Prometheus text (0.0.4) of a snapshot, or of an Aggregator at `now`.
-
-    Per-mode families are `draftwire_<metric>{mode}`, per-instance ones `draftwire_instance_<metric>{role,
-    instance}` with role "draft" or "verifier": separate families, so summing one never double-counts the
-    other (within the instance families, sum one role: a round counts once under each). Window ratios with
-    no data are left out rather than exported as NaN.
-    """
-    if isinstance(source, Aggregator):
-        if now is None:
-            raise TypeError("render_prometheus(aggregator) needs `now`")
-        source = source.snapshot(now)
-    families: dict[str, _Family] = {}
-
-    def fam(name: str, kind: str, help_text: str) -> _Family:
-        f = families.get(name)
-        if f is None:
-            f = families[name] = _Family(PREFIX + name, kind, help_text)
-        return f
-
-    for infix in ("", "instance_"):  # declare every family, even with no samples yet, in a stable order
-        for metric, help_text, _ in COUNTERS:
-            fam(infix + metric, "counter", help_text)
-        fam(infix + "request_errors_total", "counter", "Failed requests by error code.")
-        for metric, help_text, _ in GAUGES:
-            fam(infix + metric, "gauge", help_text)
-        fam(
-            infix + "round_phase_seconds",
-            "gauge",
-            "Mean per-round seconds over the window by phase (network = round - draft - verify, >= 0).",
-        )
-        fam(infix + "round_duration_seconds", "gauge", "Round wall-time quantiles over the window.")
-
-    for infix, labels, stats in _scoped(source["totals"]):
-        for metric, _, key in COUNTERS:
-            families[infix + metric].add(labels, stats[key])
-        for code, n in stats["errors"].items():
-            families[infix + "request_errors_total"].add({**labels, "code": code}, n)
-    for infix, labels, stats in _scoped(source["window"]):
-        for metric, _, key in GAUGES:
-            families[infix + metric].add(labels, stats[key])
-        for phase, key in PHASES:
-            families[infix + "round_phase_seconds"].add({**labels, "phase": phase}, stats[key])
-        for q in QUANTILES:
-            families[infix + "round_duration_seconds"].add(
-                {**labels, "quantile": f"{q:g}"}, stats[f"p{_qname(q)}_round_s"]
-            )
-    fam("window_seconds", "gauge", "Length of the rolling window.").add({}, source["window_s"])
-    fam("bad_events_total", "counter", "Events that could not be decoded or validated.").add(
-        {}, source["bad_events_total"]
-    )
-    lines = [line for f in families.values() for line in f.render()]
-    return "\n".join(lines) + "\n"
