@@ -1,7 +1,7 @@
 """Greedy exactness on real weights: speculative output == the target's own transformers `generate`.
 
 The default suite checks one bench prompt (code) with the int8 draft; `-m slow` runs three (one chat, one
-code, one story) with both drafts, and all of `../shared/bench/prompts.jsonl`; `-m qwen` the Qwen2.5-Coder
+code, one story) with both drafts, and all of `shared/bench/prompts.jsonl`; `-m qwen` the Qwen2.5-Coder
 pair. A token may only differ where the
 target's float32 logits of the two candidates are a near-tie (|gap| < NEAR_TIE): there a multi-token verify
 forward sums in another order than generate's one-token steps and may flip the argmax legitimately.

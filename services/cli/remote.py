@@ -11,20 +11,14 @@ import contextlib
 import json
 import sys
 import uuid
-from pathlib import Path
 
+from shared.bench import BENCH_SET, load_set
 from shared.core.params import SamplingParams, SpecParams
 from shared.io.bus import SUBJECTS, connect
 from shared.io.credentials import load_identity
 from shared.io.service_shell import connection_options
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
-BENCH_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "bench" / "prompts.jsonl"
-FALLBACK_PROMPTS = [
-    {"id": "p00", "prompt": "Explain in two sentences why the sky looks blue during the day."},
-    {"id": "p06", "prompt": "def fibonacci(n):"},
-    {"id": "p12", "prompt": "Once upon a time, in a small village by the sea, there lived an old fisherman who"},
-]
 
 
 def request_body(prompt: str, sampling: SamplingParams, spec: SpecParams, stream: bool, rid: str) -> dict:
@@ -120,14 +114,9 @@ def generate_remote(args, sampling: SamplingParams, spec: SpecParams) -> int:
 
 
 def load_prompts(path: str | None, n: int) -> list[dict]:
-    file = Path(path) if path else BENCH_PROMPTS
-    if file.is_file():
-        rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    elif path:
-        raise ValueError(f"prompt file {file} does not exist")
-    else:
-        rows = FALLBACK_PROMPTS
-    return rows[:n]
+    """The first `n` rows of a prompt file (default: the in-repo bench set); a missing or bad file is an
+    error, never a silent fallback."""
+    return load_set(path or BENCH_SET)[:n]
 
 
 async def _demo(args) -> int:

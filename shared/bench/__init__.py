@@ -1,7 +1,9 @@
 """Prompt sets that ship with the repository (so a fresh clone's benchmarks and checks are reproducible).
 
-`chat.jsonl`: 32 chat prompts the project wrote (OpenAI's `messages` shape, one user turn each), sent through
-the target's chat template.
+`prompts.jsonl`: the project's benchmark set, 24 raw-completion prompts (`id`, `kind`: chat, code, story,
+fact, list, math; `prompt`), copied from the workspace's shared set that every figure in README was measured
+on, so a fresh clone reproduces them. `chat.jsonl`: 32 chat prompts the project wrote (OpenAI's `messages`
+shape, one user turn each), sent through the target's chat template.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CHAT_SET = HERE / "chat.jsonl"
+BENCH_SET = HERE / "prompts.jsonl"
 
 
 def load_set(path: str | Path = CHAT_SET) -> list[dict]:
