@@ -198,7 +198,7 @@ async def test_concurrent_sessions_draft_in_shared_passes_with_the_tokens_they_m
 ):
     params, spec = SamplingParams(max_new_tokens=20), SpecParams(mode="tkslt", gamma=4, k=8, policy="fixed")
     engine = LocalEngine(model, model)
-    alone = [await engine.agenerate(p, params, spec) for p in SERVICE_PROMPTS]
+    alone = [await engine.agenerate(p, params, spec, open_early=True) for p in SERVICE_PROMPTS]  # as the service
     made: list[ForwardBatcher] = []
     outside: list[str] = []  # threads that asked for a step outside `drafting()`: the model would not wait for them
 

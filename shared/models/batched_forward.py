@@ -120,7 +120,7 @@ def _forward_rows(seqs: list[KVSequence], token_lists: list[list[int]], n_outs: 
             input_ids=input_ids.to(device),
             attention_mask=attention_mask(past, [len(n) for n in new], past_width, width).to(device),
             position_ids=position_ids(past, width).to(device),
-            past_key_values=cache,
+            cache=cache,  # transformers 5.x (`past_key_values` is deprecated, removed in 5.40)
             use_cache=True,
             **kwargs,
         )

@@ -86,7 +86,7 @@ class KVSequence:
             out = self._model(
                 input_ids=input_ids,
                 position_ids=position_ids,
-                past_key_values=self._cache,
+                cache=self._cache,
                 use_cache=True,
                 **kwargs,
             )
