@@ -109,6 +109,21 @@ def test_dockerfile_installs_pinned_cpu_torch_and_the_package() -> None:
     assert "torch==2.13.0" in text and "whl/cpu" in text
     assert re.search(r"COPY shared", text) and re.search(r"COPY services", text)
     assert SERVICES["scheduler"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    # dependencies in a layer of their own, before the code; no test extras; not root
+    assert text.index("pip install -r") < text.index("COPY shared") and "[test]" not in text
+    assert "--no-deps ." in text and re.search(r"^USER (?!root)\w+", text, re.MULTILINE)
+
+
+def test_the_dockerfile_s_dependency_list_is_pyproject_s(tmp_path: Path) -> None:
+    """What the Dockerfile's one-liner writes is exactly the runtime dependencies (run here, not in Docker)."""
+    import tomllib
+
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    one_liner = re.search(r'python -c "(.+?)"', text).group(1)  # as the shell passes it (\n stays for Python)
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    out = subprocess.run([sys.executable, "-c", one_liner], cwd=tmp_path, capture_output=True, text=True, check=True)
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert out.stdout.split("\n")[:-1] == expected
 
 
 # --- secured by default -------------------------------------------------------------------------------------
