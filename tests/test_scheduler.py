@@ -4,7 +4,6 @@ the job queue, deadlines, cancel, fire-and-forget and draft failover of docs/ses
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ from pathlib import Path
 import msgpack
 import nats.errors
 import pytest
-from opentelemetry.trace import NoOpTracer, SpanKind
+from opentelemetry.trace import SpanKind
 
 from services.scheduler.service import (
     CANCEL_GRACE_S,
@@ -32,7 +31,6 @@ from services.scheduler.service import (
     draft_result,
     session_progress,
     sessions_snapshot,
-    start,
     start_outcome,
     submission_session,
 )
@@ -44,36 +42,19 @@ from shared.io.bus import (
     JOBS_STREAM,
     SUBJECTS,
     SUBMIT_STREAM,
-    connect,
     ensure_jobs_stream,
     ensure_submit_stream,
     submit_subscription,
 )
 from shared.io.service_shell import READY_PREFIX, ServiceContext, register
 from tests.fake_draft import FakeDraft
+from tests.in_process import scheduler
 from tests.nats_fixtures import *
 from tests.otlp_receiver import *
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 USER_SPAN = "00f067aa0ba902b7"
-
-
-@contextlib.asynccontextmanager
-async def scheduler(url: str, *flags: str, instance: str = "sched-test"):
-    """The scheduler in this process, started and stopped the way shared.io.service_shell runs it."""
-    args = build_parser().parse_args(["--nats", url, "--instance", instance, *flags])
-    nc = await connect(url, name=f"draftwire-scheduler-{instance}")
-    ctx = ServiceContext(name="scheduler", instance=instance, args=args, nc=nc, tracer=NoOpTracer())
-    sched = await start(ctx)
-    try:
-        yield sched
-    finally:
-        for cleanup in reversed(ctx.cleanups):
-            await cleanup()
-        for svc in ctx.services:
-            await svc.stop()
-        await nc.drain()
 
 
 async def _results(nc, subject: str = "draftwire.results.*") -> asyncio.Queue:

@@ -5,16 +5,13 @@ stored) where a silent drop would lose an accepted prompt; the scheduler answers
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 
 import nats.js.errors
 import pytest
 from nats.js.api import KeyValueConfig
-from opentelemetry.trace import NoOpTracer
 
-from services.scheduler.service import build_parser, start
 from shared.core.prompt_request import MAX_JOB_BYTES, MAX_REQUEST_BYTES
 from shared.io import bus
 from shared.io.bus import (
@@ -23,14 +20,13 @@ from shared.io.bus import (
     JOBS_STREAM,
     SUBJECTS,
     SUBMIT_STREAM,
-    connect,
     ensure_delivered_bucket,
     ensure_done_stream,
     ensure_jobs_stream,
     ensure_submit_stream,
 )
 from shared.io.nats_server import DEFAULT_MAX_PAYLOAD
-from shared.io.service_shell import ServiceContext
+from tests.in_process import scheduler
 from tests.nats_fixtures import *
 
 LIMIT_EXCEEDED, TOO_BIG = 10077, 10054  # JetStream's err_codes for a store refused by a limit / by size
@@ -51,23 +47,6 @@ def _assert_bounded(config) -> None:
         value = getattr(config, field)
         assert value is not None and value > 0, (config.name, field, value)
     assert config.max_age and config.max_age > 0, (config.name, "max_age")
-
-
-@contextlib.asynccontextmanager
-async def _scheduler(url: str):
-    """The real scheduler in this process, as tests/test_scheduler.py runs it."""
-    args = build_parser().parse_args(["--nats", url, "--instance", "sched-limits"])
-    nc = await connect(url, name="draftwire-scheduler-limits")
-    ctx = ServiceContext(name="scheduler", instance="sched-limits", args=args, nc=nc, tracer=NoOpTracer())
-    await start(ctx)
-    try:
-        yield
-    finally:
-        for cleanup in reversed(ctx.cleanups):
-            await cleanup()
-        for svc in ctx.services:
-            await svc.stop()
-        await nc.drain()
 
 
 async def _refused(js, subject: str, data: bytes, headers: dict | None = None) -> nats.js.errors.APIError:
@@ -105,7 +84,7 @@ async def test_every_stream_the_system_creates_is_bounded(nc):
 
 
 async def test_the_running_scheduler_creates_only_bounded_streams(nats_server, nc):
-    async with _scheduler(nats_server.url):
+    async with scheduler(nats_server.url, instance="sched-limits"):
         infos = await nc.jetstream().streams_info()
     assert {i.config.name for i in infos} >= {JOBS_STREAM, SUBMIT_STREAM, DONE_STREAM, KV_STREAM}
     for info in infos:
@@ -217,7 +196,7 @@ async def test_default_submit_limit_takes_the_largest_request_and_refuses_more(n
 
 async def test_the_scheduler_answers_a_full_job_queue_overloaded_at_once(nats_server, nc):
     js = nc.jetstream()
-    async with _scheduler(nats_server.url):
+    async with scheduler(nats_server.url, instance="sched-limits"):
         await ensure_jobs_stream(js, max_msgs=1)  # after the scheduler's own ensure: shrink the queue to one
         inbox = nc.new_inbox()
         await nc.subscribe(

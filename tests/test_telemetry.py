@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -15,13 +14,10 @@ from pathlib import Path
 import aiohttp
 import msgpack
 import pytest
-from opentelemetry.trace import NoOpTracer
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.scheduler.service import build_parser as scheduler_parser
-from services.scheduler.service import start as start_scheduler
 from services.telemetry.service import STATS_SUBJECT, LogLimiter
 from shared.core.telemetry_figures import (
     MAX_BYTES,
@@ -37,9 +33,10 @@ from shared.core.telemetry_figures import (
     validate_event,
 )
 from shared.core.telemetry_metrics import MAX_POSITIONS, Metrics, reported_counts
-from shared.io.bus import SUBJECTS, connect
+from shared.io.bus import SUBJECTS
 from shared.io.service_shell import ServiceContext, register
 from tests.fake_draft import FakeDraft
+from tests.in_process import scheduler
 from tests.nats_fixtures import *
 
 REPO = Path(__file__).resolve().parents[1]
@@ -753,23 +750,6 @@ async def test_service_gauges_sessions_in_flight_and_verifier_queues(telemetry, 
     while (await telemetry.metrics())["draftwire_verifier_queue_depth"].samples:
         assert asyncio.get_running_loop().time() < deadline + 5
         await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def scheduler(url: str):
-    """A scheduler in this process, as tests/test_scheduler.py starts one."""
-    nc = await connect(url, name="draftwire-scheduler-test")
-    args = scheduler_parser().parse_args(["--nats", url, "--instance", "sched-test"])
-    ctx = ServiceContext(name="scheduler", instance="sched-test", args=args, nc=nc, tracer=NoOpTracer())
-    await start_scheduler(ctx)
-    try:
-        yield
-    finally:
-        for cleanup in reversed(ctx.cleanups):
-            await cleanup()
-        for svc in ctx.services:
-            await svc.stop()
-        await nc.drain()
 
 
 async def test_requests_the_scheduler_refuses_are_counted_by_code(telemetry, nats_server, nc):

@@ -1,0 +1,28 @@
+"""A service run in the test's own process, started and stopped the way shared.io.service_shell runs it."""
+
+from __future__ import annotations
+
+import contextlib
+
+from opentelemetry.trace import NoOpTracer
+
+from services.scheduler.service import build_parser, start
+from shared.io.bus import connect
+from shared.io.service_shell import ServiceContext
+
+
+@contextlib.asynccontextmanager
+async def scheduler(url: str, *flags: str, instance: str = "sched-test"):
+    """The scheduler in this process; yields what its start() returns."""
+    args = build_parser().parse_args(["--nats", url, "--instance", instance, *flags])
+    nc = await connect(url, name=f"draftwire-scheduler-{instance}")
+    ctx = ServiceContext(name="scheduler", instance=instance, args=args, nc=nc, tracer=NoOpTracer())
+    sched = await start(ctx)
+    try:
+        yield sched
+    finally:
+        for cleanup in reversed(ctx.cleanups):
+            await cleanup()
+        for svc in ctx.services:
+            await svc.stop()
+        await nc.drain()
