@@ -390,3 +390,27 @@ async def test_a_secured_stack_refuses_plain_connections_and_anonymous_ones(stac
     nc = await nats.connect(stack.url, tls=stack.client_tls(), nkeys_seed=str(
         credentials.identity_file(stack.secure_dir, "client")), inbox_prefix="_INBOX.client")
     await nc.close()
+
+
+async def test_a_running_secured_stack_admits_a_client_added_while_it_runs(tmp_path):
+    """What `draftwire up --secure` does each second: `auth add-client` rewrote auth.conf, NATS reloads it."""
+    from services.cli.stack import Stack
+    from shared.io.tls import client_context, make_dev_certs, server_tls_block
+
+    secure = credentials.ensure_credentials(tmp_path / "secure")
+    tls = make_dev_certs(secure / "tls")
+    server = EmbeddedNats(config_extra=credentials.server_authorization(secure) + server_tls_block(tls))
+    await server.start()
+    stack = Stack(url=server.url, nats=server, secure_dir=str(secure))
+    try:
+        assert stack.admit_new_identities() is False  # nothing changed
+        dave = credentials.add_client(secure, "dave")
+        with pytest.raises(ConnectionError):
+            await connect(server.url, "dave", creds=dave, tls=client_context(tls.ca), initial_timeout=1)
+        assert stack.admit_new_identities() is True
+        await asyncio.sleep(0.3)
+        nc = await connect(server.url, "dave", creds=dave, tls=stack.client_tls())
+        await nc.close()
+        assert stack.admit_new_identities() is False
+    finally:
+        await stack.stop()
