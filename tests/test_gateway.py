@@ -58,3 +58,43 @@ def test_results_and_errors_in_openai_s_shapes():
     assert api.from_draftwire_error({"code": "context_length_exceeded", "message": "too long"}).status == 400
     assert api.from_draftwire_error({"code": "overloaded", "message": "full"}).status == 503
     assert api.from_draftwire_error({"code": "weird", "message": "?"}).status == 500
+
+
+async def test_no_scheduler_is_a_503_in_openai_s_shape_streamed_or_not():
+    """The gateway alone (a NATS stand-in with no scheduler behind it): clear errors, never a bare 500."""
+    import json
+
+    import nats.errors
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from services.gateway.service import Gateway, make_app
+    from shared.core.protocol import TargetInfo
+
+    class NoScheduler:
+        async def request(self, subject, payload, timeout):
+            if subject.endswith("verifier.info"):
+                return type("Msg", (), {"data": TargetInfo("m", 10, (0,), 100).encode()})()
+            raise nats.errors.NoRespondersError
+
+        async def subscribe(self, subject, cb):
+            return type("Sub", (), {"unsubscribe": staticmethod(lambda: _none())})()
+
+        async def publish(self, subject, payload):
+            pass
+
+        async def flush(self, timeout=None):
+            pass
+
+    async with TestClient(TestServer(make_app(Gateway(NoScheduler(), "", None, 5.0)))) as client:
+        plain = await client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT})
+        assert plain.status == 503 and (await plain.json())["error"]["code"] == "no_scheduler"
+        streamed = await client.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "stream": True})
+        events = [line for line in (await streamed.text()).split("\n\n") if line]
+        assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "no_scheduler"
+        assert events[-1] == "data: [DONE]"
+        bad = await client.post("/v1/chat/completions", data=b"{not json")
+        assert bad.status == 400 and (await bad.json())["error"]["type"] == "invalid_request_error"
+
+
+async def _none():
+    return None

@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 
+import nats.errors
 from aiohttp import web
 
 from shared.core import openai_api as api
@@ -73,6 +74,11 @@ class Gateway:
             return _json_error(err)
         except web.HTTPException as exc:
             return _json_error(api.ApiError(exc.status, exc.reason, code=str(exc.status)))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as exc:  # a bug: still OpenAI's shape, and the gateway stays up
+            log.exception("request to %s failed", request.path)
+            return _json_error(api.ApiError(500, f"{type(exc).__name__}: {exc}", "server_error", code="internal"))
 
     async def models(self, _: web.Request) -> web.Response:
         target = await self.target()
@@ -113,8 +119,13 @@ class Gateway:
             raise
 
     async def _ask(self, body: dict) -> dict:
-        msg = await self.nc.request(SUBJECTS.prompts_for(self.tenant), json.dumps(body).encode(),
-                                    timeout=self.timeout + 30)
+        try:
+            msg = await self.nc.request(SUBJECTS.prompts_for(self.tenant), json.dumps(body).encode(),
+                                        timeout=self.timeout + 30)
+        except nats.errors.NoRespondersError:
+            raise api.ApiError(503, "no scheduler is running", "server_error", code="no_scheduler") from None
+        except (nats.errors.TimeoutError, TimeoutError):
+            raise api.ApiError(504, "no answer from the scheduler in time", "timeout", code="timeout") from None
         return json.loads(msg.data)
 
     async def _cancel(self, rid: str) -> None:
@@ -164,9 +175,13 @@ class Gateway:
                     done_chunk = True
                 elif chunk.get("text"):
                     await send_text(chunk["text"])
-            result = reply.result()
+            try:
+                result = reply.result()
+            except api.ApiError as err:
+                result = {"error": None, "api": err}
             if "error" in result:
-                await send(api.from_draftwire_error(result["error"]).body())
+                err = result.get("api") or api.from_draftwire_error(result["error"])
+                await send(err.body())
             else:
                 if not done_chunk:  # the last chunks may trail the reply
                     with contextlib.suppress(TimeoutError):
