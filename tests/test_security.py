@@ -399,9 +399,10 @@ async def test_a_running_secured_stack_admits_a_client_added_while_it_runs(tmp_p
 
     secure = credentials.ensure_credentials(tmp_path / "secure")
     tls = make_dev_certs(secure / "tls")
-    server = EmbeddedNats(config_extra=credentials.server_authorization(secure) + server_tls_block(tls))
+    tls_block = server_tls_block(tls)
+    server = EmbeddedNats(config_extra=credentials.server_authorization(secure) + tls_block)
     await server.start()
-    stack = Stack(url=server.url, nats=server, secure_dir=str(secure))
+    stack = Stack(url=server.url, nats=server, secure_dir=str(secure), tls_block=tls_block)
     try:
         assert stack.admit_new_identities() is False  # nothing changed
         dave = credentials.add_client(secure, "dave")

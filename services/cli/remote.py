@@ -15,7 +15,7 @@ import uuid
 from shared.bench import BENCH_SET, load_set
 from shared.core.params import SamplingParams, SpecParams
 from shared.io.bus import SUBJECTS, connect
-from shared.io.credentials import load_identity
+from shared.io.credentials import identity_name
 from shared.io.service_shell import connection_options
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -38,11 +38,6 @@ def request_body(prompt: str, sampling: SamplingParams, spec: SpecParams, stream
         "pipeline": spec.pipeline,
         "stream": stream,
     }
-
-
-def tenant_of_creds(creds: str | None) -> str:
-    """A client's tenant is its identity's name (the credentials file's stem); "" without credentials."""
-    return load_identity(creds).name if creds else ""
 
 
 async def ask(nc, body: dict, timeout: float, on_text=None, tenant: str = "") -> dict:
@@ -80,7 +75,7 @@ async def ask(nc, body: dict, timeout: float, on_text=None, tenant: str = "") ->
 
 
 async def _generate(args, sampling: SamplingParams, spec: SpecParams) -> int:
-    tenant = tenant_of_creds(getattr(args, "creds", None))
+    tenant = identity_name(getattr(args, "creds", None))
     nc = await connect(args.nats or DEFAULT_URL, "draftwire-cli", **connection_options(args))
     try:
         body = request_body(args.prompt, sampling, spec, stream=not args.json, rid=uuid.uuid4().hex[:12])
@@ -129,7 +124,7 @@ async def _demo(args) -> int:
     rows = []
     try:
         nc = await connect(stack.url, "draftwire-demo", creds=stack.client_creds, tls=stack.client_tls())
-        tenant = tenant_of_creds(stack.client_creds)
+        tenant = identity_name(stack.client_creds)
         try:
             for mode in args.modes.split(","):
                 spec = SpecParams(mode=mode, gamma=args.gamma, k=args.k)

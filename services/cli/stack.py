@@ -49,6 +49,7 @@ class Stack:
     link: LinkProxy | None = None  # between the device side (draft) and NATS, when --link is given
     quiet: bool = False
     secure_dir: str | None = None  # the identities' directory when secured (`--secure DIR`)
+    tls_block: str = ""  # the server's `tls {}` config when secured (after the authorization block)
     _commands: dict[str, tuple[list[str], dict]] = field(default_factory=dict)
     _drains: list[asyncio.Task] = field(default_factory=list)
 
@@ -109,10 +110,8 @@ class Stack:
         """Reload the embedded server when `auth.conf` changed (`draftwire auth add-client`); True if it did."""
         if self.secure_dir is None or self.nats is None:
             return False
-        extra = self.nats.config_extra
-        _, tls, rest = extra.partition("tls {")
-        current = credentials.server_authorization(self.secure_dir) + tls + rest
-        if current == extra:
+        current = credentials.server_authorization(self.secure_dir) + self.tls_block
+        if current == self.nats.config_extra:
             return False
         self.nats.reload(current)
         return True
@@ -164,12 +163,13 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
     nats = None
     url = args.nats
     secure = getattr(args, "secure", None)
-    authorization = ""
+    authorization = tls_block = ""
     if secure:  # every identity's seed file (created once, then reused) and the server config admitting them,
         # and TLS with development certificates in DIR/tls (reused while valid)
         secure = str(credentials.ensure_credentials(secure))
         tls_files = make_dev_certs(Path(secure) / "tls")
-        authorization = credentials.server_authorization(secure) + server_tls_block(tls_files)
+        tls_block = server_tls_block(tls_files)
+        authorization = credentials.server_authorization(secure) + tls_block
     if url is not None:
         if not await is_reachable(url):
             raise ConnectionError(f"no NATS server reachable at {url} (leave out --nats to embed one)")
@@ -178,7 +178,7 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         nats = EmbeddedNats(port=args.nats_port or None, store_dir=store, config_extra=authorization)
         await nats.start()
         url = nats.url
-    stack = Stack(url=url, nats=nats, quiet=quiet, secure_dir=secure or None)
+    stack = Stack(url=url, nats=nats, quiet=quiet, secure_dir=secure or None, tls_block=tls_block)
     admin = {"creds": str(credentials.identity_file(secure, "admin")), "tls": stack.client_tls()} if secure else {}
     try:
         if (link := getattr(args, "link", None)) is not None:

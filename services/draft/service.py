@@ -58,7 +58,7 @@ from shared.core.stop_strings import find_stop, streamable
 from shared.core.telemetry_figures import TokenClock
 from shared.io import bus
 from shared.io.bus import SUBJECTS, extract_context
-from shared.io.credentials import load_identity
+from shared.io.credentials import identity_name
 from shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
@@ -211,7 +211,7 @@ async def start(ctx: ServiceContext) -> None:
 
     # Secured (a device identity): jobs, pings and cancels arrive under the identity's own prefix, and stream
     # chunks leave under it for the scheduler to relay; no other device can read or forge them.
-    device = load_identity(args.creds).name if args.creds else None
+    device = identity_name(args.creds) or None
     prefix = SUBJECTS.device_prefix(device)
 
     def stream_subject(job: GenerateJob) -> str:
@@ -241,8 +241,8 @@ async def start(ctx: ServiceContext) -> None:
             raise RemoteError("vocab_mismatch", f"draft {model.name} has vocabulary {model.vocab_size} but target "
                                              f"{target.model} has {target.vocab_size}")
         run.session = session = new_session(  # the request's stop token ids end it like an EOS
-            drafting, model, (*target.eos_token_ids, *job.stop_token_ids), target.vocab_size, run.prompt_ids, job.params, job.spec,
-            job.session, job.deadline, job.resume,
+            drafting, model, (*target.eos_token_ids, *job.stop_token_ids), target.vocab_size, run.prompt_ids,
+            job.params, job.spec, job.session, job.deadline, job.resume,
         )
         text = TextStream(model.decode, job.stop)
         text.push(list(job.resume))  # already streamed by the run that died: deltas continue after it

@@ -22,7 +22,7 @@ from aiohttp import web
 from shared.core import openai_api as api
 from shared.core.protocol import TargetInfo
 from shared.io.bus import SUBJECTS
-from shared.io.credentials import load_identity
+from shared.io.credentials import identity_name
 from shared.io.service_shell import ServiceContext, env, env_float, register, run, service_parser
 
 log = logging.getLogger("draftwire.gateway")
@@ -219,7 +219,7 @@ def make_app(gateway: Gateway) -> web.Application:
 
 async def start(ctx: ServiceContext) -> None:
     args = ctx.args
-    tenant = load_identity(args.creds).name if args.creds else ""
+    tenant = identity_name(args.creds)
     gateway = Gateway(ctx.nc, tenant, args.api_key, args.request_timeout)
     runner = web.AppRunner(make_app(gateway), access_log=None, handler_cancellation=True)
     await runner.setup()

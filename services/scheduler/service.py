@@ -104,6 +104,7 @@ from shared.io.bus import (
     extract_context,
     inject_headers,
     jobs_subscription,
+    scoped_id,
     submit_subscription,
     tenant_of,
     validate_token,
@@ -581,7 +582,7 @@ class Scheduler:
             return
         w = Work(record=record, msg=msg)
         self.work[seq] = w
-        if self.cancels.applies(_scoped_id(record.job), record.accepted_at, time.time()):
+        if self.cancels.applies(scoped_id(record.job.id, record.job.tenant), record.accepted_at, time.time()):
             w.cancel()
         w.task = asyncio.create_task(self._serve(w, seq), name=f"job-{record.job.id}")
 
@@ -818,7 +819,7 @@ class Scheduler:
             return
         now = time.time()
         self.cancels.add(scoped, now)
-        mine = [w for w in self.work.values() if _scoped_id(w.record.job) == scoped]
+        mine = [w for w in self.work.values() if scoped_id(w.record.job.id, w.record.job.tenant) == scoped]
         for w in mine:
             if self.cancels.applies(scoped, w.record.accepted_at, now):
                 w.cancel()
@@ -877,11 +878,6 @@ class Scheduler:
             "sessions": sessions_snapshot(list(self.work.values()), time.monotonic(), time.time()),
         }
         await req.respond(json.dumps(body).encode())
-
-
-def _scoped_id(job: GenerateJob) -> str:
-    """The id a cancel names: `<id>`, or `<tenant>.<id>` for a tenant's job."""
-    return f"{job.tenant}.{job.id}" if job.tenant else job.id
 
 
 def _cancelled(request_id: str) -> dict:

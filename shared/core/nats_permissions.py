@@ -21,13 +21,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-ROOT = "draftwire"
+from shared.core.subject_names import DELIVERED_BUCKET, DONE_STREAM, JOBS_STREAM, ROOT, SUBMIT_STREAM
+
 ROLES = ("admin", "scheduler", "edge", "device", "telemetry", "client")
 SERVICE_OF_ROLE = {"scheduler": "draftwire-scheduler", "edge": "draftwire-verifier", "device": "draftwire-draft",
                    "telemetry": "draftwire-telemetry"}  # each role's nats.micro service (its `$SRV` subjects)
 # JetStream: the streams the scheduler owns (the KV bucket's stream is KV_<bucket>)
-STREAMS = ("DRAFTWIRE_JOBS", "DRAFTWIRE_SUBMIT", "DRAFTWIRE_DONE", "KV_DRAFTWIRE_DELIVERED")
-KV_BUCKET = "DRAFTWIRE_DELIVERED"
+STREAMS = (JOBS_STREAM, SUBMIT_STREAM, DONE_STREAM, f"KV_{DELIVERED_BUCKET}")
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,13 @@ def _jetstream_owner() -> tuple[str, ...]:
     """The JetStream API calls the scheduler makes on its own streams: create/update/info, read one message,
     delete a cancelled queued job, its durable pull consumers, acks, and the delivered-reply KV. No delete or
     purge of streams or consumers: nobody but `admin` can stop the queue."""
-    subjects = ["$JS.API.INFO", f"$KV.{KV_BUCKET}.>"]
+    subjects = ["$JS.API.INFO", f"$KV.{DELIVERED_BUCKET}.>"]
     for s in STREAMS:
         subjects += [f"$JS.API.STREAM.CREATE.{s}", f"$JS.API.STREAM.UPDATE.{s}", f"$JS.API.STREAM.INFO.{s}",
                      f"$JS.API.STREAM.MSG.GET.{s}", f"$JS.API.DIRECT.GET.{s}", f"$JS.API.DIRECT.GET.{s}.>",
                      f"$JS.API.CONSUMER.CREATE.{s}.>", f"$JS.API.CONSUMER.DURABLE.CREATE.{s}.*",
                      f"$JS.API.CONSUMER.INFO.{s}.*", f"$JS.API.CONSUMER.MSG.NEXT.{s}.*", f"$JS.ACK.{s}.>"]
-    subjects.append("$JS.API.STREAM.MSG.DELETE.DRAFTWIRE_JOBS")
+    subjects.append(f"$JS.API.STREAM.MSG.DELETE.{JOBS_STREAM}")
     return tuple(subjects)
 
 
@@ -95,7 +95,7 @@ def role_permissions(role: str, name: str) -> Permissions:
             publish=(f"{ROOT}.verify", f"{ROOT}.verify.*", f"{ROOT}.verifier.info", f"{ROOT}.sessions.close",
                      f"{ROOT}.events.round", f"{ROOT}.events.request", f"{ROOT}.dev.{name}.chunk.*",
                      f"{ROOT}.done.*", "$SRV.STATS.draftwire-verifier", "$SRV.PING.draftwire-verifier.*",
-                     "$JS.API.STREAM.INFO.DRAFTWIRE_DONE"),
+                     f"$JS.API.STREAM.INFO.{DONE_STREAM}"),
             subscribe=(*inbox, f"{ROOT}.dev.{name}.>", *_micro(SERVICE_OF_ROLE[role])),
             allow_responses=True,
         )

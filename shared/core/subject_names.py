@@ -1,12 +1,22 @@
 """What may stand in one NATS subject token: request ids, session ids and instance names become subject tokens.
 
 Pure, so the request parser in the core can check ids where they enter, with the same rule and message the
-subject builders in `shared.io.bus` use.
+subject builders in `shared.io.bus` use. The root of the subject space and the JetStream names live here too,
+for `shared.io.bus` (which builds the subjects and streams) and `shared.core.nats_permissions` (which grants
+them) alike.
 """
 
 from __future__ import annotations
 
 import re
+
+ROOT = "draftwire"  # every draftwire subject lives under `draftwire.>`
+# The JetStream streams and KV bucket (named here, in the core, so the permissions policy and the I/O layer
+# that creates them cannot drift apart)
+JOBS_STREAM = "DRAFTWIRE_JOBS"
+SUBMIT_STREAM = "DRAFTWIRE_SUBMIT"
+DONE_STREAM = "DRAFTWIRE_DONE"
+DELIVERED_BUCKET = "DRAFTWIRE_DELIVERED"
 
 _BAD_TOKEN = re.compile(r"[\s.*>]")
 _MAX_TOKEN = 256

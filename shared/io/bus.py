@@ -34,20 +34,22 @@ from opentelemetry import propagate
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
-from shared.core.subject_names import validate_token
+from shared.core.subject_names import (
+    DELIVERED_BUCKET,
+    DONE_STREAM,
+    JOBS_STREAM,
+    ROOT,
+    SUBMIT_STREAM,
+    validate_token,
+)
 from shared.io.credentials import load_identity
 from shared.io.nats_server import is_reachable
 
 log = logging.getLogger(__name__)
 
-ROOT = "draftwire"
 DRAFT_PREFIX = f"{ROOT}.draft"  # the unsecured drafts' subjects (`Subjects.device_prefix`)
-JOBS_STREAM = "DRAFTWIRE_JOBS"
 JOBS_CONSUMER = "DRAFTWIRE_SCHEDULER"
-SUBMIT_STREAM = "DRAFTWIRE_SUBMIT"
 SUBMIT_CONSUMER = "DRAFTWIRE_SUBMIT_INTAKE"
-DONE_STREAM = "DRAFTWIRE_DONE"
-DELIVERED_BUCKET = "DRAFTWIRE_DELIVERED"
 VERIFY_QUEUE = "verifiers"
 INSTANCE_HEADER = "Draftwire-Instance"  # verifier replies name their instance: the device sticks to it
 SERVICE_ERROR_HEADER = "Nats-Service-Error"  # nats.micro's error reply (with Nats-Service-Error-Code)
@@ -84,18 +86,18 @@ class Subjects:
         return f"{ROOT}.submit.{validate_token(tenant, 'tenant')}" if tenant else self.submit
 
     def stream(self, request_id: str, tenant: str = "") -> str:
-        return f"{ROOT}.stream.{_scoped(request_id, tenant)}"
+        return f"{ROOT}.stream.{scoped_id(request_id, tenant)}"
 
     def results(self, request_id: str, tenant: str = "") -> str:
         """Every final result or error of a prompt, for publishers that sent it without a reply subject."""
-        return f"{ROOT}.results.{_scoped(request_id, tenant)}"
+        return f"{ROOT}.results.{scoped_id(request_id, tenant)}"
 
     def cancel(self, request_id: str, tenant: str = "") -> str:
         """Publish anything here to cancel request `request_id` (queued or running)."""
-        return f"{ROOT}.cancel.{_scoped(request_id, tenant)}"
+        return f"{ROOT}.cancel.{scoped_id(request_id, tenant)}"
 
     def jobs(self, request_id: str, tenant: str = "") -> str:
-        return f"{ROOT}.jobs.{_scoped(request_id, tenant)}"
+        return f"{ROOT}.jobs.{scoped_id(request_id, tenant)}"
 
     def done(self, session: str) -> str:
         return f"{ROOT}.done.{validate_token(session, 'session id')}"
@@ -130,8 +132,9 @@ class Subjects:
         return f"{ROOT}.verify.{validate_token(instance, 'verifier instance')}"
 
 
-def _scoped(request_id: str, tenant: str) -> str:
-    """`<id>` or `<tenant>.<id>`: a request id is unique within its tenant only."""
+def scoped_id(request_id: str, tenant: str = "") -> str:
+    """`<id>` or `<tenant>.<id>`: a request id is unique within its tenant only (the tail of its job, result,
+    stream and cancel subjects, and how a cancel names it)."""
     rid = validate_token(request_id, "request id")
     return f"{validate_token(tenant, 'tenant')}.{rid}" if tenant else rid
 

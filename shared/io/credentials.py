@@ -66,6 +66,12 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     return identity
 
 
+def identity_name(creds: str | os.PathLike[str] | None) -> str:
+    """Who a process signs in as: its credentials file's identity name ("" without credentials). A client's
+    is its tenant, a device's the prefix of its subjects."""
+    return load_identity(creds).name if creds else ""
+
+
 def _write_seed(path: Path) -> None:
     seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -134,5 +140,5 @@ def identity_file(directory: str | os.PathLike[str], name: str) -> Path:
     return Path(directory) / f"{validate_name(name)}.nk"
 
 
-__all__ = ["Identity", "add_client", "add_identity", "ensure_credentials", "identity_file", "load_identity",
-           "server_authorization", "validate_name"]
+__all__ = ["Identity", "add_client", "add_identity", "ensure_credentials", "identity_file", "identity_name",
+           "load_identity", "server_authorization", "validate_name"]
