@@ -551,3 +551,44 @@ def test_error_body_and_reply_encodings():
         assert out["text"] == "héllo" and out["stats"] == {"acceptance_rate": None, "b": "x"}
     assert msgpack.unpackb(encode_reply(body, "msgpack"))["token_ids"] == [1, 2]
     assert json.loads(encode_reply({"text": "\ud800"}, "json"))["text"] == "?"
+
+
+# --- chat and stop sequences --------------------------------------------------------------------------------
+
+
+def test_a_chat_request_with_stop_strings_and_stop_token_ids():
+    req, _ = parse_prompt(_json(messages=[{"role": "system", "content": "be brief"},
+                                            {"role": "user", "content": "hi"}], stop="\n\n", stop_token_ids=[7]))
+    assert (req.prompt, req.messages, req.stop, req.stop_token_ids) == (
+        "", (("system", "be brief"), ("user", "hi")), ("\n\n",), (7,))
+    assert parse_prompt(_json(prompt="x", stop=["a", "b"]))[0].stop == ("a", "b")
+
+
+@pytest.mark.parametrize(("fields", "code", "words"), [
+    ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "bad_request", "exactly one"),
+    ({"messages": []}, "bad_param", "non-empty list"),
+    ({"messages": [{"role": "wizard", "content": "y"}]}, "bad_param", "role must be one of"),
+    ({"messages": [{"role": "user", "content": 3}]}, "bad_param", "content must be a string"),
+    ({"messages": [{"role": "user", "content": "y", "extra": 1}]}, "bad_param", "'role' and 'content'"),
+    ({"messages": [{"role": "user", "content": "x" * (MAX_PROMPT_BYTES + 1)}]}, "oversize", "limit"),
+    ({"prompt": "x", "stop": ["a"] * 5}, "bad_param", "at most 4"),
+    ({"prompt": "x", "stop": ""}, "bad_param", "non-empty"),
+    ({"prompt": "x", "stop": [1]}, "bad_param", "stop must be"),
+    ({"prompt": "x", "stop_token_ids": [-1]}, "bad_param", "token ids"),
+    ({"prompt": "x", "stop_token_ids": "7"}, "bad_param", "token ids"),
+])
+def test_bad_chat_and_stop_fields_are_clear_errors(fields, code, words):
+    err = _err(_json(**fields))
+    assert err.code == code and words in str(err), str(err)
+
+
+def test_a_chat_job_round_trips_and_a_malformed_one_is_refused():
+    from shared.core.params import SpecParams as Spec
+
+    req, fmt = parse_prompt(_json(messages=[{"role": "user", "content": "hi"}], stop=["x"], stop_token_ids=[3]))
+    job = build_job(req, fmt, Spec(), now=0.0, max_timeout=10.0)
+    assert GenerateJob.decode(job.encode()) == job
+    body = msgpack.unpackb(job.encode())
+    for bad in ({"messages": [["wizard", "x"]]}, {"stop": [""]}, {"stop_token_ids": [-2]}):
+        with pytest.raises(RequestError):
+            GenerateJob.decode(msgpack.packb({**body, **bad}))

@@ -415,3 +415,12 @@ async def test_a_running_secured_stack_admits_a_client_added_while_it_runs(tmp_p
         assert stack.admit_new_identities() is False
     finally:
         await stack.stop()
+
+
+def test_bad_identity_names_and_missing_credentials_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="identity name"):
+        credentials.add_client(tmp_path / "s", "bad name")
+    with pytest.raises(ValueError, match="identity name"):
+        credentials.add_identity(tmp_path / "s", "a.b", "device")
+    with pytest.raises(ValueError, match="does not exist"):
+        credentials.load_identity(tmp_path / "nope.nk")
