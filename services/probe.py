@@ -1,4 +1,4 @@
-"""`python -m services.probe NAME`: exit 0 if the draftwire service NAME answers `$SRV.PING` on NATS.
+"""`python -m draftwire.services.probe NAME`: exit 0 if the draftwire service NAME answers `$SRV.PING` on NATS.
 
 Container health checks use it, so "healthy" means the service is registered and its event loop answers,
 not merely that the process exists.
@@ -11,8 +11,8 @@ import asyncio
 import json
 import sys
 
-from shared.io.bus import connect
-from shared.io.service_shell import DEFAULT_NATS_URL, add_tls_flags, connection_options, env
+from draftwire.shared.io.bus import connect
+from draftwire.shared.io.service_shell import DEFAULT_NATS_URL, add_tls_flags, connection_options, env
 
 
 async def _ping(url: str, name: str, timeout: float, options: dict) -> bool:
@@ -25,7 +25,7 @@ async def _ping(url: str, name: str, timeout: float, options: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.probe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m draftwire.services.probe", description=__doc__.splitlines()[0])
     p.add_argument("name", choices=("scheduler", "draft", "verifier", "telemetry", "gateway"))
     p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL))
     p.add_argument("--timeout", type=float, default=3.0)

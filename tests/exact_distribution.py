@@ -24,8 +24,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from shared.core.params import SamplingParams
-from shared.core.warpers import mask_eos, warp
+from draftwire.shared.core.params import SamplingParams
+from draftwire.shared.core.warpers import mask_eos, warp
 
 MIN_EXPECTED = 5.0  # the usual validity condition of the chi-square approximation
 REST = "rest"

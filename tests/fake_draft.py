@@ -17,9 +17,9 @@ import contextlib
 
 import msgpack
 
-from shared.core.prompt_request import GenerateJob
-from shared.io.bus import SUBJECTS, ensure_done_stream
-from shared.io.service_shell import ServiceContext, register
+from draftwire.shared.core.prompt_request import GenerateJob
+from draftwire.shared.io.bus import SUBJECTS, ensure_done_stream
+from draftwire.shared.io.service_shell import ServiceContext, register
 
 
 def canned(job: GenerateJob, instance: str = "fake-draft") -> dict:

@@ -6,9 +6,9 @@ import contextlib
 
 from opentelemetry.trace import NoOpTracer
 
-from services.scheduler.service import build_parser, start
-from shared.io.bus import connect
-from shared.io.service_shell import ServiceContext
+from draftwire.services.scheduler.service import build_parser, start
+from draftwire.shared.io.bus import connect
+from draftwire.shared.io.service_shell import ServiceContext
 
 
 @contextlib.asynccontextmanager

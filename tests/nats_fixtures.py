@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest_asyncio
 
-from shared.io.bus import connect
-from shared.io.nats_server import EmbeddedNats
+from draftwire.shared.io.bus import connect
+from draftwire.shared.io.nats_server import EmbeddedNats
 
 __all__ = ["nats_server", "nc"]
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from shared.core.backoff import Backoff
+from draftwire.shared.core.backoff import Backoff
 
 
 def test_delays_grow_to_the_cap_without_jitter():

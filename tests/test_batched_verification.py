@@ -19,15 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from services.verifier.batcher import Batcher
-from shared.core.draft_selection import expected_accepted, select_prefixes
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.protocol import ErrorReply, Verdict, decode_any
-from shared.core.speculation import RemoteError, decode_round, new_session, speculate, verify_bytes
-from shared.core.verifier_sessions import VerifierCore
-from shared.models import batched_forward
-from shared.models.batched_forward import next_logits_batch
-from shared.models.runtime import load_model
+from draftwire.services.verifier.batcher import Batcher
+from draftwire.shared.core.draft_selection import expected_accepted, select_prefixes
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.protocol import ErrorReply, Verdict, decode_any
+from draftwire.shared.core.speculation import RemoteError, decode_round, new_session, speculate, verify_bytes
+from draftwire.shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.models import batched_forward
+from draftwire.shared.models.batched_forward import next_logits_batch
+from draftwire.shared.models.runtime import load_model
 from tests.exact_distribution import by_rank, conditional_pvalue
 from tests.toy_models import blend, tiny_llama
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.bench import costs, parse_links, predicted_speedup, summarize, table
-from shared.core.draft_length_policy import expected_tokens
-from shared.core.link_profile import LinkError, LinkProfile
+from draftwire.services.cli.bench import costs, parse_links, predicted_speedup, summarize, table
+from draftwire.shared.core.draft_length_policy import expected_tokens
+from draftwire.shared.core.link_profile import LinkError, LinkProfile
 
 
 def test_parse_links() -> None:
@@ -49,7 +49,7 @@ def test_table_has_one_row_per_record() -> None:
 
 def test_bench_end_to_end_on_tiny_models(tmp_path) -> None:
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "services.cli", "bench", "--draft-model", "tiny-random", "--target-model",
+    cmd = [sys.executable, "-m", "draftwire.services.cli", "bench", "--draft-model", "tiny-random", "--target-model",
            "tiny-random", "--draft-dtype", "fp32", "--links", "lan;up=1M,down=4M,rtt=30ms", "--modes",
            "ar,tkslt,dssd", "--policies", "fixed,adaptive,pipelined", "--max-prompts", "1", "--max-new-tokens",
            "6", "--out", str(out)]
@@ -75,7 +75,7 @@ def test_bench_end_to_end_on_tiny_models(tmp_path) -> None:
 
 def test_bench_refuses_bad_flags() -> None:
     for extra in (["--modes", "tkslt,warp"], ["--policies", "magic"], ["--links", "moon"]):
-        proc = subprocess.run([sys.executable, "-m", "services.cli", "bench", *extra], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "draftwire.services.cli", "bench", *extra], capture_output=True,
                               text=True, timeout=60, check=False)
         assert proc.returncode == 2 and "error" in proc.stderr, extra
 

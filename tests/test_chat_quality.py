@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from shared.bench import load_set
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.speculation import LocalEngine
-from shared.models.runtime import load_model
+from draftwire.shared.bench import load_set
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.speculation import LocalEngine
+from draftwire.shared.models.runtime import load_model
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from shared.core import rejection_sampling, verifier_sessions
-from shared.core.draft_session import DraftSession
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.speculation import LocalEngine
+from draftwire.shared.core import rejection_sampling, verifier_sessions
+from draftwire.shared.core.draft_session import DraftSession
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.speculation import LocalEngine
 from tests.exact_distribution import (
     by_previous_token,
     chi_square_pvalue,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "services.cli"]
+CLI = [sys.executable, "-m", "draftwire.services.cli"]
 TINY = ["--draft-model", "tiny-random", "--target-model", "tiny-random"]
 
 

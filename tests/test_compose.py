@@ -36,11 +36,11 @@ def test_compose_has_the_whole_system() -> None:
 @pytest.mark.parametrize("name", DRAFTWIRE)
 def test_service_command_is_a_real_entry_point(name: str) -> None:
     cmd = SERVICES[name]["command"]
-    assert cmd[:3] == ["python", "-m", f"services.{name}"]
+    assert cmd[:3] == ["python", "-m", f"draftwire.services.{name}"]
     out = subprocess.run([sys.executable, *cmd[1:], "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     probe = SERVICES[name]["healthcheck"]["test"]
-    assert probe[1:] == ["python", "-m", "services.probe", name]
+    assert probe[1:] == ["python", "-m", "draftwire.services.probe", name]
     out = subprocess.run([sys.executable, *probe[2:-1], "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert out.returncode == 0 and name in out.stdout
 
@@ -56,8 +56,8 @@ def _sentinel(value: str) -> str:
 
 def test_link_service_is_a_real_entry_point_behind_a_profile() -> None:
     link = SERVICES["link"]
-    assert link["profiles"] == ["radio"] and link["command"] == ["python", "-m", "services.link_emulator"]
-    out = subprocess.run([sys.executable, "-m", "services.link_emulator", "--help"], cwd=ROOT, capture_output=True,
+    assert link["profiles"] == ["radio"] and link["command"] == ["python", "-m", "draftwire.services.link_emulator"]
+    out = subprocess.run([sys.executable, "-m", "draftwire.services.link_emulator", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=False)
     assert out.returncode == 0 and "--link" in out.stdout
     env = _env("link")
@@ -70,10 +70,10 @@ def test_link_service_is_a_real_entry_point_behind_a_profile() -> None:
 def test_every_environment_variable_is_read_by_the_code(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Setting each variable the compose file sets changes what the service's own parser ends up with."""
     module = "link_emulator" if name == "link" else name
-    build_parser = importlib.import_module(f"services.{module}.service").build_parser
+    build_parser = importlib.import_module(f"draftwire.services.{module}.service").build_parser
     for var, value in _env(name).items():
         if var == "DRAFTWIRE_CACHE":
-            from shared.models.cache import cache_root
+            from draftwire.shared.models.cache import cache_root
 
             monkeypatch.setenv(var, value)
             assert str(cache_root()) == value
@@ -143,7 +143,7 @@ def test_each_service_gets_its_own_identity_and_the_ca_as_secrets(name: str) -> 
 
 def test_the_keys_service_writes_every_secret_and_a_config_nats_server_accepts(tmp_path: Path) -> None:
     """Run the keys service's command, then check nats.conf with the real nats-server (`-t`)."""
-    from shared.io.nats_server import nats_server_binary
+    from draftwire.shared.io.nats_server import nats_server_binary
 
     keys = SERVICES["keys"]
     assert SERVICES["nats"]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
@@ -152,7 +152,7 @@ def test_the_keys_service_writes_every_secret_and_a_config_nats_server_accepts(t
     secrets = tmp_path / "secrets"
     cmd = keys["command"]
     assert cmd[:3] == ["draftwire", "auth", "init"] and cmd[3] == "/secrets"
-    out = subprocess.run([sys.executable, "-m", "services.cli", *cmd[1:3], str(secrets), *cmd[4:]], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "draftwire.services.cli", *cmd[1:3], str(secrets), *cmd[4:]], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     for secret in COMPOSE["secrets"].values():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import special
 
-from shared.core import draft_length_policy as dl
-from shared.core.params import ParamError, SamplingParams, SpecParams
-from shared.core.speculation import InProcessEdge, LocalEngine, new_session, speculate
-from shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.core import draft_length_policy as dl
+from draftwire.shared.core.params import ParamError, SamplingParams, SpecParams
+from draftwire.shared.core.speculation import InProcessEdge, LocalEngine, new_session, speculate
+from draftwire.shared.core.verifier_sessions import VerifierCore
 from tests.toy_models import bigram_pair
 
 

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.draft.service import Run, Stopped, context_error
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.prompt_request import GenerateJob
-from shared.core.protocol import TargetInfo
+from draftwire.services.draft.service import Run, Stopped, context_error
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.prompt_request import GenerateJob
+from draftwire.shared.core.protocol import TargetInfo
 
 
 def run_with(deadline: float = 0.0) -> Run:

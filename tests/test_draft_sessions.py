@@ -24,11 +24,11 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.prompt_request import GenerateJob
-from shared.io.bus import SUBJECTS, ensure_done_stream
-from shared.io.nats_server import EmbeddedNats, _die_with_parent
-from shared.io.service_shell import READY_PREFIX
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.prompt_request import GenerateJob
+from draftwire.shared.io.bus import SUBJECTS, ensure_done_stream
+from draftwire.shared.io.nats_server import EmbeddedNats, _die_with_parent
+from draftwire.shared.io.service_shell import READY_PREFIX
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -53,7 +53,7 @@ class Services:
         log = self.logs / f"{key}.log"
         with log.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", f"services.{service}", "--nats", self.url, "--torch-threads", "1", *flags,
+                sys.executable, "-m", f"draftwire.services.{service}", "--nats", self.url, "--torch-threads", "1", *flags,
                 stdout=subprocess.PIPE, stderr=err, preexec_fn=_die_with_parent,
             )
         self.procs[key] = proc

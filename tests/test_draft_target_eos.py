@@ -15,14 +15,14 @@ import msgpack
 from nats.micro import add_service
 from opentelemetry.trace import NoOpTracer
 
-from services.draft.service import build_parser, start
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.prompt_request import GenerateJob
-from shared.core.speculation import LocalEngine, verify_bytes
-from shared.core.verifier_sessions import VerifierCore
-from shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect
-from shared.io.service_shell import ServiceContext
-from shared.models.runtime import load_model
+from draftwire.services.draft.service import build_parser, start
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.prompt_request import GenerateJob
+from draftwire.shared.core.speculation import LocalEngine, verify_bytes
+from draftwire.shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect
+from draftwire.shared.io.service_shell import ServiceContext
+from draftwire.shared.models.runtime import load_model
 from tests.nats_fixtures import *
 
 PROMPT = "hello"

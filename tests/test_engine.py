@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from shared.core.params import ParamError, SamplingParams, SpecParams
-from shared.core.speculation import LocalEngine
-from shared.core.warpers import warp
+from draftwire.shared.core.params import ParamError, SamplingParams, SpecParams
+from draftwire.shared.core.speculation import LocalEngine
+from draftwire.shared.core.warpers import warp
 from tests.toy_models import BigramModel, bigram_pair
 
 V = 4
@@ -142,8 +142,8 @@ def test_evicted_sessions_are_rebuilt_from_history_with_identical_output(mode: s
     which then comes back as `unknown_session`, is resent with its history, and rebuilt. Same tokens."""
     import asyncio
 
-    from shared.core.speculation import InProcessEdge, new_session, speculate
-    from shared.core.verifier_sessions import VerifierCore
+    from draftwire.shared.core.speculation import InProcessEdge, new_session, speculate
+    from draftwire.shared.core.verifier_sessions import VerifierCore
 
     target, draft = bigram_pair(16, seed=4)
     params = SamplingParams(temperature=1.0, seed=77, max_new_tokens=40)

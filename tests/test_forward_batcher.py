@@ -20,14 +20,19 @@ import pytest
 import torch
 from opentelemetry.trace import NoOpTracer
 
-import services.draft.service as draft_service
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.prompt_request import GenerateJob
-from shared.core.speculation import LocalEngine
-from shared.io.bus import SUBJECTS, connect
-from shared.io.service_shell import ServiceContext
-from shared.models.forward_batcher import BatchedModel, BatchedSequence, BatcherClosed, ForwardBatcher
-from shared.models.runtime import load_model
+import draftwire.services.draft.service as draft_service
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.prompt_request import GenerateJob
+from draftwire.shared.core.speculation import LocalEngine
+from draftwire.shared.io.bus import SUBJECTS, connect
+from draftwire.shared.io.service_shell import ServiceContext
+from draftwire.shared.models.forward_batcher import (
+    BatchedModel,
+    BatchedSequence,
+    BatcherClosed,
+    ForwardBatcher,
+)
+from draftwire.shared.models.runtime import load_model
 from tests.nats_fixtures import *
 from tests.test_draft_target_eos import serve_verifier
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.core import openai_api as api
+from draftwire.shared.core import openai_api as api
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -67,8 +67,8 @@ async def test_no_scheduler_is_a_503_in_openai_s_shape_streamed_or_not():
     import nats.errors
     from aiohttp.test_utils import TestClient, TestServer
 
-    from services.gateway.service import Gateway, make_app
-    from shared.core.protocol import TargetInfo
+    from draftwire.services.gateway.service import Gateway, make_app
+    from draftwire.shared.core.protocol import TargetInfo
 
     class NoScheduler:
         async def request(self, subject, payload, timeout):

@@ -16,8 +16,8 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NoOpTracer, SpanKind
 
-from shared.io import tracing
-from shared.io.bus import (
+from draftwire.shared.io import tracing
+from draftwire.shared.io.bus import (
     DONE_STREAM,
     JOBS_CONSUMER,
     JOBS_STREAM,
@@ -33,8 +33,13 @@ from shared.io.bus import (
     request,
     validate_token,
 )
-from shared.io.nats_server import DEFAULT_MAX_PAYLOAD, EmbeddedNats, is_reachable, nats_server_binary
-from shared.io.service_shell import ServiceContext, register
+from draftwire.shared.io.nats_server import (
+    DEFAULT_MAX_PAYLOAD,
+    EmbeddedNats,
+    is_reachable,
+    nats_server_binary,
+)
+from draftwire.shared.io.service_shell import ServiceContext, register
 from tests.nats_fixtures import *
 from tests.otlp_receiver import *
 
@@ -115,7 +120,7 @@ async def test_server_dies_with_its_parent(tmp_path):
     """kill -9 of the parent (no stop(), no atexit) must not leave an orphan nats-server."""
     script = (
         "import asyncio, sys\n"
-        "from shared.io.nats_server import EmbeddedNats\n"
+        "from draftwire.shared.io.nats_server import EmbeddedNats\n"
         "async def main():\n"
         "    s = await EmbeddedNats().start()\n"
         "    print(s.pid, flush=True)\n"
@@ -234,9 +239,9 @@ async def test_micro_service_answers_srv_ping_info_stats(nc):
 _RESPONDER = """
 import asyncio, sys
 from opentelemetry.trace import SpanKind
-from shared.io.bus import connect, extract_context
-from shared.io.service_shell import ServiceContext, register
-from shared.io.tracing import setup_tracing, shutdown_tracing
+from draftwire.shared.io.bus import connect, extract_context
+from draftwire.shared.io.service_shell import ServiceContext, register
+from draftwire.shared.io.tracing import setup_tracing, shutdown_tracing
 
 async def main(url):
     tracer = setup_tracing("dw-test-responder", instance="r1")
@@ -339,7 +344,7 @@ def test_subjects_are_built_and_validated():
 
 async def test_dump_stacks_shows_each_task_s_chain_of_awaits_and_each_thread():
     """What SIGUSR1 logs: a stalled task must show where it waits, down to the innermost await."""
-    from shared.io.service_shell import dump_stacks
+    from draftwire.shared.io.service_shell import dump_stacks
 
     parked = asyncio.Event()
 

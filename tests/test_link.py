@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from shared.core.link_profile import (
+from draftwire.shared.core.link_profile import (
     PROFILES,
     LinkError,
     LinkProfile,
@@ -16,7 +16,7 @@ from shared.core.link_profile import (
     parse_rate,
     parse_time,
 )
-from shared.io.link_emulator import LinkProxy, ShapedEdge
+from draftwire.shared.io.link_emulator import LinkProxy, ShapedEdge
 
 
 def test_profiles_and_overrides() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.cli.loadtest import (
+from draftwire.services.cli.loadtest import (
     _add_logit_gaps,
     capacity_ratios,
     find_mismatches,
@@ -22,13 +22,20 @@ from services.cli.loadtest import (
     replay_summary,
     verifier_figures,
 )
-from services.cli.main import main
-from shared.core import session_digest
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.proposal import ProposalBlock, quantize
-from shared.core.protocol import ErrorReply, Verdict, VerifyRequest
-from shared.core.replay import Exchange, ReplayTally, compare_verdict, record, retry_hint, rewrite_session
-from shared.core.verifier_sessions import VerifierCore
+from draftwire.services.cli.main import main
+from draftwire.shared.core import session_digest
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.proposal import ProposalBlock, quantize
+from draftwire.shared.core.protocol import ErrorReply, Verdict, VerifyRequest
+from draftwire.shared.core.replay import (
+    Exchange,
+    ReplayTally,
+    compare_verdict,
+    record,
+    retry_hint,
+    rewrite_session,
+)
+from draftwire.shared.core.verifier_sessions import VerifierCore
 from tests.toy_models import bigram_pair
 
 
@@ -98,7 +105,7 @@ def test_mismatches_name_the_first_differing_position():
 
 
 def test_logit_gap_is_at_the_first_differing_position_after_the_alone_prefix():
-    from shared.models.runtime import load_model
+    from draftwire.shared.models.runtime import load_model
 
     target = load_model("tiny-random", "fp32", False)
     prompt = target.encode("hello there")
@@ -246,7 +253,7 @@ def test_replay_end_to_end_on_tiny_models(tmp_path, capsys):
 
 
 def test_alone_baseline_is_the_same_prompts_served_one_at_a_time():
-    from services.cli.loadtest import alone_baseline
+    from draftwire.services.cli.loadtest import alone_baseline
 
     alone = {0: [1] * 10, 1: [1] * 30}
     got = alone_baseline(4, 2, alone, {0: 1.0, 1: 2.0}, aggregate=40.0)  # prompts 0, 1, 0, 1: 80 tokens in 6 s

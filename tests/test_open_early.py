@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.speculation import InProcessEdge, LocalEngine, new_session, speculate
-from shared.models.runtime import load_model
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.speculation import InProcessEdge, LocalEngine, new_session, speculate
+from draftwire.shared.models.runtime import load_model
 from tests.exact_distribution import chi_square_pvalue, exact_prefixes
 from tests.test_chi_square import (
     FIRST_TOKENS_SAMPLES,

@@ -17,10 +17,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from shared.core.draft_session import Prefetch
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.speculation import LocalEngine
-from shared.models.runtime import load_model
+from draftwire.shared.core.draft_session import Prefetch
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.speculation import LocalEngine
+from draftwire.shared.models.runtime import load_model
 from tests.exact_distribution import by_rank, conditional_pvalue, generate_seeds
 from tests.toy_models import blend, tiny_llama
 

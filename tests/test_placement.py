@@ -16,13 +16,13 @@ import nats.errors
 import pytest
 from opentelemetry.trace import NoOpTracer
 
-from services.draft.verifier_link import VerifierDirectory
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.placement import Load, draft_load, least_loaded, verifier_load
-from shared.core.prompt_request import GenerateJob, RequestError
-from shared.io.bus import SUBJECTS, VERIFY_QUEUE, connect
-from shared.io.loads import LoadBoard, gather_stats, parse_stats
-from shared.io.service_shell import ServiceContext, register
+from draftwire.services.draft.verifier_link import VerifierDirectory
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.placement import Load, draft_load, least_loaded, verifier_load
+from draftwire.shared.core.prompt_request import GenerateJob, RequestError
+from draftwire.shared.io.bus import SUBJECTS, VERIFY_QUEUE, connect
+from draftwire.shared.io.loads import LoadBoard, gather_stats, parse_stats
+from draftwire.shared.io.service_shell import ServiceContext, register
 from tests.nats_fixtures import *
 
 # --- the choice -------------------------------------------------------------------------------------------
@@ -222,8 +222,8 @@ async def _generate(nc, subject: str, job: GenerateJob) -> dict:
 
 
 async def test_drafts_and_verifiers_report_their_load_and_a_draft_follows_the_placement(nats_server, nc):
-    from services.draft import service as draft
-    from services.verifier import service as verifier
+    from draftwire.services.draft import service as draft
+    from draftwire.services.verifier import service as verifier
 
     url, tiny = nats_server.url, ("--target-model", "tiny-random")
     async with (
@@ -247,8 +247,8 @@ async def test_drafts_and_verifiers_report_their_load_and_a_draft_follows_the_pl
 
 async def test_a_verifier_whose_batch_loop_dies_stops_instead_of_swallowing_rounds(nats_server, nc, monkeypatch):
     """Rounds must never wait forever on a verifier that can no longer answer them."""
-    from services.verifier import batcher as batcher_module
-    from services.verifier import service as verifier
+    from draftwire.services.verifier import batcher as batcher_module
+    from draftwire.services.verifier import service as verifier
 
     async def broken_run(self):
         await self.wake.wait()

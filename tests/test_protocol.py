@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.core import session_digest
-from shared.core.params import SamplingParams
-from shared.core.proposal import ProposalBlock
-from shared.core.protocol import (
+from draftwire.shared.core import session_digest
+from draftwire.shared.core.params import SamplingParams
+from draftwire.shared.core.proposal import ProposalBlock
+from draftwire.shared.core.protocol import (
     MAX_ERROR_MESSAGE,
     MAX_GAMMA,
     MAX_MESSAGE_BYTES,
@@ -211,7 +211,7 @@ def test_numpy_scalars_and_int32_arrays_are_accepted_on_encode() -> None:
 
 
 def test_param_key_table_covers_sampling_params() -> None:
-    from shared.core.protocol import _PARAM_KEYS
+    from draftwire.shared.core.protocol import _PARAM_KEYS
 
     assert set(_PARAM_KEYS) == {f.name for f in dataclasses.fields(SamplingParams)}
 

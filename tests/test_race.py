@@ -1,10 +1,10 @@
-"""`shared.core.race.unless`: the winner's result, the loser cancelled, exceptions re-raised."""
+"""`draftwire.shared.core.race.unless`: the winner's result, the loser cancelled, exceptions re-raised."""
 
 import asyncio
 
 import pytest
 
-from shared.core.race import unless
+from draftwire.shared.core.race import unless
 
 
 async def _after(seconds: float, value, cancelled: list | None = None):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli.remote import load_prompts
-from services.cli.selfcheck import run_selfcheck
-from shared.models.runtime import load_model
+from draftwire.services.cli.remote import load_prompts
+from draftwire.services.cli.selfcheck import run_selfcheck
+from draftwire.shared.models.runtime import load_model
 
 NEAR_TIE = 1e-3
 SUBSET = ("p00", "p06", "p12")

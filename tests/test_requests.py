@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.prompt_request import (
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.prompt_request import (
     MAX_JOB_BYTES,
     MAX_PROMPT_BYTES,
     REQUEST_FIELDS,
@@ -583,7 +583,7 @@ def test_bad_chat_and_stop_fields_are_clear_errors(fields, code, words):
 
 
 def test_a_chat_job_round_trips_and_a_malformed_one_is_refused():
-    from shared.core.params import SpecParams as Spec
+    from draftwire.shared.core.params import SpecParams as Spec
 
     req, fmt = parse_prompt(_json(messages=[{"role": "user", "content": "hi"}], stop=["x"], stop_token_ids=[3]))
     job = build_job(req, fmt, Spec(), now=0.0, max_timeout=10.0)

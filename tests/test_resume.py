@@ -10,10 +10,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.prompt_request import GenerateJob, RequestError
-from shared.core.speculation import InProcessEdge, LocalEngine, new_session, speculate
-from shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.prompt_request import GenerateJob, RequestError
+from draftwire.shared.core.speculation import InProcessEdge, LocalEngine, new_session, speculate
+from draftwire.shared.core.verifier_sessions import VerifierCore
 from tests.toy_models import bigram_pair
 
 
@@ -76,7 +76,7 @@ def test_a_job_resuming_more_than_max_new_tokens_is_refused():
 @pytest.mark.parametrize("mode", ["tkslt", "dssd"])
 def test_a_draft_with_non_finite_logits_is_an_error_never_a_guess(mode, temperature):
     """Greedy would have drafted token 0 from a NaN row: the device refuses instead (`non_finite`)."""
-    from shared.core.rejection_sampling import NonFinite
+    from draftwire.shared.core.rejection_sampling import NonFinite
 
     target, draft = bigram_pair(16, seed=4)
     draft.log_table = draft.log_table.copy()

@@ -18,7 +18,7 @@ import nats.errors
 import pytest
 from opentelemetry.trace import SpanKind
 
-from services.scheduler.service import (
+from draftwire.services.scheduler.service import (
     CANCEL_GRACE_S,
     DEADLINE_GRACE_S,
     SESSIONS_SUBJECT,
@@ -34,10 +34,10 @@ from services.scheduler.service import (
     start_outcome,
     submission_session,
 )
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.prompt_request import GenerateJob, JobRecord
-from shared.io import bus
-from shared.io.bus import (
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.prompt_request import GenerateJob, JobRecord
+from draftwire.shared.io import bus
+from draftwire.shared.io.bus import (
     JOBS_ACK_WAIT_S,
     JOBS_STREAM,
     SUBJECTS,
@@ -46,7 +46,7 @@ from shared.io.bus import (
     ensure_submit_stream,
     submit_subscription,
 )
-from shared.io.service_shell import READY_PREFIX, ServiceContext, register
+from draftwire.shared.io.service_shell import READY_PREFIX, ServiceContext, register
 from tests.fake_draft import FakeDraft
 from tests.in_process import scheduler
 from tests.nats_fixtures import *
@@ -711,7 +711,7 @@ async def _spawn_scheduler(url: str, instance: str, env: dict | None = None):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.scheduler",
+        "draftwire.services.scheduler",
         "--nats",
         url,
         "--instance",
@@ -810,7 +810,7 @@ async def test_bad_flags_exit_with_a_message(nats_server):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.scheduler",
+        "draftwire.services.scheduler",
         "--nats",
         nats_server.url,
         stdout=asyncio.subprocess.PIPE,

@@ -1,7 +1,7 @@
 """Lockdown: per-role identities on a real nats-server, what each may publish and subscribe, and the attacks
 of the lockdown issue replayed with `client` and `device` credentials against a secured stack.
 
-The permission matrix is written out by hand (the spec), not derived from `shared.core.nats_permissions`:
+The permission matrix is written out by hand (the spec), not derived from `draftwire.shared.core.nats_permissions`:
 each row is checked both ways on a server started with the generated config, allowed traffic arriving and
 forbidden traffic refused (the server's permissions violation, and nothing delivered).
 """
@@ -17,11 +17,11 @@ import nats.errors
 import pytest
 import pytest_asyncio
 
-from services.cli.stack import start_stack
-from shared.core.nats_permissions import authorization_block, role_permissions
-from shared.io import credentials
-from shared.io.bus import JOBS_CONSUMER, JOBS_STREAM, SUBJECTS, SUBMIT_STREAM, connect
-from shared.io.nats_server import EmbeddedNats
+from draftwire.services.cli.stack import start_stack
+from draftwire.shared.core.nats_permissions import authorization_block, role_permissions
+from draftwire.shared.io import credentials
+from draftwire.shared.io.bus import JOBS_CONSUMER, JOBS_STREAM, SUBJECTS, SUBMIT_STREAM, connect
+from draftwire.shared.io.nats_server import EmbeddedNats
 
 ROLES = ("admin", "scheduler", "edge", "device", "telemetry", "client", "bob", "dev2")  # a second tenant, device
 
@@ -394,8 +394,8 @@ async def test_a_secured_stack_refuses_plain_connections_and_anonymous_ones(stac
 
 async def test_a_running_secured_stack_admits_a_client_added_while_it_runs(tmp_path):
     """What `draftwire up --secure` does each second: `auth add-client` rewrote auth.conf, NATS reloads it."""
-    from services.cli.stack import Stack
-    from shared.io.tls import client_context, make_dev_certs, server_tls_block
+    from draftwire.services.cli.stack import Stack
+    from draftwire.shared.io.tls import client_context, make_dev_certs, server_tls_block
 
     secure = credentials.ensure_credentials(tmp_path / "secure")
     tls = make_dev_certs(secure / "tls")

@@ -21,9 +21,9 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from services.cli.stack import start_stack
-from shared.core.params import SamplingParams
-from shared.models.runtime import load_model
+from draftwire.services.cli.stack import start_stack
+from draftwire.shared.core.params import SamplingParams
+from draftwire.shared.models.runtime import load_model
 from tests.exact_distribution import chi_square_pvalue, exact_prefixes
 from tests.toy_models import blend, save_hf_dir, tiny_llama
 
@@ -42,7 +42,7 @@ VERIFIER_SHIFTED_BY_ONE = """
 import os, sys
 sys.path.insert(0, os.getcwd())  # what `python -m` adds later: patch the very modules the service imports
 import numpy as np
-from shared.core import verifier_sessions as vs
+from draftwire.shared.core import verifier_sessions as vs
 def _shifted(verify):
     return lambda probs, *args, **kw: verify(np.vstack([probs[1:], probs[-1:]]), *args, **kw)
 vs.verify_block, vs.split_verify = _shifted(vs.verify_block), _shifted(vs.split_verify)

@@ -24,12 +24,12 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from services.cli.stack import start_stack
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.protocol import ErrorReply, ProposalBlock, VerifyRequest, decode_any
-from shared.core.speculation import LocalEngine
-from shared.io.bus import SUBJECTS
-from shared.models.runtime import load_model
+from draftwire.services.cli.stack import start_stack
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.protocol import ErrorReply, ProposalBlock, VerifyRequest, decode_any
+from draftwire.shared.core.speculation import LocalEngine
+from draftwire.shared.io.bus import SUBJECTS
+from draftwire.shared.models.runtime import load_model
 from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -76,7 +76,7 @@ async def client(stack):
 @pytest.fixture(scope="module")
 def reference():
     """Greedy tokens from the in-process engine and from transformers' generate, computed once."""
-    from services.cli.selfcheck import hf_greedy
+    from draftwire.services.cli.selfcheck import hf_greedy
 
     target = load_model("smollm2-135m", "fp32", progress=False)
     draft = load_model("smollm2-135m", "int8", progress=False)
@@ -223,7 +223,7 @@ async def test_a_job_redelivered_while_it_runs_is_attached_to_and_answered_once(
 
 
 def _instance(stack, key: str) -> str:
-    from shared.io.service_shell import default_instance
+    from draftwire.shared.io.service_shell import default_instance
 
     return default_instance(key.split("-")[0], stack.procs[key].pid)
 

@@ -14,12 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.core import rejection_sampling, session_digest
-from shared.core.draft_session import BadVerdict
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.proposal import ProposalBlock
-from shared.core.protocol import CloseSession, ErrorReply, Verdict, VerifyRequest, decode_any
-from shared.core.speculation import (
+from draftwire.shared.core import rejection_sampling, session_digest
+from draftwire.shared.core.draft_session import BadVerdict
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.proposal import ProposalBlock
+from draftwire.shared.core.protocol import CloseSession, ErrorReply, Verdict, VerifyRequest, decode_any
+from draftwire.shared.core.speculation import (
     InProcessEdge,
     LocalEngine,
     RemoteError,
@@ -28,7 +28,7 @@ from shared.core.speculation import (
     speculate,
     verify_bytes,
 )
-from shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.core.verifier_sessions import VerifierCore
 from tests.toy_models import BigramModel, BigramSequence, bigram_pair
 
 # ---- models --------------------------------------------------------------------------------------------

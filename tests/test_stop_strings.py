@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from services.draft.service import TextStream
-from shared.core.stop_strings import find_stop, streamable
+from draftwire.services.draft.service import TextStream
+from draftwire.shared.core.stop_strings import find_stop, streamable
 
 
 @pytest.mark.parametrize(("text", "stops", "start", "expected"), [
@@ -46,9 +46,9 @@ def test_a_stream_never_sends_the_stop_string_or_what_follows_it():
 
 def test_the_speculation_loop_ends_at_a_stop_string_and_cuts_text_and_tokens():
     """Through the in-process engine (the same loop the draft service runs): greedy, tiny models."""
-    from shared.core.params import SamplingParams, SpecParams
-    from shared.core.speculation import LocalEngine
-    from shared.models.runtime import load_model
+    from draftwire.shared.core.params import SamplingParams, SpecParams
+    from draftwire.shared.core.speculation import LocalEngine
+    from draftwire.shared.models.runtime import load_model
 
     target = load_model("tiny-random", "fp32")
     engine = LocalEngine(target, target)
@@ -68,6 +68,6 @@ async def _with_stop(engine, sampling, stop):
 
 
 def _spec():
-    from shared.core.params import SpecParams
+    from draftwire.shared.core.params import SpecParams
 
     return SpecParams(mode="tkslt", gamma=4, k=8)

@@ -12,9 +12,9 @@ import nats.js.errors
 import pytest
 from nats.js.api import KeyValueConfig
 
-from shared.core.prompt_request import MAX_JOB_BYTES, MAX_REQUEST_BYTES
-from shared.io import bus
-from shared.io.bus import (
+from draftwire.shared.core.prompt_request import MAX_JOB_BYTES, MAX_REQUEST_BYTES
+from draftwire.shared.io import bus
+from draftwire.shared.io.bus import (
     DELIVERED_BUCKET,
     DONE_STREAM,
     JOBS_STREAM,
@@ -25,7 +25,7 @@ from shared.io.bus import (
     ensure_jobs_stream,
     ensure_submit_stream,
 )
-from shared.io.nats_server import DEFAULT_MAX_PAYLOAD
+from draftwire.shared.io.nats_server import DEFAULT_MAX_PAYLOAD
 from tests.in_process import scheduler
 from tests.nats_fixtures import *
 

@@ -18,8 +18,8 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.telemetry.service import STATS_SUBJECT, LogLimiter
-from shared.core.telemetry_figures import (
+from draftwire.services.telemetry.service import STATS_SUBJECT, LogLimiter
+from draftwire.shared.core.telemetry_figures import (
     MAX_BYTES,
     MAX_EVENT_BYTES,
     OVERFLOW,
@@ -32,9 +32,9 @@ from shared.core.telemetry_figures import (
     percentile,
     validate_event,
 )
-from shared.core.telemetry_metrics import MAX_POSITIONS, Metrics, reported_counts
-from shared.io.bus import SUBJECTS
-from shared.io.service_shell import ServiceContext, register
+from draftwire.shared.core.telemetry_metrics import MAX_POSITIONS, Metrics, reported_counts
+from draftwire.shared.io.bus import SUBJECTS
+from draftwire.shared.io.service_shell import ServiceContext, register
 from tests.fake_draft import FakeDraft
 from tests.in_process import scheduler
 from tests.nats_fixtures import *
@@ -532,7 +532,7 @@ def test_loads_gauges_take_counts_only_and_bound_the_instances():
 def test_the_dashboard_and_the_scrape_config_name_what_telemetry_serves():
     import yaml
 
-    from services.telemetry.service import DEFAULT_HTTP_PORT
+    from draftwire.services.telemetry.service import DEFAULT_HTTP_PORT
 
     m = Metrics()
     for ev in [round_event(ttft_s=0.1), round_event(itl_s=0.1), request_event(error="x"), rejected_event()]:
@@ -624,7 +624,7 @@ class Telemetry:
 @pytest.fixture
 async def telemetry(nats_server):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.telemetry", "--nats", nats_server.url, "--http-port", "0",
+        sys.executable, "-m", "draftwire.services.telemetry", "--nats", nats_server.url, "--http-port", "0",
         "--instance", "telemetry-test", "--loads-interval", "0.2", cwd=REPO, env=_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
@@ -809,7 +809,7 @@ async def test_healthz_503_without_nats(telemetry, nats_server):
 
 
 def test_bad_flags_fail_fast():
-    from services.telemetry.service import build_parser
+    from draftwire.services.telemetry.service import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--window", "0"])

@@ -12,10 +12,10 @@ import nats.errors
 import pytest
 from cryptography import x509
 
-from services.cli.main import main as cli_main
-from shared.io.bus import connect
-from shared.io.nats_server import EmbeddedNats, is_reachable
-from shared.io.tls import (
+from draftwire.services.cli.main import main as cli_main
+from draftwire.shared.io.bus import connect
+from draftwire.shared.io.nats_server import EmbeddedNats, is_reachable
+from draftwire.shared.io.tls import (
     DEFAULT_HOSTS,
     cert_hosts,
     client_context,

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.core import rejection_sampling as rs
-from shared.core import torch_sampling as ts
-from shared.core import warpers
-from shared.core.proposal import ProposalBlock, dequantize, sample_index, sparse_row, support_row
-from shared.models.errors import ModelError
+from draftwire.shared.core import rejection_sampling as rs
+from draftwire.shared.core import torch_sampling as ts
+from draftwire.shared.core import warpers
+from draftwire.shared.core.proposal import ProposalBlock, dequantize, sample_index, sparse_row, support_row
+from draftwire.shared.models.errors import ModelError
 
 EOS = (0, 3)
 
@@ -244,7 +244,7 @@ def test_dense_row_scatters_the_oracles_q():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
 def test_cuda_without_cuda_is_a_model_error():
-    from shared.models.runtime import load_model, resolve_device
+    from draftwire.shared.models.runtime import load_model, resolve_device
 
     for dtype in ("fp32", "int8"):
         with pytest.raises(ModelError, match="CUDA"):
@@ -258,7 +258,7 @@ def test_cuda_without_cuda_is_a_model_error():
 
 
 def test_loaded_model_records_its_device_and_sequences_feed_it():
-    from shared.models.runtime import LoadedModel, load_model
+    from draftwire.shared.models.runtime import LoadedModel, load_model
 
     tiny = load_model("tiny-random", "fp32", progress=False, device="auto")
     assert tiny.device == next(tiny.model.parameters()).device == torch.device("cpu" if not torch.cuda.is_available()
@@ -283,16 +283,16 @@ def test_loaded_model_records_its_device_and_sequences_feed_it():
             return SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], 7, device=input_ids.device))
 
     fake = Recorder()
-    from shared.models.kv_sequence import KVSequence
+    from draftwire.shared.models.kv_sequence import KVSequence
 
     logits = KVSequence(fake).next_logits([1, 2, 3], 2)
     assert fake.seen == [torch.device("meta")] * 2 and logits.device == torch.device("meta")
 
 
 def test_device_flags_parse_and_reach_the_services(monkeypatch):
-    from services.cli import main as cli
-    from services.cli.stack import service_args
-    from shared.io.service_shell import add_model_flags, service_parser
+    from draftwire.services.cli import main as cli
+    from draftwire.services.cli.stack import service_args
+    from draftwire.shared.io.service_shell import add_model_flags, service_parser
 
     def parser(role):
         p = service_parser("verifier", "x")
@@ -322,6 +322,6 @@ def test_device_flags_parse_and_reach_the_services(monkeypatch):
             raise ModelError("stop here")
         return object()
 
-    monkeypatch.setattr("shared.models.runtime.load_model", fake_load)
+    monkeypatch.setattr("draftwire.shared.models.runtime.load_model", fake_load)
     assert cli.main(["generate", "--local", "hi", "--target-device", "cuda", "--draft-device", "cpu"]) == 2
     assert loads == [("smollm2-135m", "cuda"), ("smollm2-135m", "cpu")]

@@ -16,15 +16,15 @@ import pytest
 from nats.micro import add_service
 from opentelemetry.trace import NoOpTracer
 
-from services.draft.verifier_link import (
+from draftwire.services.draft.verifier_link import (
     DISCOVERY_QUIET_S,
     PING_EVERY_S,
     NatsEdge,
     VerifierDirectory,
 )
-from shared.core.protocol import TargetInfo
-from shared.core.speculation import RemoteError
-from shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect
+from draftwire.shared.core.protocol import TargetInfo
+from draftwire.shared.core.speculation import RemoteError
+from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect
 from tests.nats_fixtures import *
 
 INFO = {"instance": "v", "model": "m", "vocab_size": 10, "eos_token_ids": [2], "context_length": 64}

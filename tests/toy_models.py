@@ -89,8 +89,8 @@ def tiny_llama(seed: int, name: str | None = None):
     """
     from transformers import LlamaForCausalLM
 
-    from shared.models.runtime import LoadedModel
-    from shared.models.tiny_random import build_tiny_random
+    from draftwire.shared.models.runtime import LoadedModel
+    from draftwire.shared.models.tiny_random import build_tiny_random
 
     reference, tokenizer = build_tiny_random()
     with torch.random.fork_rng(devices=[]):
@@ -108,7 +108,7 @@ def blend(target, other, weight: float, name: str = "tiny-draft"):
     """
     import copy
 
-    from shared.models.runtime import LoadedModel
+    from draftwire.shared.models.runtime import LoadedModel
 
     model = copy.deepcopy(target.model)
     theirs = other.model.state_dict()

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.core.draft_length_policy import expected_tokens, optimal_gamma
-from shared.core.link_profile import PROFILES, LinkError, LinkProfile, parse_link
-from shared.core.params import MODES, SamplingParams, SpecParams
+from draftwire.shared.core.draft_length_policy import expected_tokens, optimal_gamma
+from draftwire.shared.core.link_profile import PROFILES, LinkError, LinkProfile, parse_link
+from draftwire.shared.core.params import MODES, SamplingParams, SpecParams
 
 PAIRS = {
     "smollm2": (("smollm2-135m", "int8"), ("smollm2-135m", "fp32")),
@@ -94,7 +94,7 @@ def predicted_speedup(agg: dict, link: LinkProfile, t_ar: float) -> float | None
 
 
 async def _run_prompts(nc, prompts, spec: SpecParams, n: int, tag: str, timeout: float) -> tuple[list[dict], float]:
-    from services.cli.remote import ask, request_body
+    from draftwire.services.cli.remote import ask, request_body
 
     results = []
     t0 = time.perf_counter()
@@ -128,8 +128,8 @@ def _runs_for(mode: str, policies: list[str], gamma: int, gammas: list[int]) -> 
 
 async def bench_services(args, prompts, links: list[LinkProfile], modes: list[str], policies: list[str],
                          log) -> list[dict]:
-    from services.cli.stack import start_stack
-    from shared.io.bus import connect
+    from draftwire.services.cli.stack import start_stack
+    from draftwire.shared.io.bus import connect
 
     args.link = links[0]
     stack = await start_stack(args, quiet=not args.verbose)
@@ -223,7 +223,7 @@ def bench_hf_peer(args, prompts, log) -> list[dict]:
     """transformers' own assisted generation on the same pair and prompts, in one process (no link)."""
     import torch
 
-    from shared.models.runtime import load_model
+    from draftwire.shared.models.runtime import load_model
 
     torch.set_num_threads(1)
     target = load_model(args.target_model, args.target_dtype, progress=False)
@@ -319,7 +319,7 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 
 
 def cmd_bench(args) -> int:
-    from services.cli.remote import load_prompts
+    from draftwire.services.cli.remote import load_prompts
 
     if args.pair:
         (args.draft_model, args.draft_dtype), (args.target_model, args.target_dtype) = PAIRS[args.pair]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.io.tls import DEFAULT_HOSTS, make_client_cert, make_dev_certs, server_tls_block
+from draftwire.shared.io.tls import DEFAULT_HOSTS, make_client_cert, make_dev_certs, server_tls_block
 
 ENV_CA, ENV_CERT, ENV_KEY = "DRAFTWIRE_TLS_CA", "DRAFTWIRE_TLS_CERT", "DRAFTWIRE_TLS_KEY"
 

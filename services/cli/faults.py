@@ -22,9 +22,9 @@ from pathlib import Path
 
 import msgpack
 
-from services.cli.remote import load_prompts
-from shared.io.bus import SUBJECTS, connect
-from shared.io.service_shell import default_instance
+from draftwire.services.cli.remote import load_prompts
+from draftwire.shared.io.bus import SUBJECTS, connect
+from draftwire.shared.io.service_shell import default_instance
 
 SERVICE_OF_PHASE = {"verifier": "verifier", "draft": "draft", "scheduler": "scheduler"}
 REPLY_GRACE_S = 3.0  # after a pass, how long to keep listening for a second (duplicate) reply
@@ -115,7 +115,7 @@ async def _serving(nc, stack, service: str, live: dict[str, Outcome], rounds: di
 
 
 def _instance(stack, key: str) -> str:
-    """The default instance name of replica `key` (`shared.io.service_shell.default_instance`)."""
+    """The default instance name of replica `key` (`draftwire.shared.io.service_shell.default_instance`)."""
     return default_instance(key.split("-")[0], stack.procs[key].pid)
 
 
@@ -263,7 +263,7 @@ def _plot(phases: list[Phase], path: Path) -> None:
 
 
 async def _faults(args) -> int:
-    from services.cli.stack import start_stack
+    from draftwire.services.cli.stack import start_stack
 
     prompts = load_prompts(args.prompts, args.num_prompts)
     phases_wanted = [p for p in args.phases.split(",") if p]

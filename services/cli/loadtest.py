@@ -31,8 +31,8 @@ from pathlib import Path
 
 import msgpack
 
-from services.cli.remote import load_prompts
-from shared.io.bus import SUBJECTS, connect
+from draftwire.services.cli.remote import load_prompts
+from draftwire.shared.io.bus import SUBJECTS, connect
 
 SERVICES_LABEL = "services (end to end)"
 REPLAY_LABEL = "replay (edge capacity)"
@@ -77,7 +77,7 @@ def level_summary(n: int, wall_s: float, runs: list[dict]) -> dict:
 
 
 def replay_summary(n: int, wall_s: float, tally) -> dict:
-    """One replay level's figures from its `shared.core.replay.ReplayTally`."""
+    """One replay level's figures from its `draftwire.shared.core.replay.ReplayTally`."""
     return {
         "sessions": n,
         "replayed_sessions": tally.sessions,
@@ -173,7 +173,7 @@ def logit_gap(model, prompt_ids: list[int], prefix: list[int], tokens: tuple[int
     `min_new_tokens`, so the gap is between choices the verifier could make."""
     import numpy as np
 
-    from shared.core.warpers import mask_eos
+    from draftwire.shared.core.warpers import mask_eos
 
     logits = model.new_sequence().next_logits([*prompt_ids, *prefix], 1).numpy().astype(np.float64)
     logits = mask_eos(logits, model.eos_token_ids, len(prefix), min_new_tokens)[0]
@@ -223,7 +223,7 @@ async def _one(nc, rid: str, prompt_index: int, prompt: str, args) -> dict:
 
 async def _services_levels(args, levels: list[int], prompts: list[str]) -> tuple[list[dict], dict]:
     """The levels through the whole stack; with --check-identical also each used prompt served alone first."""
-    from services.cli.stack import start_stack
+    from draftwire.services.cli.stack import start_stack
 
     stack_args = argparse.Namespace(
         nats=None, nats_port=0, telemetry_port=0, draft_model=args.draft_model, draft_dtype=args.draft_dtype,
@@ -275,7 +275,7 @@ async def _services_levels(args, levels: list[int], prompts: list[str]) -> tuple
 
 def _add_logit_gaps(args, rows: list[dict], prompts: list[str], alone: dict[int, list[int]]) -> None:
     """Each mismatch's logit gap, from the target loaded here (its tokenizer is the draft's family's)."""
-    from shared.models.runtime import load_model
+    from draftwire.shared.models.runtime import load_model
 
     target = load_model(args.target_model, args.target_dtype, False, getattr(args, "target_device", "cpu"))
     for row in rows:
@@ -286,7 +286,7 @@ def _add_logit_gaps(args, rows: list[dict], prompts: list[str], alone: dict[int,
 
 
 async def _replay_levels(args, levels: list[int], prompts: list[str]) -> tuple[list[dict], dict]:
-    from services.cli import replay
+    from draftwire.services.cli import replay
 
     count = min(args.recordings or max(levels), len(prompts))
     t0 = time.monotonic()

@@ -13,7 +13,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from shared.core.params import (
+from draftwire.shared.core.params import (
     DEFAULT_GAMMA,
     DEFAULT_K,
     DEFAULT_QUANT,
@@ -24,7 +24,7 @@ from shared.core.params import (
     SamplingParams,
     SpecParams,
 )
-from shared.models.cache import cache_root
+from draftwire.shared.models.cache import cache_root
 
 DEFAULT_DRAFT = ("smollm2-135m", "int8")
 DEFAULT_TARGET = ("smollm2-135m", "fp32")
@@ -91,15 +91,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ParamError("--link shapes the device-edge link of the stack: pass it to `draftwire up` "
                          "(or use `generate --local --link ...` to emulate it in-process)")
     if not args.local:
-        from services.cli.remote import generate_remote
+        from draftwire.services.cli.remote import generate_remote
 
         if ignored := local_only_flags(args):  # the stack's services chose these when they started
             raise ParamError(f"{', '.join(ignored)} only apply with --local (the running stack's services "
                              "chose their models and wire quantization when they started)")
 
         return generate_remote(args, sampling, spec)
-    from shared.core.speculation import LocalEngine
-    from shared.models.runtime import load_model
+    from draftwire.shared.core.speculation import LocalEngine
+    from draftwire.shared.models.runtime import load_model
 
     target = load_model(args.target_model, args.target_dtype, device=args.target_device)
     draft = load_model(args.draft_model, args.draft_dtype, device=args.draft_device) if spec.mode != "ar" else None
@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def add_client_identity_flags(p: argparse.ArgumentParser) -> None:
     """A client's identity on a secured stack: its credentials (its tenant is the file's name) and TLS."""
-    from shared.io.service_shell import add_tls_flags
+    from draftwire.shared.io.service_shell import add_tls_flags
 
     g = p.add_argument_group("identity (secured stacks)")
     g.add_argument("--creds", default=None, help="your nkey seed file (`draftwire up --secure DIR` writes "
@@ -139,8 +139,8 @@ def add_secure_flag(g, default: str | None = None) -> None:
 
 def cmd_auth_init(args: argparse.Namespace) -> int:
     """Identities and TLS certificates for a secured deployment (compose's `keys` service runs this)."""
-    from shared.io import credentials
-    from shared.io.tls import DEFAULT_HOSTS, make_dev_certs
+    from draftwire.shared.io import credentials
+    from draftwire.shared.io.tls import DEFAULT_HOSTS, make_dev_certs
 
     d = credentials.ensure_credentials(args.dir)
     tls = make_dev_certs(d / "tls", (*DEFAULT_HOSTS, *args.host))
@@ -153,7 +153,7 @@ def cmd_auth_init(args: argparse.Namespace) -> int:
 
 
 def cmd_auth(args: argparse.Namespace) -> int:
-    from shared.io import credentials
+    from draftwire.shared.io import credentials
 
     role = "client" if args.auth_cmd == "add-client" else "device"
     try:
@@ -199,7 +199,7 @@ def add_link_flag(g) -> None:
 
 
 def _link(text: str):
-    from shared.core.link_profile import LinkError, parse_link
+    from draftwire.shared.core.link_profile import LinkError, parse_link
 
     try:
         return parse_link(text)
@@ -210,39 +210,39 @@ def _link(text: str):
 def cmd_up(args: argparse.Namespace) -> int:
     import asyncio
 
-    from services.cli.stack import run_up
+    from draftwire.services.cli.stack import run_up
 
     params_from_args(args)  # validate the scheduler defaults before starting anything
     return asyncio.run(run_up(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from services.cli.remote import run_demo
+    from draftwire.services.cli.remote import run_demo
 
     params_from_args(args)
     return run_demo(args)
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
-    from services.cli.selfcheck import cmd_selfcheck as run
+    from draftwire.services.cli.selfcheck import cmd_selfcheck as run
 
     return run(args)
 
 
 def cmd_overhead(args: argparse.Namespace) -> int:
-    from services.cli.overhead import cmd_overhead as run
+    from draftwire.services.cli.overhead import cmd_overhead as run
 
     return run(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from services.cli.bench import cmd_bench as run
+    from draftwire.services.cli.bench import cmd_bench as run
 
     return run(args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from shared.models import store
+    from draftwire.shared.models import store
 
     if args.models_cmd == "pull":
         for name in args.names:
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench, nats=None, nats_port=0, telemetry_port=0, mode="tkslt", policy="fixed",
                        pipeline=False)
 
-    from services.cli import certs, faults, loadtest
+    from draftwire.services.cli import certs, faults, loadtest
 
     certs.add_parser(sub)
     faults.add_parser(sub, add_model_flags)
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from shared.models.errors import ModelError
+    from draftwire.shared.models.errors import ModelError
 
     try:
         return args.func(args)

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.core.proposal import ProposalBlock, sparse_row
-from shared.core.protocol import Verdict, VerifyRequest
-from shared.io.bus import connect
-from shared.io.nats_server import EmbeddedNats
+from draftwire.shared.core.proposal import ProposalBlock, sparse_row
+from draftwire.shared.core.protocol import Verdict, VerifyRequest
+from draftwire.shared.io.bus import connect
+from draftwire.shared.io.nats_server import EmbeddedNats
 
 SUBJECT = "draftwire.bench.overhead"
 
 _RESPONDER = f"""
 import asyncio, sys, time
-from shared.io.bus import connect
-from shared.core.protocol import Verdict, VerifyRequest
+from draftwire.shared.io.bus import connect
+from draftwire.shared.core.protocol import Verdict, VerifyRequest
 
 async def main(url):
     nc = await connect(url, "overhead-responder")

@@ -12,11 +12,11 @@ import json
 import sys
 import uuid
 
-from shared.bench import BENCH_SET, load_set
-from shared.core.params import SamplingParams, SpecParams
-from shared.io.bus import SUBJECTS, connect
-from shared.io.credentials import identity_name
-from shared.io.service_shell import connection_options
+from draftwire.shared.bench import BENCH_SET, load_set
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.io.bus import SUBJECTS, connect
+from draftwire.shared.io.credentials import identity_name
+from draftwire.shared.io.service_shell import connection_options
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -115,7 +115,7 @@ def load_prompts(path: str | None, n: int) -> list[dict]:
 
 
 async def _demo(args) -> int:
-    from services.cli.stack import start_stack
+    from draftwire.services.cli.stack import start_stack
 
     prompts = load_prompts(args.prompts, args.num_prompts)
     print(f"draftwire demo: starting NATS and the services ({args.draft_model} {args.draft_dtype} -> "

@@ -1,7 +1,7 @@
 """`draftwire loadtest --replay`: the edge's capacity alone, fed recorded real draft proposals.
 
 Recording runs each prompt in this process (the real draft model and a `VerifierCore` of the target, greedy),
-keeping every round's request and verdict (`shared.core.replay`). Replaying needs only NATS and one verifier
+keeping every round's request and verdict (`draftwire.shared.core.replay`). Replaying needs only NATS and one verifier
 service: N replayers each send a recorded session's rounds in order to `draftwire.verify` under a fresh session
 id, then the next recording, until the level's time is up. The device costs nothing here, so the verified
 tokens/s are the verifier's. A `busy` refusal waits its retry hint (or a short backoff) and resends; a verdict
@@ -20,14 +20,14 @@ import uuid
 
 import nats.errors
 
-from services.cli.stack import Stack, service_args
-from shared.core import replay
-from shared.core.backoff import Backoff
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.protocol import CloseSession, ErrorReply, ProtocolError, Verdict, decode_any
-from shared.core.replay import Exchange, RecordedSession, ReplayTally, retry_hint, rewrite_session
-from shared.io.bus import SUBJECTS
-from shared.io.nats_server import EmbeddedNats
+from draftwire.services.cli.stack import Stack, service_args
+from draftwire.shared.core import replay
+from draftwire.shared.core.backoff import Backoff
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.protocol import CloseSession, ErrorReply, ProtocolError, Verdict, decode_any
+from draftwire.shared.core.replay import Exchange, RecordedSession, ReplayTally, retry_hint, rewrite_session
+from draftwire.shared.io.bus import SUBJECTS
+from draftwire.shared.io.nats_server import EmbeddedNats
 
 REQUEST_TIMEOUT_S = 120.0  # one round, queueing behind every other session's included
 BUSY_GRACE_S = 10.0  # after the level's end, stop resending a refused round
@@ -35,7 +35,7 @@ BUSY_GRACE_S = 10.0  # after the level's end, stop resending a refused round
 
 async def record(args, prompts: list[str]) -> list[RecordedSession]:
     """Each prompt run alone, in process, greedy, exactly `args.max_new_tokens` new tokens."""
-    from shared.models.runtime import load_model
+    from draftwire.shared.models.runtime import load_model
 
     target = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False,
                                      getattr(args, "target_device", "cpu"))
@@ -55,7 +55,7 @@ async def start_edge(args, *, quiet: bool) -> Stack:
     await server.start()
     stack = Stack(url=server.url, nats=server, quiet=quiet)
     try:
-        argv = [sys.executable, "-m", "services.verifier", "--nats", server.url, *service_args("verifier", args),
+        argv = [sys.executable, "-m", "draftwire.services.verifier", "--nats", server.url, *service_args("verifier", args),
                 *shlex.split(getattr(args, "verifier_flags", None) or "")]
         if not await stack.spawn("verifier", argv, {**os.environ, "DRAFTWIRE_NATS_URL": server.url}):
             raise RuntimeError(f"the verifier did not become ready: {', '.join(stack.dead())}")

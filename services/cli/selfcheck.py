@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.speculation import LocalEngine
-from shared.models.runtime import LoadedModel, load_model
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.speculation import LocalEngine
+from draftwire.shared.models.runtime import LoadedModel, load_model
 
 
 def hf_greedy(target: LoadedModel, prompt_ids: list[int], n: int) -> list[int]:
@@ -87,7 +87,7 @@ def run_selfcheck(
 
 
 def cmd_selfcheck(args) -> int:
-    from services.cli.remote import load_prompts
+    from draftwire.services.cli.remote import load_prompts
 
     prompts = load_prompts(args.prompts, args.num_prompts)
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """`draftwire up`: an embedded nats-server (unless one is reachable) and the services as child processes.
 
-The children are started exactly as compose starts them (`python -m services.<name>` configured by flags),
+The children are started exactly as compose starts them (`python -m draftwire.services.<name>` configured by flags),
 so `up` is the compose file without Docker. Ready means every service printed its ready line; Ctrl-C or
 SIGTERM stops the children first, then NATS, and Linux's parent-death signal covers a `kill -9` of `up`.
 """
@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from shared.core.link_profile import LinkProfile, parse_link
-from shared.io import credentials
-from shared.io.bus import connect, ensure_done_stream, ensure_submit_stream
-from shared.io.link_emulator import LinkProxy
-from shared.io.nats_server import EmbeddedNats, _die_with_parent, is_reachable
-from shared.io.service_shell import READY_PREFIX
-from shared.io.tls import client_context, make_dev_certs, server_tls_block
-from shared.models.cache import cache_root
+from draftwire.shared.core.link_profile import LinkProfile, parse_link
+from draftwire.shared.io import credentials
+from draftwire.shared.io.bus import connect, ensure_done_stream, ensure_submit_stream
+from draftwire.shared.io.link_emulator import LinkProxy
+from draftwire.shared.io.nats_server import EmbeddedNats, _die_with_parent, is_reachable
+from draftwire.shared.io.service_shell import READY_PREFIX
+from draftwire.shared.io.tls import client_context, make_dev_certs, server_tls_block
+from draftwire.shared.models.cache import cache_root
 
 SERVICES = ("telemetry", "verifier", "draft", "scheduler", "gateway")
 ROLE = {"telemetry": "telemetry", "verifier": "edge", "draft": "device", "scheduler": "scheduler",
@@ -156,7 +156,7 @@ def replicas(name: str, args) -> int:
 
 async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None, env: dict | None = None) -> Stack:
     """Bring everything up and return once every service is ready (or raise with the failing one's log)."""
-    from shared.models.store import resolve
+    from draftwire.shared.models.store import resolve
 
     for source in {args.draft_model, args.target_model}:  # pull once here, not racing in two children
         await asyncio.to_thread(resolve, source, not quiet)
@@ -195,7 +195,7 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         ready: dict[str, asyncio.Future] = {}
         for name in SERVICES:
             service_url = stack.link.url if stack.link is not None and name == "draft" else url
-            argv = [sys.executable, "-m", f"services.{name}", "--nats", service_url, *service_args(name, args)]
+            argv = [sys.executable, "-m", f"draftwire.services.{name}", "--nats", service_url, *service_args(name, args)]
             for key in replica_keys(name, replicas(name, args)):
                 own = {**env, "DRAFTWIRE_CREDS": str(credentials.identity_file(secure, ROLE[name])),
                        "DRAFTWIRE_TLS_CA": str(stack.tls_ca)} if secure else env

@@ -1,3 +1,3 @@
-from services.draft.service import main
+from draftwire.services.draft.service import main
 
 main()

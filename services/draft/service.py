@@ -1,4 +1,4 @@
-"""Draft (device): runs `shared.core.speculation.speculate` for each job, over a NATS link to the verifiers.
+"""Draft (device): runs `draftwire.shared.core.speculation.speculate` for each job, over a NATS link to the verifiers.
 
 Lifecycle of a job (docs/sessions.md). The scheduler requests `draftwire.draft.start` (queue group `drafts`)
 and is answered at once: `{"accepted": true, "instance": ...}`, or an error for a bad job, a deadline already
@@ -18,7 +18,7 @@ round and request is published as a telemetry event. The link to the edge is `ve
 
 Fair share and batching: at most `--max-concurrent` generations run at once (later ones wait for a slot, first
 come first served, still answering session pings and cancels). Each drafts on its own thread (a pool of
-`--max-concurrent`), and every draft step goes to ONE model thread (`shared.models.forward_batcher`), which
+`--max-concurrent`), and every draft step goes to ONE model thread (`draftwire.shared.models.forward_batcher`), which
 runs the steps of every generation that is drafting as one batched forward pass, one per generation (it waits
 for a drafting generation still sampling its last token, never on a timer): N generations drafting together
 advance a token each per pass, none can hold the model for more than one step, and their rounds reach the
@@ -43,23 +43,23 @@ import nats.js.errors
 from nats.micro import Request
 from opentelemetry import trace
 
-from services.draft.verifier_link import NatsEdge, VerifierDirectory
-from shared.core.backoff import Backoff
-from shared.core.draft_length_policy import AdaptiveGamma, CostModel, make_policy
-from shared.core.draft_session import DraftSession
-from shared.core.params import ParamError
-from shared.core.prompt_request import GenerateJob, RequestError, encode_reply, error_body
-from shared.core.protocol import CloseSession, TargetInfo
-from shared.core.race import unless
-from shared.core.rejection_sampling import NonFinite
-from shared.core.round_stats import RoundStats
-from shared.core.speculation import RemoteError, new_session, speculate
-from shared.core.stop_strings import find_stop, streamable
-from shared.core.telemetry_figures import TokenClock
-from shared.io import bus
-from shared.io.bus import SUBJECTS, extract_context
-from shared.io.credentials import identity_name
-from shared.io.service_shell import (
+from draftwire.services.draft.verifier_link import NatsEdge, VerifierDirectory
+from draftwire.shared.core.backoff import Backoff
+from draftwire.shared.core.draft_length_policy import AdaptiveGamma, CostModel, make_policy
+from draftwire.shared.core.draft_session import DraftSession
+from draftwire.shared.core.params import ParamError
+from draftwire.shared.core.prompt_request import GenerateJob, RequestError, encode_reply, error_body
+from draftwire.shared.core.protocol import CloseSession, TargetInfo
+from draftwire.shared.core.race import unless
+from draftwire.shared.core.rejection_sampling import NonFinite
+from draftwire.shared.core.round_stats import RoundStats
+from draftwire.shared.core.speculation import RemoteError, new_session, speculate
+from draftwire.shared.core.stop_strings import find_stop, streamable
+from draftwire.shared.core.telemetry_figures import TokenClock
+from draftwire.shared.io import bus
+from draftwire.shared.io.bus import SUBJECTS, extract_context
+from draftwire.shared.io.credentials import identity_name
+from draftwire.shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
     env_float,
@@ -68,8 +68,8 @@ from shared.io.service_shell import (
     run,
     service_parser,
 )
-from shared.models.forward_batcher import BatchedModel, ForwardBatcher
-from shared.models.runtime import LoadedModel, load_model
+from draftwire.shared.models.forward_batcher import BatchedModel, ForwardBatcher
+from draftwire.shared.models.runtime import LoadedModel, load_model
 
 log = logging.getLogger("draftwire.draft")
 

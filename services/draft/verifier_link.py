@@ -8,7 +8,7 @@ speculation loop resends it with the token history. The verify timeout stays as 
 that is connected but hung. Instances are found with micro stats (`$SRV.STATS.draftwire-verifier`), whose
 replies name each instance, its micro service id and its load. A session goes to the verifier the scheduler
 placed it on (`GenerateJob.verifier`) while that one is known, else to the least-loaded one
-(`shared.core.placement`); when none is known the round goes to the `verifiers` queue group and the reply
+(`draftwire.shared.core.placement`); when none is known the round goes to the `verifiers` queue group and the reply
 names who took it.
 """
 
@@ -23,14 +23,14 @@ import nats.errors
 from nats.aio.client import Client
 from opentelemetry import trace
 
-from shared.core.backoff import Backoff
-from shared.core.placement import least_loaded, verifier_load
-from shared.core.protocol import TargetInfo, Verdict, VerifyRequest, decode_any
-from shared.core.race import unless
-from shared.core.speculation import RemoteError
-from shared.io import bus
-from shared.io.bus import INSTANCE_HEADER, SERVICE_ERROR_HEADER, SUBJECTS
-from shared.io.loads import LoadBoard
+from draftwire.shared.core.backoff import Backoff
+from draftwire.shared.core.placement import least_loaded, verifier_load
+from draftwire.shared.core.protocol import TargetInfo, Verdict, VerifyRequest, decode_any
+from draftwire.shared.core.race import unless
+from draftwire.shared.core.speculation import RemoteError
+from draftwire.shared.io import bus
+from draftwire.shared.io.bus import INSTANCE_HEADER, SERVICE_ERROR_HEADER, SUBJECTS
+from draftwire.shared.io.loads import LoadBoard
 
 log = logging.getLogger("draftwire.draft")
 

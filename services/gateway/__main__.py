@@ -1,3 +1,3 @@
-from services.gateway.service import main
+from draftwire.services.gateway.service import main
 
 main()

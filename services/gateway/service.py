@@ -3,7 +3,7 @@
 A client of the scheduler like any other (no shortcut into the services): each HTTP request becomes one request
 on `draftwire.prompts[.<tenant>]` (the tenant being this gateway's identity when secured), streamed responses
 come from `draftwire.stream.<...>` as server-sent events, and a client that disconnects cancels its generation
-(`draftwire.cancel.<...>`). The translation is `shared.core.openai_api`; this module moves bytes. `--api-key`
+(`draftwire.cancel.<...>`). The translation is `draftwire.shared.core.openai_api`; this module moves bytes. `--api-key`
 makes every request carry `Authorization: Bearer <key>`, as OpenAI's clients send it.
 """
 
@@ -19,11 +19,11 @@ import time
 import nats.errors
 from aiohttp import web
 
-from shared.core import openai_api as api
-from shared.core.protocol import TargetInfo
-from shared.io.bus import SUBJECTS
-from shared.io.credentials import identity_name
-from shared.io.service_shell import ServiceContext, env, env_float, register, run, service_parser
+from draftwire.shared.core import openai_api as api
+from draftwire.shared.core.protocol import TargetInfo
+from draftwire.shared.io.bus import SUBJECTS
+from draftwire.shared.io.credentials import identity_name
+from draftwire.shared.io.service_shell import ServiceContext, env, env_float, register, run, service_parser
 
 log = logging.getLogger("draftwire.gateway")
 

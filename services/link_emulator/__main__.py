@@ -1,3 +1,3 @@
-from services.link_emulator.service import main
+from draftwire.services.link_emulator.service import main
 
 main()

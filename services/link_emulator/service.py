@@ -1,4 +1,4 @@
-"""Link emulator: a shaping TCP proxy in front of NATS for the device-side services (`python -m services.link_emulator`).
+"""Link emulator: a shaping TCP proxy in front of NATS for the device-side services (`python -m draftwire.services.link_emulator`).
 
 Compose puts it between the draft service and NATS; `draftwire up --link` runs the same proxy in-process.
 """
@@ -12,9 +12,9 @@ import signal
 import sys
 from urllib.parse import urlparse
 
-from shared.core.link_profile import LinkError, parse_link
-from shared.io.link_emulator import LinkProxy
-from shared.io.service_shell import READY_PREFIX, env
+from draftwire.shared.core.link_profile import LinkError, parse_link
+from draftwire.shared.io.link_emulator import LinkProxy
+from draftwire.shared.io.service_shell import READY_PREFIX, env
 
 
 def build_parser() -> argparse.ArgumentParser:

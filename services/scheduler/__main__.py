@@ -1,3 +1,3 @@
-from services.scheduler.service import main
+from draftwire.services.scheduler.service import main
 
 main()

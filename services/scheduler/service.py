@@ -63,8 +63,8 @@ from nats.aio.msg import Msg
 from nats.micro import Request
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared.core.backoff import Backoff
-from shared.core.params import (
+from draftwire.shared.core.backoff import Backoff
+from draftwire.shared.core.params import (
     DEFAULT_GAMMA,
     DEFAULT_K,
     DEFAULT_MODE,
@@ -74,8 +74,8 @@ from shared.core.params import (
     ParamError,
     SpecParams,
 )
-from shared.core.placement import draft_load, verifier_load
-from shared.core.prompt_request import (
+from draftwire.shared.core.placement import draft_load, verifier_load
+from draftwire.shared.core.prompt_request import (
     REPLY_CONTENT_TYPES,
     SESSION_ID_HEX,
     GenerateJob,
@@ -87,8 +87,8 @@ from shared.core.prompt_request import (
     error_body,
     parse_prompt,
 )
-from shared.io import bus
-from shared.io.bus import (
+from draftwire.shared.io import bus
+from draftwire.shared.io.bus import (
     DONE_STREAM,
     DRAFT_PREFIX,
     JOBS_CONSUMER,
@@ -109,8 +109,16 @@ from shared.io.bus import (
     tenant_of,
     validate_token,
 )
-from shared.io.loads import LoadBoard
-from shared.io.service_shell import ServiceContext, env, env_float, env_int, register, run, service_parser
+from draftwire.shared.io.loads import LoadBoard
+from draftwire.shared.io.service_shell import (
+    ServiceContext,
+    env,
+    env_float,
+    env_int,
+    register,
+    run,
+    service_parser,
+)
 
 log = logging.getLogger("draftwire.scheduler")
 

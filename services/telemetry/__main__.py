@@ -1,3 +1,3 @@
-from services.telemetry.service import main
+from draftwire.services.telemetry.service import main
 
 main()

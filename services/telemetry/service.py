@@ -1,8 +1,8 @@
 """Telemetry: every draftwire event in, Prometheus metrics, JSON stats and a NATS stats endpoint out.
 
 The events subscription has no queue group, so every telemetry instance sees every event and any one of them
-can be scraped for the whole picture. The arithmetic lives in `shared.core.telemetry_figures` (the window of
-`/stats`) and `shared.core.telemetry_metrics` (the prometheus_client registry of `/metrics`); this module only
+can be scraped for the whole picture. The arithmetic lives in `draftwire.shared.core.telemetry_figures` (the window of
+`/stats`) and `draftwire.shared.core.telemetry_metrics` (the prometheus_client registry of `/metrics`); this module only
 moves bytes, reads the clock and gathers the loads the drafts and verifiers report, every --loads-interval,
 so a scrape never waits on NATS. A malformed event is counted in bad_events_total, logged with a rate limit
 and answered with an error when it carries a reply subject; it never stops the service.
@@ -26,18 +26,18 @@ from nats.micro import Request
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from shared.core.nats_permissions import SERVICE_OF_ROLE
-from shared.core.telemetry_figures import (
+from draftwire.shared.core.nats_permissions import SERVICE_OF_ROLE
+from draftwire.shared.core.telemetry_figures import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_WINDOW_S,
     Aggregator,
     EventError,
     decode_event,
 )
-from shared.core.telemetry_metrics import Loads, Metrics
-from shared.io.bus import ROOT, SUBJECTS
-from shared.io.loads import gather_stats
-from shared.io.service_shell import ServiceContext, env, register, run, service_parser
+from draftwire.shared.core.telemetry_metrics import Loads, Metrics
+from draftwire.shared.io.bus import ROOT, SUBJECTS
+from draftwire.shared.io.loads import gather_stats
+from draftwire.shared.io.service_shell import ServiceContext, env, register, run, service_parser
 
 log = logging.getLogger("draftwire.telemetry")
 

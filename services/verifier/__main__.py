@@ -1,3 +1,3 @@
-from services.verifier.service import main
+from draftwire.services.verifier.service import main
 
 main()

@@ -16,9 +16,9 @@ from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from shared.core.protocol import ErrorReply, VerifyRequest
-from shared.core.speculation import BUSY, verify_rounds
-from shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.core.protocol import ErrorReply, VerifyRequest
+from draftwire.shared.core.speculation import BUSY, verify_rounds
+from draftwire.shared.core.verifier_sessions import VerifierCore
 
 log = logging.getLogger("draftwire.verifier")
 

@@ -5,7 +5,7 @@ Devices find instances and their loads through micro stats (`$SRV.STATS.draftwir
 names the least-loaded one in each job), address one directly so its KV cache stays warm, and ping its micro
 service while a round is in flight, so a dead instance is left at once (`services/draft/verifier_link.py`);
 the queue group is the fallback when none is known. Every reply names this instance in the
-`Draftwire-Instance` header. Whatever arrives is decoded by `shared.core.speculation.decode_round` and
+`Draftwire-Instance` header. Whatever arrives is decoded by `draftwire.shared.core.speculation.decode_round` and
 verified by `verify_rounds`, the functions the in-process engine calls too; a bad message gets an
 `ErrorReply`, never an exception that could stop the service. Model work runs in one worker thread so the
 event loop keeps answering pings and other sessions' messages while the target computes, and every round
@@ -30,12 +30,18 @@ from concurrent.futures import ThreadPoolExecutor
 from nats.micro import Request
 from opentelemetry import trace
 
-from services.verifier.batcher import Batcher
-from shared.core.protocol import MAX_MESSAGE_BYTES, CloseSession, ErrorReply, ProtocolError, TargetInfo
-from shared.core.speculation import decode_round, handle_close
-from shared.core.verifier_sessions import VerifierCore
-from shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
-from shared.io.service_shell import (
+from draftwire.services.verifier.batcher import Batcher
+from draftwire.shared.core.protocol import (
+    MAX_MESSAGE_BYTES,
+    CloseSession,
+    ErrorReply,
+    ProtocolError,
+    TargetInfo,
+)
+from draftwire.shared.core.speculation import decode_round, handle_close
+from draftwire.shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
+from draftwire.shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
     env_float,
@@ -44,7 +50,7 @@ from shared.io.service_shell import (
     run,
     service_parser,
 )
-from shared.models.runtime import load_model
+from draftwire.shared.models.runtime import load_model
 
 log = logging.getLogger("draftwire.verifier")
 

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shared.core.params import POLICIES
+from draftwire.shared.core.params import POLICIES
 
 ADAPTIVE_MAX_GAMMA = 16
 _ALPHA_EPS = 1e-6

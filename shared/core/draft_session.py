@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.core import session_digest
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.proposal import ProposalBlock, dequantize, sample_index, sparse_row
-from shared.core.protocol import Verdict, VerifyRequest
-from shared.core.rejection_sampling import NonFinite, correction
-from shared.core.rng import CORRECTION_SIDE, DRAFT_SIDE, round_rng
-from shared.core.warpers import mask_eos, warp
-from shared.models.runtime import LoadedModel
+from draftwire.shared.core import session_digest
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.proposal import ProposalBlock, dequantize, sample_index, sparse_row
+from draftwire.shared.core.protocol import Verdict, VerifyRequest
+from draftwire.shared.core.rejection_sampling import NonFinite, correction
+from draftwire.shared.core.rng import CORRECTION_SIDE, DRAFT_SIDE, round_rng
+from draftwire.shared.core.warpers import mask_eos, warp
+from draftwire.shared.models.runtime import LoadedModel
 
 
 class BadVerdict(ValueError):

@@ -3,7 +3,7 @@
 `LinkProfile` is what `--link` parses into (a named profile, `key=value` overrides, or both:
 `cell-edge,rtt=80ms`). `Shaper` turns a byte stream into delivery times for one direction: a FIFO
 bottleneck at the direction's rate (so big messages queue behind each other), then half the RTT plus jitter
-(never reordering), with delivery postponed past any outage window. `shared.io.link_emulator` applies it to real
+(never reordering), with delivery postponed past any outage window. `draftwire.shared.io.link_emulator` applies it to real
 sockets; `bench` uses the same profile for its predictions.
 """
 

@@ -13,7 +13,7 @@ sessions, and the only session ids it learns (the 64-bit capabilities its verify
 are those of the jobs placed on it. The edge roles answer requests through `allow_responses` (a reply only to a request they
 received), so nobody but the scheduler can publish into another identity's inbox.
 
-Pure: role name in, allow-lists out; `shared.io.credentials` writes keys and files.
+Pure: role name in, allow-lists out; `draftwire.shared.io.credentials` writes keys and files.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from shared.core.subject_names import DELIVERED_BUCKET, DONE_STREAM, JOBS_STREAM, ROOT, SUBMIT_STREAM
+from draftwire.shared.core.subject_names import (
+    DELIVERED_BUCKET,
+    DONE_STREAM,
+    JOBS_STREAM,
+    ROOT,
+    SUBMIT_STREAM,
+)
 
 ROLES = ("admin", "scheduler", "edge", "device", "telemetry", "client")
 SERVICE_OF_ROLE = {"scheduler": "draftwire-scheduler", "edge": "draftwire-verifier", "device": "draftwire-draft",

@@ -1,7 +1,7 @@
 """Placement: which instance takes the next session, from the loads the instances report.
 
 Every draft and verifier instance reports its load in the `data` of its nats.micro `$SRV.STATS` reply
-(`shared.io.service_shell.register`, gathered by `shared.io.loads`). Here a report becomes a comparable `Load`
+(`draftwire.shared.io.service_shell.register`, gathered by `draftwire.shared.io.loads`). Here a report becomes a comparable `Load`
 and the least-loaded instance is chosen: one with room first, then one whose load is unknown (an older
 instance that reports none), and only when every instance is full the least-loaded full one, since a job has
 to go somewhere and a full draft or verifier queues it rather than losing it. Ties are broken at random, so

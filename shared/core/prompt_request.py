@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass, fields
 import msgpack
 import numpy as np
 
-from shared.core.params import (
+from draftwire.shared.core.params import (
     DEFAULT_MAX_NEW_TOKENS,
     MODES,
     ParamError,
     SamplingParams,
     SpecParams,
 )
-from shared.core.subject_names import validate_token
+from draftwire.shared.core.subject_names import validate_token
 
 MAX_PROMPT_BYTES = 256 * 1024
 CHAT_ROLES = ("system", "user", "assistant", "tool")

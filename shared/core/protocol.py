@@ -48,9 +48,9 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-from shared.core import session_digest
-from shared.core.params import QUANTS, ParamError, SamplingParams
-from shared.core.proposal import ProposalBlock, quantize
+from draftwire.shared.core import session_digest
+from draftwire.shared.core.params import QUANTS, ParamError, SamplingParams
+from draftwire.shared.core.proposal import ProposalBlock, quantize
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.core.proposal import ProposalBlock, sample_index
+from draftwire.shared.core.proposal import ProposalBlock, sample_index
 
 
 class VerificationError(ValueError):

@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from shared.core.params import SamplingParams, SpecParams
-from shared.core.protocol import ErrorReply, Verdict, VerifyRequest, decode_any
-from shared.core.speculation import InProcessEdge, check_pair, new_session, speculate
-from shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.core.params import SamplingParams, SpecParams
+from draftwire.shared.core.protocol import ErrorReply, Verdict, VerifyRequest, decode_any
+from draftwire.shared.core.speculation import InProcessEdge, check_pair, new_session, speculate
+from draftwire.shared.core.verifier_sessions import VerifierCore
 
 
 @dataclass(frozen=True)

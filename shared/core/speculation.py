@@ -24,12 +24,12 @@ from typing import Protocol
 
 from opentelemetry import trace
 
-from shared.core.backoff import Backoff
-from shared.core.draft_length_policy import DraftLengthPolicy, RoundObservation, make_policy
-from shared.core.draft_session import BadVerdict, DraftSession, Prefetch
-from shared.core.link_profile import LinkProfile
-from shared.core.params import ParamError, SamplingParams, SpecParams
-from shared.core.protocol import (
+from draftwire.shared.core.backoff import Backoff
+from draftwire.shared.core.draft_length_policy import DraftLengthPolicy, RoundObservation, make_policy
+from draftwire.shared.core.draft_session import BadVerdict, DraftSession, Prefetch
+from draftwire.shared.core.link_profile import LinkProfile
+from draftwire.shared.core.params import ParamError, SamplingParams, SpecParams
+from draftwire.shared.core.protocol import (
     CloseSession,
     ErrorReply,
     ProtocolError,
@@ -38,11 +38,11 @@ from shared.core.protocol import (
     brief,
     decode_any,
 )
-from shared.core.rejection_sampling import VerificationError
-from shared.core.round_stats import GenerationStats, RoundStats
-from shared.core.stop_strings import find_stop
-from shared.core.verifier_sessions import RoundRefused, SessionUnknown, VerifierCore
-from shared.models.runtime import LoadedModel
+from draftwire.shared.core.rejection_sampling import VerificationError
+from draftwire.shared.core.round_stats import GenerationStats, RoundStats
+from draftwire.shared.core.stop_strings import find_stop
+from draftwire.shared.core.verifier_sessions import RoundRefused, SessionUnknown, VerifierCore
+from draftwire.shared.models.runtime import LoadedModel
 
 MAX_RESYNCS_PER_ROUND = 3
 
@@ -356,7 +356,7 @@ class LocalEngine:
                               self.target.vocab_size, prompt, params, spec)
         edge: EdgeTransport = InProcessEdge(self.verifier)
         if link is not None:
-            from shared.io.link_emulator import ShapedEdge
+            from draftwire.shared.io.link_emulator import ShapedEdge
 
             edge = ShapedEdge(edge, link)
         try:

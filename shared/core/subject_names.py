@@ -1,8 +1,8 @@
 """What may stand in one NATS subject token: request ids, session ids and instance names become subject tokens.
 
 Pure, so the request parser in the core can check ids where they enter, with the same rule and message the
-subject builders in `shared.io.bus` use. The root of the subject space and the JetStream names live here too,
-for `shared.io.bus` (which builds the subjects and streams) and `shared.core.nats_permissions` (which grants
+subject builders in `draftwire.shared.io.bus` use. The root of the subject space and the JetStream names live here too,
+for `draftwire.shared.io.bus` (which builds the subjects and streams) and `draftwire.shared.core.nats_permissions` (which grants
 them) alike.
 """
 

@@ -5,7 +5,7 @@ so the telemetry service passes time.time() and tests pass hand-picked instants.
 
 The window gives what `/stats` serves: gauges over the last `window_s` seconds (acceptance rate, tokens/s,
 bytes per token, round-time breakdown and percentiles), per mode and per draft / verifier instance, plus
-"all", and totals since start. The Prometheus metrics are `shared.core.telemetry_metrics`.
+"all", and totals since start. The Prometheus metrics are `draftwire.shared.core.telemetry_metrics`.
 
 Events are windowed by arrival time (`now` at `add`), not by the producer's `ts`: a device with a skewed clock
 must neither hide its events nor pin them in the window forever.

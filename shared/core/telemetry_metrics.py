@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shared.core.telemetry_figures import (
+from draftwire.shared.core.telemetry_figures import (
     DEFAULT_MAX_SERIES,
     MAX_ERROR_CODES,
     MAX_TOKENS,

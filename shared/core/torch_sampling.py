@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from shared.core.proposal import ProposalBlock
-from shared.core.rejection_sampling import (
+from draftwire.shared.core.proposal import ProposalBlock
+from draftwire.shared.core.rejection_sampling import (
     NonFinite,
     Outcome,
     SplitOutcome,

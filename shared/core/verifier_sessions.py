@@ -1,6 +1,6 @@
 """The edge side: the target model, one KV cache per session, and `verify_block` on every request.
 
-`handle_batch` serves many sessions' rounds with ONE target forward pass (`shared.models.batched_forward`),
+`handle_batch` serves many sessions' rounds with ONE target forward pass (`draftwire.shared.models.batched_forward`),
 then runs the single-session rejection math on each session's rows; `handle` is a batch of one. Under a token
 budget it verifies the best draft prefixes (`draft_selection`), and every verdict reports the load it was
 served under (`batch_cost`). `VerifierCore` is I/O-free so the in-process engine and the verifier service run the very same code. Sessions
@@ -30,23 +30,23 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from shared.core import session_digest, torch_sampling
-from shared.core.batch_cost import ForwardCost
-from shared.core.draft_selection import select_prefixes
-from shared.core.params import SamplingParams
-from shared.core.proposal import ProposalBlock, support_row
-from shared.core.protocol import ProtocolError, Verdict, VerifyRequest
-from shared.core.rejection_sampling import (
+from draftwire.shared.core import session_digest, torch_sampling
+from draftwire.shared.core.batch_cost import ForwardCost
+from draftwire.shared.core.draft_selection import select_prefixes
+from draftwire.shared.core.params import SamplingParams
+from draftwire.shared.core.proposal import ProposalBlock, support_row
+from draftwire.shared.core.protocol import ProtocolError, Verdict, VerifyRequest
+from draftwire.shared.core.rejection_sampling import (
     NonFinite,
     SplitOutcome,
     VerificationError,
     split_verify,
     verify_block,
 )
-from shared.core.rng import VERIFY_SIDE, round_rng
-from shared.core.warpers import mask_eos, warp
-from shared.models.batched_forward import next_logits_batch
-from shared.models.runtime import KVSequence, LoadedModel
+from draftwire.shared.core.rng import VERIFY_SIDE, round_rng
+from draftwire.shared.core.warpers import mask_eos, warp
+from draftwire.shared.models.batched_forward import next_logits_batch
+from draftwire.shared.models.runtime import KVSequence, LoadedModel
 
 
 class SessionUnknown(LookupError):

@@ -34,7 +34,7 @@ from opentelemetry import propagate
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
-from shared.core.subject_names import (
+from draftwire.shared.core.subject_names import (
     DELIVERED_BUCKET,
     DONE_STREAM,
     JOBS_STREAM,
@@ -42,8 +42,8 @@ from shared.core.subject_names import (
     SUBMIT_STREAM,
     validate_token,
 )
-from shared.io.credentials import load_identity
-from shared.io.nats_server import is_reachable
+from draftwire.shared.io.credentials import load_identity
+from draftwire.shared.io.nats_server import is_reachable
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Subjects:
 
     Client-facing subjects come in two shapes: the shared ones of an unsecured deployment
     (`prompts`, `results.<id>`, ...) and a tenant's own (`prompts.<tenant>`, `results.<tenant>.<id>`, ...),
-    which only that client identity may use (`shared.core.nats_permissions`). `tenant=""` is the shared shape.
+    which only that client identity may use (`draftwire.shared.core.nats_permissions`). `tenant=""` is the shared shape.
     """
 
     prompts: str = f"{ROOT}.prompts"  # micro endpoint, queue group `schedulers` (request/reply)
@@ -175,7 +175,7 @@ async def connect(
     so a missing server would hang a service for minutes. We bound the first connect with
     `initial_timeout` and raise ConnectionError; once connected, the client reconnects indefinitely so a
     restarted server does not take the services down. `creds` is an identity's nkey seed file
-    (`shared.io.credentials`): the client signs in as it and uses its own inbox prefix. `kw` overrides any
+    (`draftwire.shared.io.credentials`): the client signs in as it and uses its own inbox prefix. `kw` overrides any
     nats.connect option (`tls=` an ssl.SSLContext, for instance).
     """
     if creds is not None:

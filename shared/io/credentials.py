@@ -2,7 +2,7 @@
 
 A secure directory holds `<name>.nk` (the identity's nkey seed: what nats-py's `nkeys_seed` reads; mode 0600),
 `roles.json` (name -> role) and `auth.conf` (the nats-server `authorization` block built from the public keys
-by `shared.core.nats_permissions`). The fixed identities are named after their roles (`scheduler.nk`,
+by `draftwire.shared.core.nats_permissions`). The fixed identities are named after their roles (`scheduler.nk`,
 `edge.nk`, `device.nk`, `telemetry.nk`, `admin.nk`) plus a first client, `client.nk`; `add_client` adds
 another tenant. Files are created once and reused, so restarting keeps every identity.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nkeys
 
-from shared.core.nats_permissions import ROLES, authorization_block, inbox_prefix
+from draftwire.shared.core.nats_permissions import ROLES, authorization_block, inbox_prefix
 
 FIXED = ("admin", "scheduler", "edge", "device", "telemetry")
 FIRST_CLIENT = "client"

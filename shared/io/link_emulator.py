@@ -15,7 +15,7 @@ import logging
 import socket
 from typing import Self
 
-from shared.core.link_profile import LinkProfile, Shaper
+from draftwire.shared.core.link_profile import LinkProfile, Shaper
 
 CHUNK = 16 * 1024
 log = logging.getLogger("draftwire.link")
@@ -141,7 +141,7 @@ class _Pipe:
 class ShapedEdge:
     """The in-process engine's link (`generate --local --link`): the same shapers, applied as waits.
 
-    Wraps another `shared.core.speculation.EdgeTransport`; each round's encoded bytes are scheduled on the uplink shaper, the
+    Wraps another `draftwire.shared.core.speculation.EdgeTransport`; each round's encoded bytes are scheduled on the uplink shaper, the
     reply's on the downlink one, and the round waits until both would have been delivered.
     """
 

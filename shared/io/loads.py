@@ -1,10 +1,10 @@
 """The instances of a micro service and their loads, read from nats.micro's `$SRV.STATS.<service>`.
 
 One request, many replies: every instance answers on our inbox, and its reply names it (`metadata.instance`,
-set by `shared.io.service_shell.register`), gives its micro service id (for `$SRV.PING.<service>.<id>`), and
+set by `draftwire.shared.io.service_shell.register`), gives its micro service id (for `$SRV.PING.<service>.<id>`), and
 carries the load it reports in each endpoint's `data` (None from an instance that reports none). A
 `LoadBoard` keeps the last gathering for a short while and counts the sessions placed on each instance since,
-so a burst of placements costs one gathering and still spreads (`shared.core.placement`).
+so a burst of placements costs one gathering and still spreads (`draftwire.shared.core.placement`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import nats.errors
 from nats.aio.client import Client
 
-from shared.core.placement import Load, least_loaded
-from shared.core.subject_names import validate_token
+from draftwire.shared.core.placement import Load, least_loaded
+from draftwire.shared.core.subject_names import validate_token
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ async def gather_stats(
 class LoadBoard:
     """The loads of one service's instances, at most `ttl` old when asked, plus the sessions placed since.
 
-    `to_load(instance, data, placed)` turns a reported load into a `Load` (`shared.core.placement`). A
+    `to_load(instance, data, placed)` turns a reported load into a `Load` (`draftwire.shared.core.placement`). A
     failed gathering counts as none: placement then falls back to whatever the caller does without it.
     """
 

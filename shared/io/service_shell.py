@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.micro import Service
 
-from shared.io.bus import connect, validate_token
-from shared.io.tracing import setup_tracing, shutdown_tracing
+from draftwire.shared.io.bus import connect, validate_token
+from draftwire.shared.io.tracing import setup_tracing, shutdown_tracing
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 READY_PREFIX = "draftwire-ready"
@@ -61,7 +61,7 @@ def default_instance(service: str, pid: int | None = None) -> str:
 
 
 def service_parser(service: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m services.{service}", description=description)
+    p = argparse.ArgumentParser(prog=f"python -m draftwire.services.{service}", description=description)
     p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL), help="NATS URL [DRAFTWIRE_NATS_URL]")
     p.add_argument(
         "--instance",
@@ -94,7 +94,7 @@ def connection_options(args: argparse.Namespace) -> dict:
     """connect() options from --creds and --tls-*: the identity to sign in as, and the TLS context."""
     opts: dict = {"creds": getattr(args, "creds", None) or None}
     if ca := getattr(args, "tls_ca", None):
-        from shared.io.tls import client_context
+        from draftwire.shared.io.tls import client_context
 
         opts["tls"] = client_context(ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
     return opts
@@ -129,7 +129,7 @@ StartFn = Callable[[ServiceContext], Awaitable[None]]
 
 
 def run(name: str, parser: argparse.ArgumentParser, start: StartFn, argv: list[str] | None = None) -> None:
-    """Entry point of `python -m services.<name>`: never returns normally until a signal arrives."""
+    """Entry point of `python -m draftwire.services.<name>`: never returns normally until a signal arrives."""
     args = parser.parse_args(argv)
     try:
         validate_token(args.instance, "instance")
@@ -226,12 +226,12 @@ async def register(
     """Register a nats.micro service (so `$SRV.PING|INFO|STATS` find it) with per-endpoint queue groups.
 
     `stats` returns this instance's load (a JSON-able dict), sent as every endpoint's `data` in the
-    `$SRV.STATS` reply, which is where placement reads it (`shared.io.loads`). A callback that raises
+    `$SRV.STATS` reply, which is where placement reads it (`draftwire.shared.io.loads`). A callback that raises
     reports no load rather than leaving the stats request unanswered.
     """
     from nats.micro import add_service
 
-    from shared.io.bus import endpoint_name
+    from draftwire.shared.io.bus import endpoint_name
 
     def stats_handler(_endpoint) -> dict | None:
         try:

@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from shared.models.batched_forward import next_logits_batch
-from shared.models.runtime import load_model
+from draftwire.shared.models.batched_forward import next_logits_batch
+from draftwire.shared.models.runtime import load_model
 
 
 def tokens_per_s(model, n: int, repeats: int, context: int = 100, new: int = 5) -> float:

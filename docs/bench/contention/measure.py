@@ -23,7 +23,7 @@ def _worker(name: str, dtype: str, start, out) -> None:
     warnings.filterwarnings("ignore")
     import torch
 
-    from shared.models.runtime import load_model
+    from draftwire.shared.models.runtime import load_model
 
     torch.set_num_threads(1)
     model = load_model(name, dtype, progress=False)

@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from services.cli.remote import load_prompts
-from shared.models.runtime import load_model, quantize_int8
+from draftwire.services.cli.remote import load_prompts
+from draftwire.shared.models.runtime import load_model, quantize_int8
 
 VARIANTS = ("dynamic", "fp32", "weight-only")
 USAGE = "usage: python docs/bench/int8/measure.py MODEL TARGET_DTYPE [MODEL TARGET_DTYPE ...]"
