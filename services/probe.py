@@ -12,6 +12,7 @@ import json
 import sys
 
 from draftwire.shared.io.bus import connect
+from draftwire.shared.io.help_format import HelpParser
 from draftwire.shared.io.service_shell import DEFAULT_NATS_URL, add_tls_flags, connection_options, env
 
 
@@ -24,14 +25,19 @@ async def _ping(url: str, name: str, timeout: float, options: dict) -> bool:
         await nc.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m draftwire.services.probe", description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=("scheduler", "draft", "verifier", "telemetry", "gateway"))
-    p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL))
-    p.add_argument("--timeout", type=float, default=3.0)
+def build_parser() -> argparse.ArgumentParser:
+    p = HelpParser(prog="python -m draftwire.services.probe", description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=("scheduler", "draft", "verifier", "telemetry", "gateway"),
+                   help="the service to ping")
+    p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL), help="NATS URL [DRAFTWIRE_NATS_URL]")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the service's answer")
     p.add_argument("--creds", default=env("CREDS"), help="the service's own identity, secured [DRAFTWIRE_CREDS]")
     add_tls_flags(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         ok = asyncio.run(_ping(args.nats, args.name, args.timeout, connection_options(args)))
     except Exception as exc:  # noqa: BLE001 - any failure means unhealthy

@@ -83,7 +83,8 @@ def test_generate_local_json() -> None:
 def test_up_generate_and_sigterm_leave_no_orphans(tmp_path: Path) -> None:
     env = {**os.environ, "DRAFTWIRE_CACHE": str(tmp_path)}
     up = subprocess.Popen(
-        [*CLI, "up", *TINY, "--draft-dtype", "fp32", "--nats-port", "0", "--telemetry-port", "0"],
+        [*CLI, "up", *TINY, "--draft-dtype", "fp32", "--nats-port", "0", "--telemetry-port", "0",
+         "--gateway-port", "0"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:

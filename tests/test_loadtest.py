@@ -122,7 +122,7 @@ def test_logit_gap_is_at_the_first_differing_position_after_the_alone_prefix():
     # the loadtest fills every mismatch in; EOS is masked as the verifier masks it before min_new_tokens
     row = {"identical": {"details": [{"prompt_index": 0, "position": 2, "alone_token": alone[2], "got_token": 7}]}}
     args = argparse.Namespace(target_model="tiny-random", target_dtype="fp32", max_new_tokens=4)
-    _add_logit_gaps(args, [row], ["hello there"], {0: alone})
+    _add_logit_gaps(args, [row], [{"id": "0", "prompt": "hello there"}], {0: alone})
     detail = row["identical"]["details"][0]
     assert detail["top1_minus_top2"] == pytest.approx(got["top1_minus_top2"], abs=1e-4)
     assert detail["top1"] not in target.eos_token_ids

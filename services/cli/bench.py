@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from draftwire.shared.bench import prompt_ids, with_row
 from draftwire.shared.core.draft_length_policy import expected_tokens, optimal_gamma
 from draftwire.shared.core.link_profile import PROFILES, LinkError, LinkProfile, parse_link
 from draftwire.shared.core.params import MODES, SamplingParams, SpecParams
@@ -100,7 +101,8 @@ async def _run_prompts(nc, prompts, spec: SpecParams, n: int, tag: str, timeout:
     t0 = time.perf_counter()
     for i, row in enumerate(prompts):
         sampling = SamplingParams(temperature=0.0, seed=i, max_new_tokens=n, min_new_tokens=n)
-        body = request_body(row["prompt"], sampling, spec, stream=False, rid=f"bench-{tag}-{i}-{time.time_ns()}")
+        rid = f"bench-{tag}-{i}-{time.time_ns()}"
+        body = with_row(request_body("", sampling, spec, stream=False, rid=rid), row)
         result = await ask(nc, body, timeout)
         if "error" in result:
             raise RuntimeError(f"{tag}: {result['error']}")
@@ -233,7 +235,7 @@ def bench_hf_peer(args, prompts, log) -> list[dict]:
     for label, assistant in (("hf-ar", None), ("hf-assisted", draft.model)):
         tokens, t0 = 0, time.perf_counter()
         for row in prompts:
-            ids = torch.tensor([target.encode(row["prompt"])])
+            ids = torch.tensor([prompt_ids(target, row)])
             kwargs = {"assistant_model": assistant} if assistant is not None else {}
             with torch.inference_mode():
                 gen = target.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -358,6 +360,7 @@ def cmd_bench(args) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
         "wall_s": time.time() - t0,
         "machine": f"{platform.machine()} {platform.processor() or ''} ".strip(),
+        "prompt_set": args.prompts,
         "prompts": [p.get("id", i) for i, p in enumerate(prompts)],
         "max_new_tokens": args.max_new_tokens,
         "torch_threads_per_service": 1,

@@ -23,6 +23,7 @@ from pathlib import Path
 import msgpack
 
 from draftwire.services.cli.remote import load_prompts
+from draftwire.shared.bench import DEFAULT_SET, PROMPTS_HELP, completions_only
 from draftwire.shared.io.bus import SUBJECTS, connect
 from draftwire.shared.io.service_shell import default_instance
 
@@ -265,7 +266,7 @@ def _plot(phases: list[Phase], path: Path) -> None:
 async def _faults(args) -> int:
     from draftwire.services.cli.stack import start_stack
 
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    prompts = completions_only(load_prompts(args.prompts, args.num_prompts), "faults")
     phases_wanted = [p for p in args.phases.split(",") if p]
     for p in phases_wanted:
         if p not in SERVICE_OF_PHASE:
@@ -309,18 +310,18 @@ async def _faults(args) -> int:
 def add_parser(sub, add_model_flags) -> None:
     p = sub.add_parser("faults", help="kill verifier, draft and scheduler replicas on a schedule under load")
     add_model_flags(p)
-    p.add_argument("--prompts", default=None, help="a JSONL file of {\"prompt\": ...} rows (default: the bench set)")
-    p.add_argument("--num-prompts", type=int, default=24, help="prompts per pass (default 24)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="exactly this many tokens each (default 32)")
+    p.add_argument("--prompts", default=DEFAULT_SET, help=PROMPTS_HELP)
+    p.add_argument("--num-prompts", type=int, default=24, help="prompts per pass")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="exactly this many tokens each")
     p.add_argument("--phases", default="verifier,draft,scheduler", help="services to kill, one pass each")
-    p.add_argument("--kill-every", type=float, default=10.0, help="seconds between kills (default 10)")
-    p.add_argument("--replicas", type=int, default=2, help="instances of each service (default 2)")
+    p.add_argument("--kill-every", type=float, default=10.0, help="seconds between kills")
+    p.add_argument("--replicas", type=int, default=2, help="instances of each service")
     p.add_argument("--concurrency", type=int, default=1,
-                   help="prompts in flight at once (default 1: each kill's cost is then that of one prompt)")
-    p.add_argument("--timeout", type=float, default=300.0, help="each request's timeout_s (default 300)")
-    p.add_argument("--mode", default="tkslt", help="speculation mode (default tkslt)")
-    p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--out", default="bench-out/faults", help="output directory (default bench-out/faults)")
+                   help="prompts in flight at once (1: each kill's cost is then that of one prompt)")
+    p.add_argument("--timeout", type=float, default=300.0, help="each request's timeout_s")
+    p.add_argument("--mode", default="tkslt", help="speculation mode")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--k", type=int, default=8, help="top-K per draft position")
+    p.add_argument("--out", default="bench-out/faults", help="output directory")
     p.add_argument("--verbose", action="store_true", help="show the services' logs")
     p.set_defaults(func=lambda a: asyncio.run(_faults(a)))

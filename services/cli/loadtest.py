@@ -5,7 +5,8 @@ each session's own tokens/s, time to first token and inter-token latency (from t
 at the client), how many requests were refused, and what the verifier made of the load: target forwards run,
 rows (sessions) per forward and tokens per forward, read from its `draftwire.verifier.info` counters before
 and after each level (None from a verifier that does not count them). Every level starts from an idle stack
-and sends its N requests at once (greedy, exactly `--max-new-tokens` each, prompts cycled from the bench set).
+and sends its N requests at once (greedy, exactly `--max-new-tokens` each, prompts cycled from `--prompts`:
+a completion as it is, a chat through the stack's chat template; `--replay` takes completions only).
 
 `--check-identical` first serves every prompt the levels use alone, one at a time, and compares each level's
 outputs with those: batching must not change a greedy output, except where float noise flips a near-tie, so
@@ -32,6 +33,7 @@ from pathlib import Path
 import msgpack
 
 from draftwire.services.cli.remote import load_prompts
+from draftwire.shared.bench import DEFAULT_SET, PROMPTS_HELP, completions_only, prompt_ids, with_row
 from draftwire.shared.io.bus import SUBJECTS, connect
 
 SERVICES_LABEL = "services (end to end)"
@@ -192,7 +194,7 @@ async def read_verifier_info(nc) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-async def _one(nc, rid: str, prompt_index: int, prompt: str, args) -> dict:
+async def _one(nc, rid: str, prompt_index: int, prompt: dict, args) -> dict:
     run = {"id": rid, "prompt_index": prompt_index, "tokens": 0, "token_ids": [], "started": time.monotonic(),
            "finished": 0.0, "chunks": [], "error": None}
 
@@ -202,9 +204,8 @@ async def _one(nc, rid: str, prompt_index: int, prompt: str, args) -> dict:
             run["chunks"].append((time.monotonic(), len(chunk["token_ids"])))
 
     sub = await nc.subscribe(SUBJECTS.stream(rid), cb=on_chunk)
-    body = {"id": rid, "prompt": prompt, "max_new_tokens": args.max_new_tokens,
-            "min_new_tokens": args.max_new_tokens, "temperature": 0.0, "seed": 0, "stream": True,
-            "timeout_s": args.timeout}
+    body = with_row({"id": rid, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens,
+                     "temperature": 0.0, "seed": 0, "stream": True, "timeout_s": args.timeout}, prompt)
     try:
         msg = await nc.request(SUBJECTS.prompts, json.dumps(body).encode(), timeout=args.timeout + 30)
         result = json.loads(msg.data)
@@ -221,7 +222,7 @@ async def _one(nc, rid: str, prompt_index: int, prompt: str, args) -> dict:
     return run
 
 
-async def _services_levels(args, levels: list[int], prompts: list[str]) -> tuple[list[dict], dict]:
+async def _services_levels(args, levels: list[int], prompts: list[dict]) -> tuple[list[dict], dict]:
     """The levels through the whole stack; with --check-identical also each used prompt served alone first."""
     from draftwire.services.cli.stack import start_stack
 
@@ -273,7 +274,7 @@ async def _services_levels(args, levels: list[int], prompts: list[str]) -> tuple
     return rows, extra
 
 
-def _add_logit_gaps(args, rows: list[dict], prompts: list[str], alone: dict[int, list[int]]) -> None:
+def _add_logit_gaps(args, rows: list[dict], prompts: list[dict], alone: dict[int, list[int]]) -> None:
     """Each mismatch's logit gap, from the target loaded here (its tokenizer is the draft's family's)."""
     from draftwire.shared.models.runtime import load_model
 
@@ -281,18 +282,18 @@ def _add_logit_gaps(args, rows: list[dict], prompts: list[str], alone: dict[int,
     for row in rows:
         for m in row["identical"]["details"]:
             ref = alone[m["prompt_index"]]
-            m.update(logit_gap(target, target.encode(prompts[m["prompt_index"]]), ref[: m["position"]],
+            m.update(logit_gap(target, prompt_ids(target, prompts[m["prompt_index"]]), ref[: m["position"]],
                                (m["alone_token"], m["got_token"]), args.max_new_tokens))
 
 
-async def _replay_levels(args, levels: list[int], prompts: list[str]) -> tuple[list[dict], dict]:
+async def _replay_levels(args, levels: list[int], prompts: list[dict]) -> tuple[list[dict], dict]:
     from draftwire.services.cli import replay
 
     count = min(args.recordings or max(levels), len(prompts))
     t0 = time.monotonic()
     starting = asyncio.ensure_future(replay.start_edge(args, quiet=not args.verbose))  # starts while we record
     try:
-        recordings = await replay.record(args, prompts[:count])
+        recordings = await replay.record(args, [row["prompt"] for row in prompts[:count]])
     except BaseException:
         starting.cancel()  # start_edge stops what it started when cancelled; if it had finished, stop it here
         started = (await asyncio.gather(starting, return_exceptions=True))[0]
@@ -329,7 +330,9 @@ async def _loadtest(args) -> int:
         levels = []
     if not levels or min(levels) < 1:
         raise SystemExit("draftwire loadtest: error: --sessions takes positive integers, e.g. 1,4,16")
-    prompts = [p["prompt"] for p in load_prompts(args.prompts, 1000)]
+    prompts = load_prompts(args.prompts, 1000)
+    if args.replay:  # replay records in process from raw text
+        prompts = completions_only(prompts, "loadtest --replay")
     label = REPLAY_LABEL if args.replay else SERVICES_LABEL
     print(f"draftwire loadtest: {label}", flush=True)
     if args.replay:
@@ -423,26 +426,26 @@ def _plot(rows: list[dict], path: Path, replay: bool) -> None:
 def add_parser(sub, add_model_flags) -> None:
     p = sub.add_parser("loadtest", help="N concurrent sessions through the services: throughput and latency vs N")
     add_model_flags(p)
-    p.add_argument("--sessions", default="1,4,16", help="concurrency levels, comma-separated (default 1,4,16)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="exactly this many tokens each (default 32)")
-    p.add_argument("--prompts", default=None, help="a JSONL file of {\"prompt\": ...} rows (default: the bench set)")
-    p.add_argument("--timeout", type=float, default=600.0, help="each request's timeout_s (default 600)")
-    p.add_argument("--mode", default="tkslt", help="speculation mode (default tkslt)")
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (default 4)")
-    p.add_argument("--k", type=int, default=8, help="top-K per draft position (default 8)")
+    p.add_argument("--sessions", default="1,4,16", help="concurrency levels, comma-separated")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="exactly this many tokens each")
+    p.add_argument("--prompts", default=DEFAULT_SET, help=PROMPTS_HELP)
+    p.add_argument("--timeout", type=float, default=600.0, help="each request's timeout_s")
+    p.add_argument("--mode", default="tkslt", help="speculation mode")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--k", type=int, default=8, help="top-K per draft position")
     p.add_argument("--policy", default="fixed", choices=("fixed", "adaptive", "confidence"),
-                   help="draft-length policy (default fixed)")
+                   help="draft-length policy")
     p.add_argument("--pipeline", action="store_true", help="pipelined (PEARL) drafting")
     p.add_argument("--check-identical", action="store_true",
                    help="serve each prompt alone first and compare every level's outputs with those")
     p.add_argument("--replay", action="store_true",
                    help="edge capacity alone: replay recorded draft proposals to one verifier (no --check-identical: "
                         "it compares every verdict with the recorded one instead)")
-    p.add_argument("--replay-seconds", type=float, default=20.0, help="--replay: seconds per level (default 20)")
+    p.add_argument("--replay-seconds", type=float, default=20.0, help="--replay: seconds per level")
     p.add_argument("--recordings", type=int, default=None,
                    help="--replay: sessions to record (default: the largest level's, at most the prompt count)")
     p.add_argument("--verifier-flags", default="",
                    help="--replay: extra flags for the verifier service, e.g. \"--max-sessions 128\"")
-    p.add_argument("--out", default="bench-out/loadtest", help="output directory (default bench-out/loadtest)")
+    p.add_argument("--out", default="bench-out/loadtest", help="output directory")
     p.add_argument("--verbose", action="store_true", help="show the services' logs")
     p.set_defaults(func=lambda a: asyncio.run(_loadtest(a)))

@@ -13,6 +13,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from draftwire.shared.bench import DEFAULT_SET, PROMPTS_HELP
 from draftwire.shared.core.params import (
     DEFAULT_GAMMA,
     DEFAULT_K,
@@ -24,6 +25,7 @@ from draftwire.shared.core.params import (
     SamplingParams,
     SpecParams,
 )
+from draftwire.shared.io.help_format import HelpParser
 from draftwire.shared.models.cache import cache_root
 
 DEFAULT_DRAFT = ("smollm2-135m", "int8")
@@ -35,9 +37,10 @@ DEVICES = ("cpu", "cuda", "auto")
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--draft-model", default=DEFAULT_DRAFT[0], help="catalog name, HF dir, .gguf file or hub id")
-    g.add_argument("--draft-dtype", default=DEFAULT_DRAFT[1], choices=DTYPES)
+    g.add_argument("--draft-dtype", default=DEFAULT_DRAFT[1], choices=DTYPES,
+                   help="the draft's weights (int8: dynamically quantized linear layers)")
     g.add_argument("--target-model", default=DEFAULT_TARGET[0], help="catalog name, HF dir, .gguf file or hub id")
-    g.add_argument("--target-dtype", default=DEFAULT_TARGET[1], choices=DTYPES)
+    g.add_argument("--target-dtype", default=DEFAULT_TARGET[1], choices=DTYPES, help="the target's weights")
     for role in ("draft", "target"):
         key = f"DRAFTWIRE_{role.upper()}_DEVICE"
         g.add_argument(f"--{role}-device", default=os.environ.get(key, "cpu"), choices=DEVICES,
@@ -47,7 +50,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--mode", default="tkslt", choices=MODES,
-                   help="ar = target alone; full; tkslt (default); dssd = split verification")
+                   help="ar = target alone; full = whole draft distributions; tkslt = top-K of them; "
+                        "dssd = split verification")
     g.add_argument("--gamma", type=int, default=DEFAULT_GAMMA, help="draft tokens per round (adaptive: the first round's)")
     g.add_argument("--policy", default="fixed", choices=POLICIES,
                    help="draft length: fixed gamma; adaptive (gamma* re-chosen every round); confidence stop")
@@ -56,10 +60,11 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline", action="store_true", help="keep drafting while a round is verified (PEARL)")
     g.add_argument("--k", type=int, default=DEFAULT_K, help="top-K entries sent per draft position (tkslt)")
     g.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS, help="wire quantization of probabilities")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                   "whose probability reaches this (1 = all)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, reported)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
     g.add_argument("--min-new-tokens", type=int, default=0, help="mask end-of-sequence until this many tokens")
 
 
@@ -133,8 +138,7 @@ def add_client_identity_flags(p: argparse.ArgumentParser) -> None:
 def add_secure_flag(g, default: str | None = None) -> None:
     g.add_argument("--secure", metavar="DIR", default=default,
                    help="per-role NATS identities, permissions and TLS: credentials and certificates are "
-                        "created in DIR (or reused) and each service gets its own"
-                        + (f" (default {default})" if default else ""))
+                        "created in DIR (or reused) and each service gets its own")
 
 
 def cmd_auth_init(args: argparse.Namespace) -> int:
@@ -176,9 +180,9 @@ def add_stack_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nats-port", type=int, default=4222, help="port of the embedded NATS server (0 = any)")
     g.add_argument("--telemetry-port", type=int, default=9464, help="HTTP port of /metrics (0 = any)")
     g.add_argument("--gateway-port", type=int, default=8000,
-                   help="HTTP port of the OpenAI-compatible API (default 8000, as vLLM's; 0 = any)")
+                   help="HTTP port of the OpenAI-compatible API (8000, as vLLM's; 0 = any)")
     for flag, what in (("verifiers", "verifier"), ("drafts", "draft"), ("schedulers", "scheduler")):
-        g.add_argument(f"--{flag}", type=_positive, default=1, help=f"{what} instances to start (default 1)")
+        g.add_argument(f"--{flag}", type=_positive, default=1, help=f"{what} instances to start")
     add_link_flag(g)
 
 
@@ -265,12 +269,12 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="draftwire", description=__doc__.splitlines()[0])
+    parser = HelpParser(prog="draftwire", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"draftwire {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one prompt")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="the prompt text (a raw completion)")
     gen.add_argument("--local", action="store_true", help="run in-process instead of through the NATS services")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, stats")
     gen.add_argument("--nats", default=None, help="NATS URL of a running stack (default nats://127.0.0.1:4222)")
@@ -293,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(demo)
     add_generation_flags(demo)
     demo.add_argument("--modes", default="ar,full,tkslt", help="comma-separated modes to compare")
-    demo.add_argument("--num-prompts", type=int, default=3)
-    demo.add_argument("--prompts", default=None, help="JSONL prompt file (default: the bench set)")
+    demo.add_argument("--num-prompts", type=int, default=3, help="the first this many prompts of the set")
+    demo.add_argument("--prompts", default=DEFAULT_SET, help=PROMPTS_HELP)
     demo.add_argument("--verbose", action="store_true", help="show the services' logs")
     add_secure_flag(demo, default=str(Path(cache_root()) / "secure"))
     demo.add_argument("--insecure", dest="secure", action="store_const", const=None,
@@ -305,42 +309,42 @@ def build_parser() -> argparse.ArgumentParser:
     auth = sub.add_parser("auth", help="manage the identities of a secured stack")
     auth_sub = auth.add_subparsers(dest="auth_cmd", required=True)
     init = auth_sub.add_parser("init", help="create (or reuse) every role's identity and dev TLS certs in DIR")
-    init.add_argument("dir", type=Path)
+    init.add_argument("dir", type=Path, help="where the identities and certificates go")
     init.add_argument("--host", action="append", default=[], metavar="H",
                       help="another name the NATS server is reached by (127.0.0.1, localhost and nats always are)")
     init.set_defaults(func=cmd_auth_init)
     for verb, what in (("add-client", "a client identity (a tenant)"), ("add-device", "a device identity")):
         add = auth_sub.add_parser(verb, help=f"add {what} as DIR/NAME.nk")
-        add.add_argument("name")
+        add.add_argument("name", help="the identity's name (a client's is its tenant)")
         add.add_argument("--secure", metavar="DIR", required=True, help="the directory `up --secure` uses")
         add.set_defaults(func=cmd_auth)
 
     check = sub.add_parser("selfcheck", help="greedy speculative output vs the target's transformers generate")
     add_model_flags(check)
     check.add_argument("--draft-dtypes", default="int8,bf16", help="comma-separated draft dtypes to check")
-    check.add_argument("--modes", default="full,tkslt")
-    check.add_argument("--gamma", type=int, default=DEFAULT_GAMMA)
-    check.add_argument("--k", type=int, default=DEFAULT_K)
-    check.add_argument("--max-new-tokens", type=int, default=48)
-    check.add_argument("--num-prompts", type=int, default=1000)
-    check.add_argument("--prompts", default=None, help="JSONL prompt file (default: the bench set)")
+    check.add_argument("--modes", default="full,tkslt", help="comma-separated modes to check")
+    check.add_argument("--gamma", type=int, default=DEFAULT_GAMMA, help="draft tokens per round")
+    check.add_argument("--k", type=int, default=DEFAULT_K, help="top-K entries sent per draft position (tkslt)")
+    check.add_argument("--max-new-tokens", type=int, default=48, help="every prompt makes exactly this many tokens")
+    check.add_argument("--num-prompts", type=int, default=1000, help="the first this many prompts of the set")
+    check.add_argument("--prompts", default=DEFAULT_SET, help=PROMPTS_HELP)
     check.add_argument("--out", default=None, help="write the JSON report here")
     check.set_defaults(func=cmd_selfcheck)
 
     over = sub.add_parser("overhead", help="benchmark: NATS + codec cost of one round on loopback (p50/p99)")
-    over.add_argument("--rounds", type=int, default=2000)
-    over.add_argument("--gamma", type=int, default=DEFAULT_GAMMA)
+    over.add_argument("--rounds", type=int, default=2000, help="rounds timed per K")
+    over.add_argument("--gamma", type=int, default=DEFAULT_GAMMA, help="draft positions per round")
     over.add_argument("--k-values", type=lambda s: [int(x) for x in s.split(",")], default=[8, 256, 49152],
                       help="comma-separated K values (K = vocab is the full mode)")
-    over.add_argument("--vocab", type=int, default=49152)
-    over.add_argument("--out", default="bench-out/overhead")
+    over.add_argument("--vocab", type=int, default=49152, help="vocabulary size of the synthetic distributions")
+    over.add_argument("--out", default="bench-out/overhead", help="output directory")
     over.set_defaults(func=cmd_overhead)
 
     bench = sub.add_parser("bench", help="benchmark: modes x links x draft-length policies through the services")
     add_model_flags(bench)
     bench.add_argument("--pair", choices=("smollm2", "qwen"), default=None,
                        help="model pair: smollm2 (int8 -> fp32, default flags) or qwen (int8 -> bf16)")
-    bench.add_argument("--modes", default="ar,full,tkslt,dssd")
+    bench.add_argument("--modes", default="ar,full,tkslt,dssd", help="comma-separated modes to run")
     bench.add_argument("--links", default="lan,5g,cell-edge",
                        help="profile names, or ';'-separated --link specs (e.g. 'cell-edge;up=1M,down=5M,rtt=80ms')")
     bench.add_argument("--policies", default="fixed,adaptive,pipelined",
@@ -348,15 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gamma", type=int, default=DEFAULT_GAMMA, help="the fixed gamma (and adaptive's first)")
     bench.add_argument("--gammas", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4, 6, 8],
                        help="gammas of the sweep policy")
-    bench.add_argument("--k", type=int, default=DEFAULT_K)
-    bench.add_argument("--confidence", type=float, default=0.5)
-    bench.add_argument("--max-prompts", type=int, default=4)
+    bench.add_argument("--k", type=int, default=DEFAULT_K, help="top-K entries sent per draft position (tkslt)")
+    bench.add_argument("--confidence", type=float, default=0.5,
+                       help="the confidence policy's stop: draft top probability below this")
+    bench.add_argument("--max-prompts", type=int, default=4, help="the first this many prompts of the set")
     bench.add_argument("--max-new-tokens", type=int, default=32, help="every prompt makes exactly this many tokens")
-    bench.add_argument("--prompts", default=None, help="JSONL prompt file (default: the bench set)")
+    bench.add_argument("--prompts", default=DEFAULT_SET, help=PROMPTS_HELP)
     bench.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
     bench.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                        help="also run transformers' generate(assistant_model=...) on the same pair")
-    bench.add_argument("--out", default="bench-out/bench")
+    bench.add_argument("--out", default="bench-out/bench", help="output directory")
     bench.add_argument("--verbose", action="store_true", help="show the services' logs")
     bench.set_defaults(func=cmd_bench, nats=None, nats_port=0, telemetry_port=0, mode="tkslt", policy="fixed",
                        pipeline=False)

@@ -12,7 +12,7 @@ import json
 import sys
 import uuid
 
-from draftwire.shared.bench import BENCH_SET, load_set
+from draftwire.shared.bench import BENCH_SET, label, load_set, with_row
 from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.io.bus import SUBJECTS, connect
 from draftwire.shared.io.credentials import identity_name
@@ -132,8 +132,8 @@ async def _demo(args) -> int:
                 for i, row in enumerate(prompts):
                     sampling = SamplingParams(temperature=0.0, seed=i, max_new_tokens=args.max_new_tokens,
                                               min_new_tokens=args.max_new_tokens)
-                    body = request_body(row["prompt"], sampling, spec, stream=True, rid=f"demo-{mode}-{i}")
-                    print(f"\n--- [{mode}] {row['prompt']!r}\n", end="", flush=True)
+                    body = with_row(request_body("", sampling, spec, stream=True, rid=f"demo-{mode}-{i}"), row)
+                    print(f"\n--- [{mode}] {label(row)!r}\n", end="", flush=True)
                     result = await ask(nc, body, 600, lambda t: print(t, end="", flush=True), tenant)
                     if "error" in result:
                         raise RuntimeError(f"{mode}: {result['error']}")

@@ -1,10 +1,11 @@
 """`draftwire selfcheck`: greedy speculative output against the target's own transformers `generate`.
 
-Greedy speculative decoding must reproduce the target's greedy tokens exactly. This runs every bench prompt
-through the in-process engine for each draft and mode and compares token ids with
-`model.generate(do_sample=False)`. Where a token differs, it reports the target's logit gap between the two
-candidates at that position: a gap near float32 rounding means a near-tie that a multi-token forward (batched
-matmuls summed in another order) can legitimately flip, not a verification bug.
+Greedy speculative decoding must reproduce the target's greedy tokens exactly. This runs every prompt of the
+set (`--prompts`: a completion as it is, a chat through the target's chat template) through the in-process
+engine for each draft and mode and compares token ids with `model.generate(do_sample=False)`. Where a token
+differs, it reports the target's logit gap between the two candidates at that position: a gap near float32
+rounding means a near-tie that a multi-token forward (batched matmuls summed in another order) can
+legitimately flip, not a verification bug.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from draftwire.shared.bench import prompt_ids
 from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.speculation import LocalEngine
 from draftwire.shared.models.runtime import LoadedModel, load_model
@@ -55,7 +57,7 @@ def run_selfcheck(
                     "prompts": len(prompts), "pairs": {}}
     refs = {}
     for row in prompts:
-        ids = target.encode(row["prompt"])
+        ids = prompt_ids(target, row)
         refs[row["id"]] = (ids, hf_greedy(target, ids, n_tokens))
     for label, draft in drafts.items():
         engine = LocalEngine(target, draft)

@@ -35,7 +35,7 @@ def build_parser():
     p = service_parser("gateway", __doc__.splitlines()[0])
     p.add_argument("--http-host", default=env("GATEWAY_HOST", "127.0.0.1"), help="[DRAFTWIRE_GATEWAY_HOST]")
     p.add_argument("--http-port", type=int, default=int(env("GATEWAY_PORT", str(DEFAULT_HTTP_PORT))),
-                   help=f"0 picks a free port (default {DEFAULT_HTTP_PORT}) [DRAFTWIRE_GATEWAY_PORT]")
+                   help="0 picks a free port [DRAFTWIRE_GATEWAY_PORT]")
     p.add_argument("--api-key", default=env("API_KEY"),
                    help="require `Authorization: Bearer KEY` on every request [DRAFTWIRE_API_KEY]")
     p.add_argument("--request-timeout", type=float, default=env_float("GATEWAY_TIMEOUT", 600.0),

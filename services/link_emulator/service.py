@@ -13,12 +13,13 @@ import sys
 from urllib.parse import urlparse
 
 from draftwire.shared.core.link_profile import LinkError, parse_link
+from draftwire.shared.io.help_format import HelpParser
 from draftwire.shared.io.link_emulator import LinkProxy
 from draftwire.shared.io.service_shell import READY_PREFIX, env
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="draftwire-link", description=__doc__.splitlines()[0])
+    p = HelpParser(prog="draftwire-link", description=__doc__.splitlines()[0])
     p.add_argument("--upstream", default=env("NATS_URL", "nats://127.0.0.1:4222"),
                    help="the NATS server behind the link [DRAFTWIRE_NATS_URL]")
     p.add_argument("--listen", default=env("LINK_LISTEN", "127.0.0.1:4223"),

@@ -26,6 +26,7 @@ from nats.aio.client import Client
 from nats.micro import Service
 
 from draftwire.shared.io.bus import connect, validate_token
+from draftwire.shared.io.help_format import HelpParser
 from draftwire.shared.io.tracing import setup_tracing, shutdown_tracing
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -61,14 +62,15 @@ def default_instance(service: str, pid: int | None = None) -> str:
 
 
 def service_parser(service: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m draftwire.services.{service}", description=description)
+    p = HelpParser(prog=f"python -m draftwire.services.{service}", description=description)
     p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL), help="NATS URL [DRAFTWIRE_NATS_URL]")
     p.add_argument(
         "--instance",
         default=env("INSTANCE") or default_instance(service),
         help="instance name, unique per process [DRAFTWIRE_INSTANCE]",
     )
-    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[DRAFTWIRE_LOG_LEVEL]")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
+                   help="Python logging level: DEBUG, INFO, WARNING, ERROR [DRAFTWIRE_LOG_LEVEL]")
     p.add_argument("--creds", default=env("CREDS"),
                    help="this service's nkey seed file (`draftwire up --secure DIR` writes one per role); "
                         "without it the connection is anonymous [DRAFTWIRE_CREDS]")
@@ -107,7 +109,7 @@ def add_model_flags(p: argparse.ArgumentParser, role: str, default_dtype: str) -
     p.add_argument(f"--{role}-model", default=env(f"{key}_MODEL", "smollm2-135m"),
                    help=f"catalog name, HF dir, .gguf file or hub id [DRAFTWIRE_{key}_MODEL]")
     p.add_argument(f"--{role}-dtype", default=env(f"{key}_DTYPE", default_dtype), choices=("fp32", "bf16", "int8"),
-                   help=f"[DRAFTWIRE_{key}_DTYPE]")
+                   help=f"weights' dtype (int8: dynamically quantized linear layers) [DRAFTWIRE_{key}_DTYPE]")
     p.add_argument(f"--{role}-device", default=env(f"{key}_DEVICE", "cpu"), choices=("cpu", "cuda", "auto"),
                    help=f"where the model runs; auto = cuda when torch sees one (int8: cpu) [DRAFTWIRE_{key}_DEVICE]")
 
