@@ -161,3 +161,73 @@ def _bytes_to_unicode() -> dict[str, int]:
 
 
 _BYTE_OF = _bytes_to_unicode()
+
+
+# --- two tokenizers: a draft that does not share the target's vocabulary (issue 13) -----------------------
+
+
+def byte_level_tokenizer(pieces: Sequence[str], merges: Sequence[tuple[str, str]], specials: Sequence[str]):
+    """A tiny byte-level BPE tokenizer (the SmolLM2 / Qwen family): id i is pieces[i] (printable ASCII), then
+    the special tokens; `merges` decide how text is split. Other characters are not in its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=list(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0])
+
+
+class TokenizedBigram(BigramModel):
+    """A bigram over a real tokenizer's ids: what cross-tokenizer speculation needs (the bytes of each id)."""
+
+    def __init__(self, table: np.ndarray, tokenizer, name: str, eos: tuple[int, ...]) -> None:
+        super().__init__(table, name, eos)
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def cross_bigram_pair(seed: int, blur: float = 0.5, peak: float = 0.6) -> tuple[TokenizedBigram, TokenizedBigram]:
+    """Target and draft bigrams whose tokenizers overlap only in part: "ab" and "cc" are one target token
+    that the draft spells in pieces, "ca" and "bc" are draft tokens the target lacks, and the shared strings
+    sit at different ids; both end with "</s>" (paired by content). The draft is mixed from the target's
+    rows where it can express them (`blur`: how much noise is mixed in), so acceptance is well above zero and
+    well below one; a small `peak` makes the target surer of its next token."""
+    target_tok = byte_level_tokenizer(["a", "b", "ab", "c", "cc"], [("a", "b"), ("c", "c")], ["</s>"])
+    draft_tok = byte_level_tokenizer(["b", "c", "a", "ca", "bc"], [("c", "a"), ("b", "c")], ["</s>"])
+    rng = np.random.default_rng(seed)
+    target = rng.dirichlet(np.full(6, peak), size=6)
+    to_target = [1, 3, 0, None, None, 5]  # draft id -> target id of the same string
+    draft = rng.dirichlet(np.ones(6), size=6)
+    for d, t in enumerate(to_target):  # the draft's row after d: the target's row after d's string, blurred
+        src = target[t] if t is not None else rng.dirichlet(np.ones(6))
+        draft[d] = blur * draft[d] + (1 - blur) * np.array([src[t] if t is not None else 0.1 for t in to_target])
+        draft[d] /= draft[d].sum()
+    return (TokenizedBigram(target, target_tok, "cross-target", (5,)),
+            TokenizedBigram(draft, draft_tok, "cross-draft", (5,)))
+
+
+def retokenized_llama(model, name: str = "tiny-bpe-draft"):
+    """`model` (a tiny byte-tokenizer Llama) under a byte-level BPE tokenizer: id i is byte 255 - i, "th" is
+    id 256 and "</s>", "<s>", "<pad>" are 257-259. Its embedding and output rows are permuted to match, so it
+    predicts the very bytes `model` predicts, in other ids: a near-perfect draft that shares no id meaning
+    with its target (except where "th" is one token: a row that means nothing)."""
+    import copy
+
+    from draftwire.shared.models.runtime import LoadedModel
+
+    by_byte = {b: ch for ch, b in _BYTE_OF.items()}
+    pieces = [by_byte[255 - i] for i in range(256)] + ["th"]
+    tok = byte_level_tokenizer(pieces, [("t", "h")], ["</s>", "<s>", "<pad>"])
+    tok.bos_token, tok.pad_token = "<s>", "<pad>"
+    perm = torch.tensor([255 - i for i in range(256)] + [259, 257, 256, 258])  # draft id -> the model's id
+    net = copy.deepcopy(model.model)
+    with torch.no_grad():
+        net.get_input_embeddings().weight.copy_(model.model.get_input_embeddings().weight[perm])
+        if not net.config.tie_word_embeddings:
+            net.get_output_embeddings().weight.copy_(model.model.get_output_embeddings().weight[perm])
+    net.generation_config.eos_token_id = net.config.eos_token_id = 257
+    return LoadedModel(name, "fp32", net, tok)

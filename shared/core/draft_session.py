@@ -7,6 +7,12 @@ proves to the verifier which generation it continues, and it carries the generat
 verifier that opens the session. A verdict is untrusted input: one that does not answer the request, or names
 a token outside the vocabulary, is `BadVerdict` rather than a corrupted history. `eos_ids` are the target's:
 losslessness is with respect to the target, whose distribution includes when to stop.
+
+A draft with another tokenizer (`cross`, docs/cross_tokenizer.md) keeps its KV cache in its own tokens: each
+draft step masks its logits to the tokens the target shares, warps them and writes the row in target ids
+(`VocabMapping.to_target`) before today's top-K / quantize-then-sample, so everything on the wire, the history
+included, is in target ids; after each verdict the committed target tokens are re-tokenized into draft tokens
+(`retokenize`) and the draft's cache keeps the common prefix. Without `cross` nothing of this runs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from draftwire.shared.core import session_digest
+from draftwire.shared.core.cross_vocab import CrossVocab
 from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.proposal import ProposalBlock, dequantize, sample_index, sparse_row
 from draftwire.shared.core.protocol import Verdict, VerifyRequest
@@ -43,6 +50,7 @@ class Prefetch:
     rows: list
     guess: int | None = None  # the draft's guess of the in-flight round's target token
     stopped: bool = False  # the confidence stop ended it: do not draft on after these
+    context: list[int] | None = None  # cross-vocabulary: the draft ids it continued (see DraftSession.usable)
 
     def matches(self, committed: list[int]) -> bool:
         """Usable iff the round accepted everything and the target's token is the guess."""
@@ -71,6 +79,7 @@ class DraftSession:
     finish_reason: str | None = None
     verifier_knows_session: bool = False  # False -> the next request carries history + params
     digest: int = field(default=session_digest.EMPTY, init=False)  # of `committed`, kept as it grows
+    cross: CrossVocab | None = None  # the draft's tokenizer is not the target's (None: the same one)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -90,6 +99,24 @@ class DraftSession:
         self.digest = session_digest.of(self.committed)
         self._seq = self.model.new_sequence() if self.model is not None else None
         self._rows: dict[int, list] = {}  # DSSD: round -> the proposal rows, for the device-side correction
+        if self.cross is not None:  # the draft's own tokens for what is committed, and its EOS in draft ids
+            r = self.cross.draft_ids(self.committed)
+            self._draft_ids, self._settled = r.ids, r.settled
+            self._draft_eos = self.cross.draft_eos(self.eos_ids)
+
+    def _context(self, drafted: list[int]) -> list[int]:
+        """The draft model's input: the committed tokens then `drafted` (target ids), in the draft's ids."""
+        if self.cross is None:
+            return self.committed + drafted
+        return self._draft_ids + self.cross.mapping.to_draft(drafted)
+
+    def usable(self, prefetch: Prefetch | None) -> bool:
+        """Whether a pre-drafted block continues exactly what was committed. Across tokenizers the draft's
+        context must be the same too: re-tokenizing the verdict can change its last tokens, and a kept block
+        must be what drafting afresh would give (pipelining changes timing, never tokens)."""
+        if prefetch is None or not prefetch.matches(self.committed):
+            return False
+        return self.cross is None or prefetch.context == self._draft_ids
 
     @property
     def generated(self) -> list[int]:
@@ -140,6 +167,7 @@ class DraftSession:
             sent_at=time.time(),
             digest=self.digest,
             deadline=self.deadline if reopen else 0.0,
+            vocab=self.cross.target.digest if reopen and self.cross is not None else "",
         )
         return req, time.perf_counter() - t0
 
@@ -153,7 +181,7 @@ class DraftSession:
     def warm_up(self) -> None:
         """The draft's prefill: its cache over every committed token, so the next draft step only extends it."""
         if self._seq is not None:
-            self._seq.next_logits(self.committed, 1)
+            self._seq.next_logits(self._context([]), 1)
 
     def predraft(self, req: VerifyRequest, n: int, cancelled: Callable[[], bool] = lambda: False) -> Prefetch:
         """PEARL: while `req` is being verified, draft on as if all of it will be accepted.
@@ -170,7 +198,7 @@ class DraftSession:
         guess, rows, stopped = self._draft(tokens, n + 1, cancelled)
         return Prefetch(
             base=req.base + len(tokens) + 1, tokens=guess[1:], rows=rows[1:], guess=guess[0] if guess else None,
-            stopped=stopped,
+            stopped=stopped, context=self._context(tokens + guess[:1]) if self.cross else None,
         )
 
     def _draft(
@@ -187,17 +215,28 @@ class DraftSession:
         for i in range(n):
             if cancelled():
                 return tokens, rows, False
-            context = self.committed + prefix + tokens
+            context = self._context(prefix + tokens)
             logits = self._seq.next_logits(context, 1).cpu().numpy()
             if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
                 # greedy would turn a NaN row into token 0 and sampling into garbage: refuse, never guess
                 raise NonFinite(f"the draft model produced non-finite logits at position {len(context)}")
-            logits = mask_eos(logits, self.eos_ids, n_gen + i, self.params.min_new_tokens)
+            eos = self.eos_ids
+            if self.cross is not None:  # only tokens the target shares can be proposed
+                logits, eos = self.cross.mapping.mask_logits(logits), self._draft_eos
+                if not np.isfinite(logits).any():
+                    return tokens, rows, True
+            logits = mask_eos(logits, eos, n_gen + i, self.params.min_new_tokens)
             if self.spec.policy == "confidence" and (prefix or tokens) and _top_prob(logits[0]) < self.spec.confidence:
                 return tokens, rows, True
             probs = warp(logits, self.params.temperature, self.params.top_p)[0]
+            if self.cross is not None:
+                probs = self.cross.mapping.to_target(probs)  # restricted, renormalised, in target ids
+                if probs is None:  # no mass the target can take: propose nothing more this round
+                    return tokens, rows, True
             ids, raw = sparse_row(probs, self.k, self.spec.quant)
-            u = round_rng(self.params.seed, DRAFT_SIDE, len(context)).random()
+            # the uniform is keyed by the position in target tokens (the same as len(context) without cross)
+            position = len(self.committed) + len(prefix) + len(tokens)
+            u = round_rng(self.params.seed, DRAFT_SIDE, position).random()
             slot = sample_index(dequantize(raw), u)
             token = slot if ids is None else int(ids[slot])
             tokens.append(token)
@@ -215,6 +254,7 @@ class DraftSession:
             params=self.params,
             prompt_len=len(self.prompt_ids),
             deadline=self.deadline,
+            vocab=self.cross.target.digest if self.cross is not None else "",
         )
 
     def apply(self, req: VerifyRequest, verdict: Verdict) -> list[int]:
@@ -261,4 +301,7 @@ class DraftSession:
                 self.finish_reason = "length"
                 break
         self.digest = session_digest.extend(self.digest, new)
+        if self.cross is not None:  # the draft's cache keeps what still spells the committed text
+            r = self.cross.draft_ids(self.committed, self._draft_ids, self._settled)
+            self._draft_ids, self._settled = r.ids, r.settled
         return new

@@ -19,6 +19,8 @@ Key table (every message is one map):
                   p  proposals (block map)        h  history (bin, ids)      sp params (map, below)
                   pl prompt_len (int)             dp draft_probs (bin <f8)   ts sent_at (float)
                   hd digest (uint64, always)      dl deadline (float, unix s; 0 = none; iff h)
+                  tv target vocabulary digest (str, sha256 hex; only with h, only from a draft whose
+                     tokenizer is not the target's: the edge refuses a session mapped to another target)
     Verdict       s  session    r  round    b  base    a  n_accepted (int)    k  token (int)
                   vs verify_s (float)   rs residual (block map)   n  residual's vocab_size (iff rs)   ts sent_at
     ErrorReply    c  code (str)    m  message (str)    s  session (str)    id request_id (str)
@@ -427,6 +429,7 @@ class VerifyRequest(_Message):
     sent_at: float = 0.0
     digest: int = session_digest.EMPTY
     deadline: float = 0.0  # unix seconds; 0 = none. Only on opening requests: the edge keeps it per session
+    vocab: str = ""  # the target vocabulary's digest the proposals were mapped to ("": the draft's own)
 
     @property
     def gamma(self) -> int:
@@ -456,11 +459,14 @@ class VerifyRequest(_Message):
             sent_at=_as_float(self.sent_at, "sent_at"),
             digest=_as_int(self.digest, "digest"),
             deadline=_as_float(self.deadline, "deadline"),
+            vocab=_as_str(self.vocab, "vocab") if self.vocab else "",
         )
 
     def _check(self) -> None:
         _check_round_header(self.session, self.round, self.base)
         _check_vocab(self.vocab_size)
+        if self.vocab and (self.history is None or len(self.vocab) != 64):
+            raise ProtocolError("bad_field", "vocab is a sha256 hex digest, sent only with history")
         if not 0 <= self.digest <= _U64_MAX:
             raise ProtocolError("bad_field", f"digest must be an unsigned 64-bit integer, got {self.digest}")
         _check_finite(self.deadline, "deadline", 0.0)
@@ -516,6 +522,8 @@ class VerifyRequest(_Message):
             w["sp"] = _params_wire(self.params)
             w["pl"] = self.prompt_len
             w["dl"] = self.deadline
+            if self.vocab:
+                w["tv"] = self.vocab
         if self.draft_probs is not None:
             w["dp"] = self.draft_probs.astype("<f8").tobytes()
         return w
@@ -549,6 +557,7 @@ class VerifyRequest(_Message):
             sent_at=_float(d, "ts"),
             digest=_int(d, "hd", 0, _U64_MAX),
             deadline=deadline,
+            vocab=(_str(d, "tv", optional=True) or "") if history is not None else "",
         )
         msg._check()
         return msg

@@ -25,6 +25,7 @@ from typing import Protocol
 from opentelemetry import trace
 
 from draftwire.shared.core.backoff import Backoff
+from draftwire.shared.core.cross_vocab import CrossVocab, cross_for, model_vocabulary
 from draftwire.shared.core.draft_length_policy import DraftLengthPolicy, RoundObservation, make_policy
 from draftwire.shared.core.draft_session import BadVerdict, DraftSession, Prefetch
 from draftwire.shared.core.link_profile import LinkProfile
@@ -156,7 +157,7 @@ async def speculate(
                 new = session.apply(req, verdict)
             except BadVerdict as exc:
                 raise RemoteError(BadVerdict.code, str(exc)) from exc
-            prefetch = ahead if ahead is not None and ahead.matches(session.committed) else None
+            prefetch = ahead if session.usable(ahead) else None
             span.set_attributes({"draftwire.accepted": verdict.n_accepted, "draftwire.uplink_bytes": up})
         rs = RoundStats(
             round=req.round,
@@ -257,7 +258,15 @@ def decode_round(uplink: bytes) -> VerifyRequest | bytes:
 def verify_rounds(core: VerifierCore, reqs: Sequence[VerifyRequest], budget: int | None = None) -> list[bytes]:
     """The edge's whole job for a batch of rounds (distinct sessions): one forward pass, then each reply
     encoded; a refusal becomes an ErrorReply whose code is the refusal's (`unknown_session`,
-    `deadline_exceeded`, `context_length_exceeded`, `non_finite`, `bad_proposal`, or a ProtocolError's)."""
+    `deadline_exceeded`, `context_length_exceeded`, `non_finite`, `bad_proposal`, or a ProtocolError's).
+    A session opened for another target vocabulary (`vocab` is not this target's digest) is refused
+    `vocab_mismatch` before any model work: its proposals were mapped to ids that mean something else here."""
+    refused = {i: _vocab_refusal(core, req) for i, req in enumerate(reqs) if req.vocab}
+    refused = {i: r for i, r in refused.items() if r is not None}
+    if refused:
+        kept = [req for i, req in enumerate(reqs) if i not in refused]
+        done = iter(verify_rounds(core, kept, budget) if kept else [])
+        return [refused[i] if i in refused else next(done) for i in range(len(reqs))]
     replies = []
     for req, result in zip(reqs, core.handle_batch(reqs, budget), strict=True):
         if isinstance(result, Verdict):
@@ -267,6 +276,19 @@ def verify_rounds(core: VerifierCore, reqs: Sequence[VerifyRequest], budget: int
         else:
             raise result
     return replies
+
+
+VOCAB_MISMATCH = "vocab_mismatch"
+
+
+def _vocab_refusal(core: VerifierCore, req: VerifyRequest) -> bytes | None:
+    """An ErrorReply when `req` was mapped to a target vocabulary other than this verifier's."""
+    mine = model_vocabulary(core.model)
+    if mine is not None and mine.digest == req.vocab:
+        return None
+    return ErrorReply(code=VOCAB_MISMATCH, session=req.session, message=(
+        f"the session's proposals are in target vocabulary {req.vocab[:12]}... but this verifier's target "
+        f"{core.model.name} has {mine.digest[:12] if mine else 'no tokenizer'}...")).encode()
 
 
 def verify_bytes(core: VerifierCore, uplink: bytes) -> bytes:
@@ -296,13 +318,16 @@ class InProcessEdge:
         return verify_bytes(self.core, uplink)
 
 
-def check_pair(draft: LoadedModel | None, target: LoadedModel) -> None:
-    """Speculation needs one vocabulary: token i must mean the same on both sides."""
-    if draft is not None and draft.vocab_size != target.vocab_size:
-        raise ParamError(
-            f"draft model {draft.name} has vocabulary {draft.vocab_size} but target {target.name} has "
-            f"{target.vocab_size}: pick a draft from the target's model family"
-        )
+def check_pair(draft: LoadedModel | None, target: LoadedModel) -> CrossVocab | None:
+    """Whether token i means the same on both sides, decided by vocabulary digest (never by size alone):
+    None for one vocabulary (today's path), the mapping for two, ParamError for a pair that cannot work."""
+    if draft is None:
+        return None
+    try:
+        vocab = model_vocabulary(target)
+    except ValueError as exc:
+        raise ParamError(f"target {target.name}: {exc}") from exc
+    return cross_for(draft, vocab, target.vocab_size, target.eos_token_ids)
 
 
 def new_session(
@@ -316,10 +341,12 @@ def new_session(
     session_id: str | None = None,
     deadline: float = 0.0,
     resume: Sequence[int] = (),
+    cross: CrossVocab | None = None,
 ) -> DraftSession:
     """A generation on the device. `eos_ids` and `vocab_size` are the target's (in a service: learnt from the
     verifier), never the draft's: stopping is part of the target's distribution. `deadline`: unix seconds.
-    `resume`: tokens an earlier run of this session committed; the verifier is opened with them as history."""
+    `resume`: tokens an earlier run of this session committed; the verifier is opened with them as history.
+    `cross`: the draft's tokenizer is not the target's; `tokenizer` (for a text prompt) must be the target's."""
     if spec.mode != "ar" and draft is None:
         raise ParamError(f"mode {spec.mode!r} needs a draft model")
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -333,6 +360,7 @@ def new_session(
         vocab_size=vocab_size,
         deadline=deadline,
         resumed=list(resume),
+        cross=cross if spec.mode != "ar" else None,
     )
 
 
@@ -340,7 +368,7 @@ class LocalEngine:
     """Device and edge in one process: `draftwire generate --local` and the benchmarks' reference."""
 
     def __init__(self, target: LoadedModel, draft: LoadedModel | None = None) -> None:
-        check_pair(draft, target)
+        self.cross = check_pair(draft, target)
         self.target = target
         self.draft = draft
         self.verifier = VerifierCore(target, max_sessions=4)
@@ -351,9 +379,10 @@ class LocalEngine:
     ) -> GenerationResult:
         """`link` emulates the device-edge link in-process (waits computed by its shapers); `stop` strings and
         `stop_token_ids` end the generation as on the NATS contract."""
-        tokenizer = self.draft if self.draft is not None else self.target
+        # one vocabulary: the draft's tokenizer, as always; two: the target's ids are the session's
+        tokenizer = self.draft if self.draft is not None and self.cross is None else self.target
         session = new_session(self.draft, tokenizer, (*self.target.eos_token_ids, *stop_token_ids),
-                              self.target.vocab_size, prompt, params, spec)
+                              self.target.vocab_size, prompt, params, spec, cross=self.cross)
         edge: EdgeTransport = InProcessEdge(self.verifier)
         if link is not None:
             from draftwire.shared.io.link_emulator import ShapedEdge
