@@ -19,13 +19,21 @@ import pytest_asyncio
 
 from draftwire.services.cli.stack import start_stack
 from draftwire.shared.core.nats_permissions import authorization_block, role_permissions
-from draftwire.shared.io import credentials
+from draftwire.shared.io import bus, credentials
 from draftwire.shared.io.bus import JOBS_CONSUMER, JOBS_STREAM, SUBJECTS, SUBMIT_STREAM, connect
 from draftwire.shared.io.nats_server import EmbeddedNats
 
 ROLES = ("admin", "scheduler", "edge", "device", "telemetry", "client", "bob", "dev2")  # a second tenant, device
 
 # Concrete subjects standing for every pattern the system uses ("client" is the first tenant's name).
+SELF_PING = {"scheduler": "$SRV.PING.draftwire-scheduler", "edge": "$SRV.PING.draftwire-verifier",
+             "device": "$SRV.PING.draftwire-draft", "dev2": "$SRV.PING.draftwire-draft",
+             "telemetry": "$SRV.PING.draftwire-telemetry"}
+# The target tokenizers' object store: the edge writes it, devices only read it, nobody else touches it.
+VOCAB_READ = {"$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.OBJ_DRAFTWIRE_VOCAB", "$JS.API.STREAM.MSG.GET.OBJ_DRAFTWIRE_VOCAB",
+              "$JS.API.CONSUMER.CREATE.OBJ_DRAFTWIRE_VOCAB", "$JS.FC.OBJ_DRAFTWIRE_VOCAB.x.1"}
+VOCAB_WRITE = {"$JS.API.STREAM.CREATE.OBJ_DRAFTWIRE_VOCAB", "$JS.API.STREAM.PURGE.OBJ_DRAFTWIRE_VOCAB",
+               "$O.DRAFTWIRE_VOCAB.C.x", "$O.DRAFTWIRE_VOCAB.M.x"}
 SUBJECTS_USED = [
     "draftwire.prompts", "draftwire.prompts.client", "draftwire.prompts.bob",
     "draftwire.submit", "draftwire.submit.client", "draftwire.submit.bob",
@@ -42,14 +50,17 @@ SUBJECTS_USED = [
     "draftwire.scheduler.sessions", "draftwire.scheduler.sessions.s1",
     "$SRV.PING", "$SRV.STATS.draftwire-verifier", "$SRV.PING.draftwire-verifier.x1", "$SRV.STATS.draftwire-draft",
     "$SRV.INFO.draftwire-draft", "$SRV.INFO.draftwire-verifier",
+    *SELF_PING.values(),  # each service's container health check pings its own service
+    *sorted(VOCAB_READ | VOCAB_WRITE), "$JS.API.STREAM.DELETE.OBJ_DRAFTWIRE_VOCAB",
     "_INBOX.client.x", "_INBOX.bob.x", "_INBOX.device.x", "_INBOX.edge.x", "_INBOX.scheduler.x",
 ]
 ALL = set(SUBJECTS_USED)
 
 MAY_PUBLISH = {
     "admin": ALL,
-    "client": {"draftwire.prompts.client", "draftwire.submit.client", "draftwire.cancel.client.r1"},
-    "bob": {"draftwire.prompts.bob", "draftwire.submit.bob", "draftwire.cancel.bob.r1"},
+    "client": {"draftwire.prompts.client", "draftwire.submit.client", "draftwire.cancel.client.r1",
+               "draftwire.verifier.info"},
+    "bob": {"draftwire.prompts.bob", "draftwire.submit.bob", "draftwire.cancel.bob.r1", "draftwire.verifier.info"},
     "scheduler": {"draftwire.results.client.r1", "draftwire.results.bob.r1", "draftwire.results.r1",
                   "draftwire.stream.r1", "draftwire.stream.client.r1", "draftwire.stream.bob.r1",
                   "draftwire.jobs.client.r1", "draftwire.draft.start", "draftwire.draft.start.d1",
@@ -57,15 +68,17 @@ MAY_PUBLISH = {
                   "draftwire.dev.device.cancel.s1", "draftwire.dev.dev2.start.d1", "draftwire.dev.dev2.session.s1",
                   "draftwire.scheduler.sessions.s1", "$SRV.STATS.draftwire-verifier",
                   "$SRV.STATS.draftwire-draft", "_INBOX.client.x", "_INBOX.bob.x", "_INBOX.device.x",
-                  "_INBOX.edge.x", "_INBOX.scheduler.x", "draftwire.events.request"},
-    "edge": set(),  # replies only (allow_responses)
+                  "_INBOX.edge.x", "_INBOX.scheduler.x", "draftwire.events.request", SELF_PING["scheduler"]},
+    "edge": {SELF_PING["edge"], *VOCAB_READ, *VOCAB_WRITE},  # replies, its health check, the tokenizer store
     "device": {"draftwire.verify", "draftwire.verify.v1", "draftwire.verifier.info", "draftwire.sessions.close",
                "draftwire.events.round", "draftwire.events.request", "draftwire.dev.device.chunk.s1",
-               "draftwire.done.s1", "$SRV.STATS.draftwire-verifier", "$SRV.PING.draftwire-verifier.x1"},
+               "draftwire.done.s1", "$SRV.STATS.draftwire-verifier", "$SRV.PING.draftwire-verifier.x1",
+               SELF_PING["device"], *VOCAB_READ},
     "dev2": {"draftwire.verify", "draftwire.verify.v1", "draftwire.verifier.info", "draftwire.sessions.close",
              "draftwire.events.round", "draftwire.events.request", "draftwire.dev.dev2.chunk.s1",
-             "draftwire.done.s1", "$SRV.STATS.draftwire-verifier", "$SRV.PING.draftwire-verifier.x1"},
-    "telemetry": {"$SRV.STATS.draftwire-draft", "$SRV.STATS.draftwire-verifier"},
+             "draftwire.done.s1", "$SRV.STATS.draftwire-verifier", "$SRV.PING.draftwire-verifier.x1",
+             SELF_PING["dev2"], *VOCAB_READ},
+    "telemetry": {"$SRV.STATS.draftwire-draft", "$SRV.STATS.draftwire-verifier", SELF_PING["telemetry"]},
 }
 _MICRO = {"$SRV.PING"}
 MAY_SUBSCRIBE = {
@@ -75,16 +88,17 @@ MAY_SUBSCRIBE = {
     "scheduler": {"draftwire.prompts", "draftwire.prompts.client", "draftwire.prompts.bob", "draftwire.cancel.r1",
                   "draftwire.cancel.client.r1", "draftwire.cancel.bob.r1", "draftwire.done.s1",
                   "draftwire.scheduler.sessions", "draftwire.scheduler.sessions.s1", "_INBOX.scheduler.x",
-                  "draftwire.dev.device.chunk.s1", "draftwire.dev.dev2.chunk.s1", *_MICRO},
+                  "draftwire.dev.device.chunk.s1", "draftwire.dev.dev2.chunk.s1", SELF_PING["scheduler"], *_MICRO},
     "edge": {"draftwire.verify", "draftwire.verify.v1", "draftwire.verifier.info", "draftwire.sessions.close",
              "$SRV.STATS.draftwire-verifier", "$SRV.PING.draftwire-verifier.x1", "$SRV.INFO.draftwire-verifier",
-             "_INBOX.edge.x", *_MICRO},
+             "_INBOX.edge.x", SELF_PING["edge"], *_MICRO},
     "device": {"draftwire.dev.device.start.d1", "draftwire.dev.device.session.s1", "draftwire.dev.device.cancel.s1",
                "draftwire.dev.device.chunk.s1", "$SRV.STATS.draftwire-draft", "$SRV.INFO.draftwire-draft",
-               "_INBOX.device.x", *_MICRO},
+               "_INBOX.device.x", SELF_PING["device"], *_MICRO},
     "dev2": {"draftwire.dev.dev2.start.d1", "draftwire.dev.dev2.session.s1", "draftwire.dev.dev2.chunk.s1",
-             "$SRV.STATS.draftwire-draft", "$SRV.INFO.draftwire-draft", *_MICRO},
-    "telemetry": {"draftwire.events.round", "draftwire.events.request", "draftwire.telemetry.stats", *_MICRO},
+             "$SRV.STATS.draftwire-draft", "$SRV.INFO.draftwire-draft", SELF_PING["dev2"], *_MICRO},
+    "telemetry": {"draftwire.events.round", "draftwire.events.request", "draftwire.telemetry.stats",
+                  SELF_PING["telemetry"], *_MICRO},
 }
 SETTLE_S = 0.3  # for traffic that must NOT arrive: how long we give it to (wrongly) show up
 WAIT_S = 10.0  # for what must happen (a delivery, a violation report), on a loaded machine
@@ -188,6 +202,23 @@ async def test_nobody_but_admin_may_subscribe_to_everything(secured_server, secu
         await me.nc.close()
 
 
+async def test_the_edge_writes_the_tokenizer_store_and_a_device_may_only_read_it(secured_server, secure_dir):
+    """Through nats-py's object store, as the services use it: the edge creates the bucket and stores a
+    bundle under its digest, a device fetches it by that digest, and a device's write or delete is refused."""
+    edge, device = await _as(secured_server, secure_dir, "edge"), await _as(secured_server, secure_dir, "device")
+    digest, data = "ab" * 32, b"bundle bytes" * 50_000  # several chunks
+    assert await bus.publish_vocabulary(edge.nc.jetstream(), digest, data)
+    assert not await bus.publish_vocabulary(edge.nc.jetstream(), digest, data)  # once per digest
+    assert await bus.fetch_vocabulary(device.nc.jetstream(), digest) == data
+    assert not device.errors
+    store = await bus.vocab_store(device.nc.jetstream(), create=False)
+    with pytest.raises((nats.errors.Error, TimeoutError)):  # its chunk is refused: no ack comes
+        await asyncio.wait_for(store.put("cd" * 32, b"forged"), 2.0)
+    await _until(lambda: any('"$o.draftwire_vocab.c.' in e.lower() for e in device.errors), "the refusal")
+    assert await bus.fetch_vocabulary(edge.nc.jetstream(), digest) == data
+    await asyncio.gather(edge.nc.close(), device.nc.close())
+
+
 async def test_a_responder_may_answer_the_requests_it_receives_and_nothing_else(secured_server, secure_dir):
     edge, device = await _as(secured_server, secure_dir, "edge"), await _as(secured_server, secure_dir, "device")
 
@@ -233,7 +264,8 @@ async def test_identities_are_reused_and_a_client_added_later_is_admitted_after_
 def test_every_role_s_config_names_its_own_inbox_and_unknown_roles_fail():
     text = authorization_block([("UKEY", "client", "alice"), ("UKEY2", "edge", "edge")])
     assert '"_INBOX.alice.>"' in text and '"draftwire.results.alice.*"' in text and "allow_responses" in text
-    assert role_permissions("edge", "edge").publish == ()
+    # the edge publishes no draftwire subject (it only replies): its health check and the tokenizer store
+    assert not [s for s in role_permissions("edge", "edge").publish if s.startswith("draftwire.")]
     with pytest.raises(ValueError, match="unknown role"):
         role_permissions("root", "x")
 

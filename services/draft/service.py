@@ -16,6 +16,13 @@ Stopping uses the TARGET's EOS ids, learnt from `draftwire.verifier.info` (lossl
 target). Accepted text is streamed on `draftwire.stream.<id>` with `offset` (tokens before the chunk), and every
 round and request is published as a telemetry event. The link to the edge is `verifier_link.NatsEdge`.
 
+A target with another tokenizer (its info names a vocabulary digest that is not the draft's): the job's
+prompt is encoded and its output decoded with the target's tokenizer, fetched by digest from the
+`DRAFTWIRE_VOCAB` object store and drafted through the TLI mapping (`target_vocab.py`,
+docs/cross_tokenizer.md); the opening request states both digests and the result's stats name them. Equal
+digests keep today's path and cost. The start reply's context check then counts the draft's tokens; the run
+checks again in the target's.
+
 Fair share and batching: at most `--max-concurrent` generations run at once (later ones wait for a slot, first
 come first served, still answering session pings and cancels). Each drafts on its own thread (a pool of
 `--max-concurrent`), and every draft step goes to ONE model thread (`draftwire.shared.models.forward_batcher`), which
@@ -43,6 +50,7 @@ import nats.js.errors
 from nats.micro import Request
 from opentelemetry import trace
 
+from draftwire.services.draft.target_vocab import Pairing, TargetVocabs, VocabUnavailable
 from draftwire.services.draft.verifier_link import NatsEdge, VerifierDirectory
 from draftwire.shared.core.backoff import Backoff
 from draftwire.shared.core.draft_length_policy import AdaptiveGamma, CostModel, make_policy
@@ -141,6 +149,7 @@ class Run:
     task: asyncio.Task | None = None
     subs: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)  # accepted here: time to first token counts from it
+    pairing: Pairing | None = None  # how it talks to its target (None until known: the draft's tokenizer)
 
     @property
     def round(self) -> int:
@@ -206,6 +215,8 @@ async def start(ctx: ServiceContext) -> None:
             await bus.ensure_done_stream(js)
         except (nats.errors.Error, TimeoutError) as exc:  # not allowed to: results wait until it exists
             log.warning("could not create the %s stream (%r); the scheduler creates it", bus.DONE_STREAM, exc)
+    vocabs = TargetVocabs(js, model)
+    await vocabs.load_own()
     warm: dict[tuple[str, int], CostModel] = {}  # adaptive draft length: per (mode, K), across sessions
     loop = asyncio.get_running_loop()
 
@@ -234,17 +245,18 @@ async def start(ctx: ServiceContext) -> None:
         except Exception:  # telemetry and streams are best effort; the stored result is what matters
             log.debug("publish to %s failed", subject, exc_info=True)
 
+    def decode_of(run: Run):
+        return run.pairing.decoder(model) if run.pairing is not None else model.decode
+
     async def generate(run: Run, target: TargetInfo, link: NatsEdge) -> dict:
         job = run.job
-        if model.vocab_size != target.vocab_size:
-            directory.drop_target()  # perhaps the edge was redeployed: ask again next time
-            raise RemoteError("vocab_mismatch", f"draft {model.name} has vocabulary {model.vocab_size} but target "
-                                             f"{target.model} has {target.vocab_size}")
+        pairing = run.pairing
         run.session = session = new_session(  # the request's stop token ids end it like an EOS
             drafting, model, (*target.eos_token_ids, *job.stop_token_ids), target.vocab_size, run.prompt_ids,
-            job.params, job.spec, job.session, job.deadline, job.resume,
+            job.params, job.spec, job.session, job.deadline, job.resume, cross=pairing.cross,
         )
-        text = TextStream(model.decode, job.stop)
+        decode = decode_of(run)
+        text = TextStream(decode, job.stop)
         text.push(list(job.resume))  # already streamed by the run that died: deltas continue after it
 
         clock = TokenClock(run.started, resumed=bool(job.resume))
@@ -262,13 +274,15 @@ async def start(ctx: ServiceContext) -> None:
         key = (job.spec.mode, job.spec.k)
         policy = make_policy(job.spec.policy, job.spec.gamma, warm.get(key))
         result = await run.unless_stopped(speculate(
-            session, link, decode=model.decode, compute=compute, on_round=on_round, tracer=ctx.tracer,
+            session, link, decode=decode, compute=compute, on_round=on_round, tracer=ctx.tracer,
             policy=policy, should_stop=run.stop_reason, stop=job.stop,
             open_early=True,  # the draft's prefill hides behind the target's (drafting runs off the loop here)
         ))
         if isinstance(policy, AdaptiveGamma):  # the next session on this device starts from what this one learnt
             warm[key] = policy.model
         body = {"id": job.id, **{k: v for k, v in result.to_dict().items() if k != "rounds"}}
+        if pairing.target is not None:  # the session states both tokenizers' identities
+            body["stats"].update(draft_vocab=pairing.draft_digest, target_vocab=pairing.target_digest)
         if result.finish_reason in STOP_CODES:
             body["error"] = error_body(result.finish_reason, _stop_message(result.finish_reason))["error"]
         return body
@@ -278,7 +292,7 @@ async def start(ctx: ServiceContext) -> None:
         body = error_body(code, message, run.job.id)
         if run.session is not None or code in STOP_CODES:
             ids = run.session.generated if run.session is not None else []
-            body.update(text=model.decode(ids), token_ids=ids, stats={"new_tokens": len(ids), "rounds": run.round})
+            body.update(text=decode_of(run)(ids), token_ids=ids, stats={"new_tokens": len(ids), "rounds": run.round})
         return body
 
     async def execute(run: Run, link: NatsEdge) -> dict:
@@ -288,6 +302,11 @@ async def start(ctx: ServiceContext) -> None:
             if target is None:  # no verifier described the target at start: wait for one
                 give_up = job.deadline or time.time() + min(args.verifier_wait, NO_DEADLINE_WAIT_S)
                 target = await run.unless_stopped(directory.target(give_up))
+            run.pairing = await run.unless_stopped(vocabs.pairing(target, drafter(job) is not None))
+            if run.pairing.target is not None:  # the session's ids are the target's: tokenize with its tokenizer
+                run.prompt_ids = await asyncio.to_thread(prompt_ids_of, job, run.pairing, target)
+                if not run.prompt_ids:
+                    return error_body("bad_request", "the prompt is empty after tokenization", job.id)
             # again here: the start reply may have been sent before the target's limit was known
             if message := context_error(len(run.prompt_ids), job.params.max_new_tokens, drafter(job), target):
                 return error_body("context_length_exceeded", message, job.id)
@@ -301,6 +320,9 @@ async def start(ctx: ServiceContext) -> None:
         except RemoteError as exc:
             if exc.code not in STOP_CODES:  # the edge refused: what we know of it may be stale
                 directory.drop_target()
+            return partial(run, exc.code, exc.message)
+        except VocabUnavailable as exc:  # the edge's vocabulary is not to be had: ask it again next time
+            directory.drop_target()
             return partial(run, exc.code, exc.message)
         except NonFinite as exc:
             return partial(run, exc.code, str(exc))
@@ -361,6 +383,11 @@ async def start(ctx: ServiceContext) -> None:
             for sub in run.subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    def prompt_ids_of(job: GenerateJob, pairing: Pairing, target: TargetInfo) -> list[int]:
+        if job.messages is not None:
+            return pairing.render_chat(model, job.messages, target.chat_template)
+        return pairing.encode_prompt(model, job.prompt)
 
     async def admit(job: GenerateJob) -> tuple[dict, list[int] | None]:
         """The immediate answer to a start, and the prompt's token ids when the job is accepted."""

@@ -14,9 +14,14 @@ a token budget and a queue; beyond the queue, `busy`).
 
 Besides verifying, every instance answers `draftwire.verifier.info` (queue group `verifiers`) with the target's
 identity (model, vocab size, EOS ids, context length: what the device needs to bound and stop a generation,
-plus this instance's live `sessions` and `rounds` counts), and drops a session's KV cache as soon as its
+plus this instance's live `sessions` and `rounds` counts, and the digest of the target's vocabulary), and drops a session's KV cache as soon as its
 `CloseSession` arrives on `draftwire.sessions.close` (every instance listens; whoever holds it frees it). A
 close runs on the model thread like a verification, so it never races one.
+
+Tokenizer exchange (docs/cross_tokenizer.md): at start the verifier stores its target's tokenizer bundle
+(`vocab_bundle.pack`) in the JetStream object store `DRAFTWIRE_VOCAB` under the vocabulary digest, once per
+digest, and names the digest in the info reply; a draft with another tokenizer fetches it by that digest.
+Failing to store it (no permission, a full bucket) is logged, not fatal: same-tokenizer drafts need nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from nats.micro import Request
 from opentelemetry import trace
 
 from draftwire.services.verifier.batcher import Batcher
+from draftwire.shared.core.cross_vocab import model_vocabulary
 from draftwire.shared.core.protocol import (
     MAX_MESSAGE_BYTES,
     CloseSession,
@@ -40,6 +46,9 @@ from draftwire.shared.core.protocol import (
 )
 from draftwire.shared.core.speculation import decode_round, handle_close
 from draftwire.shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.core.vocab_bundle import pack
+from draftwire.shared.core.vocab_mapping import VocabularyError
+from draftwire.shared.io import bus
 from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
 from draftwire.shared.io.service_shell import (
     ServiceContext,
@@ -86,8 +95,9 @@ async def start(ctx: ServiceContext) -> None:
         raise SystemExit("verifier: --verify-budget and --max-queue must be >= 1, --batch-hold >= 0")
     model = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False, args.target_device)
     core = VerifierCore(model, max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens)
+    digest = await publish_tokenizer(ctx, model)
     target = TargetInfo(model.name, model.vocab_size, tuple(model.eos_token_ids), model.context_length,
-                        model.chat_template)
+                        model.chat_template, digest)
     # memory is bounded: the weights, at most max_cached_tokens of KV (LRU eviction), one batch's temporaries
     kv_bound_mb = args.max_cached_tokens * core.kv_bytes_per_token() // (1 << 20)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
@@ -174,6 +184,29 @@ async def start(ctx: ServiceContext) -> None:
     log.info("serving %s (%s) on %s and %s; batches of up to %d tokens, %d rounds queued at most, KV cache "
              "bounded at %d MiB", model.name, model.dtype, SUBJECTS.verify, SUBJECTS.verify_instance(ctx.instance),
              args.verify_budget, args.max_queue, kv_bound_mb)
+
+
+PUBLISH_TIMEOUT_S = 30.0
+
+
+async def publish_tokenizer(ctx: ServiceContext, model) -> str:
+    """Store the target's tokenizer bundle under its vocabulary digest (once per digest) and return the digest
+    ("" for a model without a tokenizer that can be exchanged: then drafts are matched by size alone)."""
+    try:
+        vocabulary = await asyncio.to_thread(model_vocabulary, model)
+        if vocabulary is None:
+            return ""
+        digest, data = await asyncio.to_thread(pack, model.tokenizer, model.vocab_size, vocabulary)
+    except VocabularyError as exc:
+        log.warning("the target's tokenizer cannot be exchanged (%s): only drafts with the same one will work", exc)
+        return ""
+    try:
+        wrote = await asyncio.wait_for(bus.publish_vocabulary(ctx.nc.jetstream(), digest, data), PUBLISH_TIMEOUT_S)
+        log.info("target vocabulary %s %s the %s object store (%d bytes)", digest[:12],
+                 "stored in" if wrote else "already in", bus.VOCAB_BUCKET, len(data))
+    except Exception as exc:  # noqa: BLE001 - drafts with another tokenizer then get `unknown_vocabulary`
+        log.warning("could not store the target vocabulary %s in %s: %r", digest[:12], bus.VOCAB_BUCKET, exc)
+    return digest
 
 
 def main(argv: list[str] | None = None) -> None:

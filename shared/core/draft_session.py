@@ -168,6 +168,7 @@ class DraftSession:
             digest=self.digest,
             deadline=self.deadline if reopen else 0.0,
             vocab=self.cross.target.digest if reopen and self.cross is not None else "",
+            draft_vocab=self.cross.draft.digest if reopen and self.cross is not None else "",
         )
         return req, time.perf_counter() - t0
 
@@ -255,6 +256,7 @@ class DraftSession:
             prompt_len=len(self.prompt_ids),
             deadline=self.deadline,
             vocab=self.cross.target.digest if self.cross is not None else "",
+            draft_vocab=self.cross.draft.digest if self.cross is not None else "",
         )
 
     def apply(self, req: VerifyRequest, verdict: Verdict) -> list[int]:

@@ -27,6 +27,7 @@ from draftwire.shared.core.subject_names import (
     JOBS_STREAM,
     ROOT,
     SUBMIT_STREAM,
+    VOCAB_BUCKET,
 )
 
 ROLES = ("admin", "scheduler", "edge", "device", "telemetry", "client")
@@ -53,6 +54,11 @@ def _micro(service: str) -> tuple[str, ...]:
     return ("$SRV.*", f"$SRV.*.{service}", f"$SRV.*.{service}.*")
 
 
+def _self_ping(role: str) -> tuple[str, ...]:
+    """Its own service's `$SRV.PING`: the container health check signs in as the service (services/probe.py)."""
+    return (f"$SRV.PING.{SERVICE_OF_ROLE[role]}",)
+
+
 def _jetstream_owner() -> tuple[str, ...]:
     """The JetStream API calls the scheduler makes on its own streams: create/update/info, read one message,
     delete a cancelled queued job, its durable pull consumers, acks, and the delivered-reply KV. No delete or
@@ -67,6 +73,26 @@ def _jetstream_owner() -> tuple[str, ...]:
     return tuple(subjects)
 
 
+_VOCAB_STREAM = f"OBJ_{VOCAB_BUCKET}"  # the target tokenizers' object store (nats-py names its stream so)
+
+
+def _vocab_reader() -> tuple[str, ...]:
+    """Fetch one object from the tokenizer store: bind (info), its metadata (last message by subject), an
+    ordered consumer over its chunks (nats-py looks its stream up by subject: STREAM.NAMES, which lists
+    stream names only) and that consumer's flow control. Nothing that writes or deletes."""
+    s = _VOCAB_STREAM
+    return ("$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{s}", f"$JS.API.STREAM.MSG.GET.{s}", f"$JS.API.DIRECT.GET.{s}",
+            f"$JS.API.DIRECT.GET.{s}.>", f"$JS.API.CONSUMER.CREATE.{s}", f"$JS.API.CONSUMER.CREATE.{s}.>",
+            f"$JS.FC.{s}.>")
+
+
+def _vocab_writer() -> tuple[str, ...]:
+    """The edge stores its target's tokenizer: create the (bounded) bucket, read, write objects, purge the
+    chunks of an object it replaces. No delete of the bucket."""
+    s = _VOCAB_STREAM
+    return (*_vocab_reader(), f"$JS.API.STREAM.CREATE.{s}", f"$JS.API.STREAM.PURGE.{s}", f"$O.{VOCAB_BUCKET}.>")
+
+
 def role_permissions(role: str, name: str) -> Permissions:
     """The allow-lists of identity `name` acting as `role` (for a client, `name` is its tenant)."""
     inbox = (f"{inbox_prefix(name)}.>",)
@@ -74,7 +100,8 @@ def role_permissions(role: str, name: str) -> Permissions:
         return Permissions((">",), (">",), allow_responses=True)
     if role == "client":
         return Permissions(
-            publish=(f"{ROOT}.prompts.{name}", f"{ROOT}.submit.{name}", f"{ROOT}.cancel.{name}.*"),
+            publish=(f"{ROOT}.prompts.{name}", f"{ROOT}.submit.{name}", f"{ROOT}.cancel.{name}.*",
+                     f"{ROOT}.verifier.info"),  # which model serves it (the gateway's /v1/models)
             subscribe=(*inbox, f"{ROOT}.results.{name}.*", f"{ROOT}.stream.{name}.*"),
         )
     if role == "scheduler":
@@ -83,7 +110,8 @@ def role_permissions(role: str, name: str) -> Permissions:
                      f"{ROOT}.draft.start.*", f"{ROOT}.draft.session.*", f"{ROOT}.dev.*.start.*",
                      f"{ROOT}.dev.*.session.*", f"{ROOT}.dev.*.cancel.*", f"{ROOT}.scheduler.sessions.*", "_INBOX.>",
                      f"{ROOT}.events.request",  # the requests it refuses itself
-                     "$SRV.STATS.draftwire-draft", "$SRV.STATS.draftwire-verifier", *_jetstream_owner()),
+                     "$SRV.STATS.draftwire-draft", "$SRV.STATS.draftwire-verifier", *_jetstream_owner(),
+                     *_self_ping(role)),
             subscribe=(*inbox, f"{ROOT}.prompts", f"{ROOT}.prompts.*", f"{ROOT}.cancel.>", f"{ROOT}.done.*",
                        f"{ROOT}.dev.*.chunk.*",
                        f"{ROOT}.scheduler.sessions", f"{ROOT}.scheduler.sessions.*", *_micro(SERVICE_OF_ROLE[role])),
@@ -91,7 +119,7 @@ def role_permissions(role: str, name: str) -> Permissions:
         )
     if role == "edge":
         return Permissions(
-            publish=(),
+            publish=(*_self_ping(role), *_vocab_writer()),
             subscribe=(*inbox, f"{ROOT}.verify", f"{ROOT}.verify.*", f"{ROOT}.verifier.info",
                        f"{ROOT}.sessions.close", *_micro(SERVICE_OF_ROLE[role])),
             allow_responses=True,
@@ -101,13 +129,13 @@ def role_permissions(role: str, name: str) -> Permissions:
             publish=(f"{ROOT}.verify", f"{ROOT}.verify.*", f"{ROOT}.verifier.info", f"{ROOT}.sessions.close",
                      f"{ROOT}.events.round", f"{ROOT}.events.request", f"{ROOT}.dev.{name}.chunk.*",
                      f"{ROOT}.done.*", "$SRV.STATS.draftwire-verifier", "$SRV.PING.draftwire-verifier.*",
-                     f"$JS.API.STREAM.INFO.{DONE_STREAM}"),
+                     f"$JS.API.STREAM.INFO.{DONE_STREAM}", *_self_ping(role), *_vocab_reader()),
             subscribe=(*inbox, f"{ROOT}.dev.{name}.>", *_micro(SERVICE_OF_ROLE[role])),
             allow_responses=True,
         )
     if role == "telemetry":  # gathers the loads the drafts and verifiers report (sessions in flight, queues)
         return Permissions(
-            publish=("$SRV.STATS.draftwire-draft", "$SRV.STATS.draftwire-verifier"),
+            publish=("$SRV.STATS.draftwire-draft", "$SRV.STATS.draftwire-verifier", *_self_ping(role)),
             subscribe=(*inbox, f"{ROOT}.events.>", f"{ROOT}.telemetry.stats", *_micro(SERVICE_OF_ROLE[role])),
             allow_responses=True,
         )

@@ -21,6 +21,7 @@ Key table (every message is one map):
                   hd digest (uint64, always)      dl deadline (float, unix s; 0 = none; iff h)
                   tv target vocabulary digest (str, sha256 hex; only with h, only from a draft whose
                      tokenizer is not the target's: the edge refuses a session mapped to another target)
+                  dv draft vocabulary digest (str, sha256 hex; only with tv: the session states both)
     Verdict       s  session    r  round    b  base    a  n_accepted (int)    k  token (int)
                   vs verify_s (float)   rs residual (block map)   n  residual's vocab_size (iff rs)   ts sent_at
     ErrorReply    c  code (str)    m  message (str)    s  session (str)    id request_id (str)
@@ -430,6 +431,7 @@ class VerifyRequest(_Message):
     digest: int = session_digest.EMPTY
     deadline: float = 0.0  # unix seconds; 0 = none. Only on opening requests: the edge keeps it per session
     vocab: str = ""  # the target vocabulary's digest the proposals were mapped to ("": the draft's own)
+    draft_vocab: str = ""  # with `vocab`: the draft's own vocabulary digest (the session states both)
 
     @property
     def gamma(self) -> int:
@@ -459,7 +461,9 @@ class VerifyRequest(_Message):
             sent_at=_as_float(self.sent_at, "sent_at"),
             digest=_as_int(self.digest, "digest"),
             deadline=_as_float(self.deadline, "deadline"),
-            vocab=_as_str(self.vocab, "vocab") if self.vocab else "",
+            vocab="" if isinstance(self.vocab, str) and not self.vocab else _as_str(self.vocab, "vocab"),
+            draft_vocab="" if isinstance(self.draft_vocab, str) and not self.draft_vocab
+            else _as_str(self.draft_vocab, "draft_vocab"),
         )
 
     def _check(self) -> None:
@@ -467,6 +471,8 @@ class VerifyRequest(_Message):
         _check_vocab(self.vocab_size)
         if self.vocab and (self.history is None or len(self.vocab) != 64):
             raise ProtocolError("bad_field", "vocab is a sha256 hex digest, sent only with history")
+        if self.draft_vocab and (not self.vocab or len(self.draft_vocab) != 64):
+            raise ProtocolError("bad_field", "draft_vocab is a sha256 hex digest, sent only with vocab")
         if not 0 <= self.digest <= _U64_MAX:
             raise ProtocolError("bad_field", f"digest must be an unsigned 64-bit integer, got {self.digest}")
         _check_finite(self.deadline, "deadline", 0.0)
@@ -524,6 +530,8 @@ class VerifyRequest(_Message):
             w["dl"] = self.deadline
             if self.vocab:
                 w["tv"] = self.vocab
+            if self.draft_vocab:
+                w["dv"] = self.draft_vocab
         if self.draft_probs is not None:
             w["dp"] = self.draft_probs.astype("<f8").tobytes()
         return w
@@ -558,6 +566,7 @@ class VerifyRequest(_Message):
             digest=_int(d, "hd", 0, _U64_MAX),
             deadline=deadline,
             vocab=(_str(d, "tv", optional=True) or "") if history is not None else "",
+            draft_vocab=(_str(d, "dv", optional=True) or "") if history is not None else "",
         )
         msg._check()
         return msg
@@ -786,21 +795,24 @@ class TargetInfo:
     eos_token_ids: tuple[int, ...]
     context_length: int
     chat_template: str | None = None  # the target tokenizer's: a chat is rendered with it on the device
+    vocab: str = ""  # the target vocabulary's digest: a draft with another fetches the tokenizer by it
 
     def encode(self, **extra) -> bytes:
         """The info reply; `extra` adds the answering instance's own fields (name, live counts)."""
         return msgpack.packb({"model": self.model, "vocab_size": self.vocab_size,
                               "eos_token_ids": list(self.eos_token_ids), "context_length": self.context_length,
-                              **({"chat_template": self.chat_template} if self.chat_template else {}), **extra})
+                              **({"chat_template": self.chat_template} if self.chat_template else {}),
+                              **({"vocab": self.vocab} if self.vocab else {}), **extra})
 
     @classmethod
     def decode(cls, data: bytes) -> TargetInfo:
         """ValueError on anything but a well-formed info reply."""
         try:
             obj = msgpack.unpackb(data, raw=False)
-            template = obj.get("chat_template")
+            template, vocab = obj.get("chat_template"), obj.get("vocab") or ""
             info = cls(str(obj["model"]), int(obj["vocab_size"]), tuple(int(t) for t in obj["eos_token_ids"]),
-                       int(obj["context_length"]), template if isinstance(template, str) and template else None)
+                       int(obj["context_length"]), template if isinstance(template, str) and template else None,
+                       vocab if isinstance(vocab, str) and len(vocab) == 64 else "")
         except Exception as exc:  # noqa: BLE001 - msgpack and field errors alike mean "not an info reply"
             raise ValueError(f"bad verifier info reply: {type(exc).__name__}: {exc}") from None
         if info.vocab_size < 1 or info.context_length < 1:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 
 ROOT = "draftwire"  # every draftwire subject lives under `draftwire.>`
-# The JetStream streams and KV bucket (named here, in the core, so the permissions policy and the I/O layer
+# The JetStream streams, KV bucket and object store (named here, in the core, so the permissions policy and the I/O layer
 # that creates them cannot drift apart)
 JOBS_STREAM = "DRAFTWIRE_JOBS"
 SUBMIT_STREAM = "DRAFTWIRE_SUBMIT"
 DONE_STREAM = "DRAFTWIRE_DONE"
 DELIVERED_BUCKET = "DRAFTWIRE_DELIVERED"
+VOCAB_BUCKET = "DRAFTWIRE_VOCAB"  # object store: target tokenizers, each object named by its vocabulary digest
 
 _BAD_TOKEN = re.compile(r"[\s.*>]")
 _MAX_TOKEN = 256

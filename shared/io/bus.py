@@ -25,6 +25,7 @@ from nats.js.api import (
     ConsumerInfo,
     DiscardPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -40,6 +41,7 @@ from draftwire.shared.core.subject_names import (
     JOBS_STREAM,
     ROOT,
     SUBMIT_STREAM,
+    VOCAB_BUCKET,
     validate_token,
 )
 from draftwire.shared.io.credentials import load_identity
@@ -295,6 +297,8 @@ DELIVERED_MAX_MSGS = 1_000_000  # one key per reply within the bucket's TTL (min
 DELIVERED_MAX_BYTES = 256 << 20  # a key costs ~100 bytes of store
 DELIVERED_MAX_VALUE_SIZE = 1024  # the value is the claiming scheduler's instance name
 
+VOCAB_MAX_BYTES = 512 << 20  # target tokenizers: Qwen's bundle is ~10 MB, one per target vocabulary ever served
+
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
@@ -490,6 +494,46 @@ async def ensure_delivered_bucket(
     if bounded != stream:
         await js.update_stream(bounded)
     return kv
+
+
+async def vocab_store(js: JetStreamContext, *, create: bool):
+    """The object store of target tokenizers (`VOCAB_BUCKET`): created, bounded, by the edge that writes it
+    (`create`); only bound to by a device, which may read it and nothing else. BucketNotFoundError when a
+    device finds none."""
+    if not create:
+        return await js.object_store(VOCAB_BUCKET)
+    try:
+        return await js.object_store(VOCAB_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    config = ObjectStoreConfig(bucket=VOCAB_BUCKET, description="draftwire target tokenizers by vocabulary digest",
+                               max_bytes=VOCAB_MAX_BYTES, storage=StorageType.FILE)
+    try:
+        return await js.create_object_store(VOCAB_BUCKET, config)
+    except nats.js.errors.BadRequestError as exc:  # another edge created it meanwhile
+        if exc.err_code != 10058:
+            raise
+        return await js.object_store(VOCAB_BUCKET)
+
+
+async def publish_vocabulary(js: JetStreamContext, digest: str, data: bytes) -> bool:
+    """Store a target's tokenizer bundle under its digest, once: an object already there (same digest, so the
+    same content) is left alone. Returns whether it wrote."""
+    store = await vocab_store(js, create=True)
+    try:
+        await store.get_info(digest)
+        return False
+    except nats.js.errors.ObjectNotFoundError:
+        pass
+    await store.put(digest, data)
+    return True
+
+
+async def fetch_vocabulary(js: JetStreamContext, digest: str) -> bytes:
+    """The bundle stored under `digest` (never a name). nats.js.errors.BucketNotFoundError /
+    ObjectNotFoundError when there is none; the caller checks the bytes against the digest."""
+    store = await vocab_store(js, create=False)
+    return (await store.get(digest)).data
 
 
 async def jobs_subscription(js: JetStreamContext) -> JetStreamContext.PullSubscription:
