@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -154,12 +155,18 @@ def replicas(name: str, args) -> int:
     return count
 
 
-async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None, env: dict | None = None) -> Stack:
-    """Bring everything up and return once every service is ready (or raise with the failing one's log)."""
+async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None, env: dict | None = None,
+                      progress: bool = True) -> Stack:
+    """Bring everything up and return once every service is ready (or raise with the failing one's log).
+
+    `quiet` hides the services' logs; `progress` shows the model phases on stderr (the pull's download,
+    extraction, checksum and conversion here, then one line while the services load the weights).
+    """
+    from draftwire.shared.models.progress import status
     from draftwire.shared.models.store import resolve
 
     for source in {args.draft_model, args.target_model}:  # pull once here, not racing in two children
-        await asyncio.to_thread(resolve, source, not quiet)
+        await asyncio.to_thread(resolve, source, progress)
     nats = None
     url = args.nats
     secure = getattr(args, "secure", None)
@@ -200,10 +207,14 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
                 own = {**env, "DRAFTWIRE_CREDS": str(credentials.identity_file(secure, ROLE[name])),
                        "DRAFTWIRE_TLS_CA": str(stack.tls_ca)} if secure else env
                 ready[key] = asyncio.ensure_future(stack.spawn(key, argv, own))
+        status("load", f"{args.draft_model} as {args.draft_dtype} (draft) and {args.target_model} as "
+                       f"{args.target_dtype} (verifier), each in its service's process", progress)
+        loading = time.perf_counter()
         done, _ = await asyncio.wait(ready.values(), timeout=READY_TIMEOUT_S)
         failed = [n for n, f in ready.items() if f not in done or not f.result()]
         if failed:
             raise RuntimeError(f"services did not become ready: {', '.join(failed)}; {', '.join(stack.dead())}")
+        status("load", f"every service ready in {time.perf_counter() - loading:.1f} s", progress)
     except BaseException:
         await stack.stop()
         raise
