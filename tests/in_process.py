@@ -26,3 +26,16 @@ async def scheduler(url: str, *flags: str, instance: str = "sched-test"):
         for svc in ctx.services:
             await svc.stop()
         await nc.drain()
+
+
+async def start_tiny_stack(store_dir: str, draft_model: str, gamma: int, env: dict | None = None):
+    """A `draftwire up` stack (tkslt, fp32) with `draft_model` drafting for the tiny-random target."""
+    import argparse
+
+    from draftwire.services.cli.stack import start_stack
+
+    args = argparse.Namespace(
+        nats=None, nats_port=0, telemetry_port=0, draft_model=draft_model, draft_dtype="fp32",
+        target_model="tiny-random", target_dtype="fp32", mode="tkslt", gamma=gamma, k=8,
+    )
+    return await start_stack(args, quiet=True, store_dir=store_dir, env=env, progress=False)

@@ -12,7 +12,6 @@ verifier scores draft token i with target row i + 1 (planted at interpreter star
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -21,10 +20,10 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from draftwire.services.cli.stack import start_stack
 from draftwire.shared.core.params import SamplingParams
 from draftwire.shared.models.runtime import load_model
 from tests.exact_distribution import chi_square_pvalue, exact_prefixes
+from tests.in_process import start_tiny_stack
 from tests.toy_models import blend, save_hf_dir, tiny_llama
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -63,11 +62,7 @@ def draft_dir(tmp_path_factory, target):
 
 
 async def _start(tmp_path_factory, draft_dir, env: dict | None = None):
-    args = argparse.Namespace(
-        nats=None, nats_port=0, telemetry_port=0, draft_model=str(draft_dir), draft_dtype="fp32",
-        target_model="tiny-random", target_dtype="fp32", mode="tkslt", gamma=GAMMA, k=8,
-    )
-    return await start_stack(args, quiet=True, store_dir=str(tmp_path_factory.mktemp("js")), env=env)
+    return await start_tiny_stack(str(tmp_path_factory.mktemp("js")), str(draft_dir), GAMMA, env)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -16,7 +16,6 @@ digest and drafts through the TLI mapping. Checked through nothing but the publi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 
@@ -24,7 +23,6 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from draftwire.services.cli.stack import start_stack
 from draftwire.shared.core.cross_vocab import model_vocabulary
 from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.speculation import LocalEngine
@@ -32,6 +30,7 @@ from draftwire.shared.core.subject_names import VOCAB_BUCKET
 from draftwire.shared.core.vocab_bundle import pack
 from draftwire.shared.models.runtime import load_model
 from tests.exact_distribution import chi_square_pvalue, exact_prefixes
+from tests.in_process import start_tiny_stack
 from tests.test_services_chi_square import VERIFIER_SHIFTED_BY_ONE
 from tests.toy_models import blend, retokenized_llama, tiny_llama
 
@@ -67,11 +66,7 @@ def draft_dir(tmp_path_factory, target):
 
 
 async def _start(tmp_path_factory, draft_dir, env: dict | None = None):
-    args = argparse.Namespace(
-        nats=None, nats_port=0, telemetry_port=0, draft_model=str(draft_dir), draft_dtype="fp32",
-        target_model="tiny-random", target_dtype="fp32", mode="tkslt", gamma=GAMMA, k=8,
-    )
-    return await start_stack(args, quiet=True, store_dir=str(tmp_path_factory.mktemp("js")), env=env)
+    return await start_tiny_stack(str(tmp_path_factory.mktemp("js")), str(draft_dir), GAMMA, env)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
