@@ -1,13 +1,15 @@
 """compose.yaml and the Dockerfile, checked without a Docker engine.
 
 Every command is a real entry point (it imports and answers --help), every DRAFTWIRE_* variable set in the
-file is one the code reads, and the ports and URLs agree with each other.
+file is one the code reads, and the ports and URLs agree with each other. tests/test_compose_docker.py
+(marker `docker`) runs the stack on a Docker engine.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,10 @@ def test_service_command_is_a_real_entry_point(name: str) -> None:
     out = subprocess.run([sys.executable, *cmd[1:], "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     probe = SERVICES[name]["healthcheck"]["test"]
+    if name == "gateway":  # a client identity (no NATS service to ping): its own HTTP API, on its port
+        port = _env(name)["DRAFTWIRE_GATEWAY_PORT"]
+        assert probe[1:3] == ["python", "-c"] and f"http://localhost:{port}/v1/models" in probe[3]
+        return
     assert probe[1:] == ["python", "-m", "draftwire.services.probe", name]
     out = subprocess.run([sys.executable, *probe[2:-1], "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert out.returncode == 0 and name in out.stdout
@@ -134,10 +140,16 @@ ROLE_OF = {"scheduler": "scheduler", "verifier": "edge", "draft": "device", "tel
 
 @pytest.mark.parametrize("name", DRAFTWIRE)
 def test_each_service_gets_its_own_identity_and_the_ca_as_secrets(name: str) -> None:
+    """The seed file keeps its identity's name where it is mounted: the name is who the service signs in as
+    (its inbox prefix and, for a device, its subjects), so a file mounted as `creds` is refused by NATS."""
+    from draftwire.shared.io.credentials import Identity
+
     env = _env(name)
-    assert env["DRAFTWIRE_CREDS"] == "/run/secrets/creds" and env["DRAFTWIRE_TLS_CA"] == "/run/secrets/ca.pem"
+    role = ROLE_OF[name]
+    assert env["DRAFTWIRE_CREDS"] == f"/run/secrets/{role}.nk" and env["DRAFTWIRE_TLS_CA"] == "/run/secrets/ca.pem"
+    assert Identity(Path(env["DRAFTWIRE_CREDS"])).name == role
     mounted = {s["target"]: s["source"] for s in SERVICES[name]["secrets"]}
-    assert mounted == {"creds": f"{ROLE_OF[name]}_identity", "ca.pem": "nats_ca"}
+    assert mounted == {f"{role}.nk": f"{role}_identity", "ca.pem": "nats_ca"}
     assert COMPOSE["secrets"][f"{ROLE_OF[name]}_identity"]["file"] == f"./deploy/secrets/{ROLE_OF[name]}.nk"
 
 
@@ -150,8 +162,13 @@ def test_the_keys_service_writes_every_secret_and_a_config_nats_server_accepts(t
     assert "./deploy/secrets:/secrets" in keys["volumes"] and "./deploy/secrets:/etc/nats/secrets:ro" in \
         SERVICES["nats"]["volumes"]
     secrets = tmp_path / "secrets"
-    cmd = keys["command"]
+    assert keys["command"][:2] == ["sh", "-c"]
+    init, *owners = keys["command"][2].split(" && ")  # then chown: each service's seed to the image's user
+    cmd = shlex.split(init)
     assert cmd[:3] == ["draftwire", "auth", "init"] and cmd[3] == "/secrets"
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    uid = re.search(r"useradd .*--uid (\d+)", dockerfile).group(1)
+    assert f"chown {uid} {' '.join(f'{r}.nk' for r in ROLE_OF.values())}" in owners
     out = subprocess.run([sys.executable, "-m", "draftwire.services.cli", *cmd[1:3], str(secrets), *cmd[4:]], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
