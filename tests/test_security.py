@@ -264,8 +264,13 @@ async def test_identities_are_reused_and_a_client_added_later_is_admitted_after_
 def test_every_role_s_config_names_its_own_inbox_and_unknown_roles_fail():
     text = authorization_block([("UKEY", "client", "alice"), ("UKEY2", "edge", "edge")])
     assert '"_INBOX.alice.>"' in text and '"draftwire.results.alice.*"' in text and "allow_responses" in text
-    # the edge publishes no draftwire subject (it only replies): its health check and the tokenizer store
-    assert not [s for s in role_permissions("edge", "edge").publish if s.startswith("draftwire.")]
+    # the edge publishes no draftwire subject (it only replies): exactly its health check and the tokenizer store
+    vocab = "OBJ_DRAFTWIRE_VOCAB"
+    assert set(role_permissions("edge", "edge").publish) == {
+        "$SRV.PING.draftwire-verifier", "$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{vocab}",
+        f"$JS.API.STREAM.MSG.GET.{vocab}", f"$JS.API.DIRECT.GET.{vocab}", f"$JS.API.DIRECT.GET.{vocab}.>",
+        f"$JS.API.CONSUMER.CREATE.{vocab}", f"$JS.API.CONSUMER.CREATE.{vocab}.>", f"$JS.FC.{vocab}.>",
+        f"$JS.API.STREAM.CREATE.{vocab}", f"$JS.API.STREAM.PURGE.{vocab}", "$O.DRAFTWIRE_VOCAB.>"}
     with pytest.raises(ValueError, match="unknown role"):
         role_permissions("root", "x")
 
