@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = HelpParser(prog="python -m draftwire.services.probe", description=__doc__.splitlines()[0])
     p.add_argument("name", choices=("scheduler", "draft", "verifier", "telemetry", "gateway"),
                    help="the service to ping")
-    p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL), help="NATS URL [DRAFTWIRE_NATS_URL]")
+    p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL), help="NATS URL, or URL1,URL2,... of a cluster [DRAFTWIRE_NATS_URL]")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the service's answer")
     p.add_argument("--creds", default=env("CREDS"), help="the service's own identity, secured [DRAFTWIRE_CREDS]")
     add_tls_flags(p)

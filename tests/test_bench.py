@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from draftwire.services.cli.bench import costs, parse_links, predicted_speedup, summarize, table
+from draftwire.services.cli.bench import (
+    PAIRS,
+    costs,
+    parse_links,
+    parse_pairs,
+    predicted_speedup,
+    summarize,
+    table,
+)
 from draftwire.shared.core.draft_length_policy import expected_tokens
 from draftwire.shared.core.link_profile import LinkError, LinkProfile
 
@@ -43,8 +51,16 @@ def test_prediction_uses_the_runs_own_costs() -> None:
 
 def test_table_has_one_row_per_record() -> None:
     rec = {"link": "lan", "mode": "tkslt", "policy": "fixed", "tokens_per_s": 10.0, "speedup_vs_ar": 1.5,
-           "predicted_speedup": None}
-    assert table([rec, rec]).count("| lan | tkslt | fixed | 10.00 | 1.50 | - |") == 2
+           "predicted_speedup": None, "draft_model": "smollm2-135m:int8"}
+    assert table([rec, rec]).count("| lan | tkslt | smollm2-135m:int8 | fixed | 10.00 | 1.50 | - |") == 2
+
+
+def test_pairs_parse_in_order_and_refuse_unknown_names() -> None:
+    assert parse_pairs("qwen, smollm2-qwen,qwen") == ["qwen", "smollm2-qwen"]
+    assert PAIRS["smollm2-qwen"][1] == PAIRS["qwen"][1] == PAIRS["gemma3-qwen"][1]  # one target, three drafts
+    for bad in ("", "qwen,llama", "smollm2_qwen"):
+        with pytest.raises(ValueError, match="unknown pair"):
+            parse_pairs(bad)
 
 
 def test_bench_end_to_end_on_tiny_models(tmp_path) -> None:
@@ -74,7 +90,7 @@ def test_bench_end_to_end_on_tiny_models(tmp_path) -> None:
 
 
 def test_bench_refuses_bad_flags() -> None:
-    for extra in (["--modes", "tkslt,warp"], ["--policies", "magic"], ["--links", "moon"]):
+    for extra in (["--modes", "tkslt,warp"], ["--policies", "magic"], ["--links", "moon"], ["--pair", "qwen,x"]):
         proc = subprocess.run([sys.executable, "-m", "draftwire.services.cli", "bench", *extra], capture_output=True,
                               text=True, timeout=60, check=False)
         assert proc.returncode == 2 and "error" in proc.stderr, extra

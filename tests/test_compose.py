@@ -182,3 +182,87 @@ def test_the_keys_service_writes_every_secret_and_a_config_nats_server_accepts(t
     assert check.returncode == 0, check.stdout + check.stderr
     assert "authorization" in (secrets / "auth.conf").read_text()
     assert not (ROOT / ".dockerignore").exists() or "deploy/secrets/" in (ROOT / ".dockerignore").read_text()
+
+
+# --- the NATS cluster profile ---------------------------------------------------------------------------------
+
+CLUSTER_DIR = ROOT / "deploy" / "nats-cluster"
+CLUSTER_NODES = ("nats", "nats-2", "nats-3")  # compose services; `nats` is node 1 under the profile
+
+
+def _cluster_env() -> dict[str, str]:
+    lines = (CLUSTER_DIR / "cluster.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def _resolved(value: str, settings: dict[str, str]) -> str:
+    """`${VAR:-default}` as compose resolves it with `settings` in its environment."""
+    return re.sub(r"\$\{([A-Z_]+):-([^}]*)\}", lambda m: settings.get(m.group(1), m.group(2)), str(value))
+
+
+def _node_config(name: str, settings: dict[str, str]) -> Path:
+    """The config file a node runs with: its `-c` path inside the container, mapped back through its volumes."""
+    command = [_resolved(part, settings) for part in SERVICES[name]["command"]]
+    assert command[0] == "-c", command
+    for volume in SERVICES[name]["volumes"]:
+        host, container = volume.split(":")[:2]
+        if command[1] == container or command[1].startswith(container + "/"):
+            return ROOT / host / command[1].removeprefix(container).lstrip("/")
+    raise AssertionError(f"{name}: {command[1]} is not mounted")
+
+
+def test_the_cluster_profile_runs_three_routed_nodes_and_points_every_service_at_all_three() -> None:
+    """`docker compose --env-file deploy/nats-cluster/cluster.env up`: `nats` runs node 1's config, the profile
+    adds nodes 2 and 3, each with its own name, store and health check, routed to each other; every draftwire
+    service gets the three URLs (and without the env file nothing changes: one server, one URL)."""
+    from draftwire.shared.io.nats_server import split_urls
+
+    settings = _cluster_env()
+    assert settings["COMPOSE_PROFILES"] == "cluster"
+    assert "profiles" not in SERVICES["nats"]
+    assert all(SERVICES[n]["profiles"] == ["cluster"] for n in CLUSTER_NODES[1:])
+    assert _node_config("nats", {}) == ROOT / "deploy" / "nats.conf"  # the default: the single server
+    configs = {n: _node_config(n, settings) for n in CLUSTER_NODES}
+    names = [re.search(r"^server_name: (\S+)$", c.read_text(), re.MULTILINE).group(1) for c in configs.values()]
+    assert names == ["nats-1", "nats-2", "nats-3"] and all(c.parent == CLUSTER_DIR for c in configs.values())
+    shared = (CLUSTER_DIR / "cluster.conf").read_text()
+    assert all('include "cluster.conf"' in c.read_text() for c in configs.values())
+    routes = re.findall(r"nats-route://([\w-]+):(\d+)", shared)
+    block = re.search(r"cluster \{.*?\n\}", shared, re.DOTALL).group(0)
+    listen = re.search(r"listen: 0\.0\.0\.0:(\d+)", block).group(1)
+    assert sorted(routes) == sorted((n, listen) for n in CLUSTER_NODES)  # every node, on its route port
+    assert "jetstream" in shared and "store_dir: /data" in shared
+    assert re.search(r"^http_port: 8222$", shared, re.MULTILINE)
+    stores = [next(v for v in SERVICES[n]["volumes"] if v.endswith(":/data")) for n in CLUSTER_NODES]
+    assert len(set(stores)) == 3 and all(v.split(":")[0] in COMPOSE["volumes"] for v in stores)
+    for node in CLUSTER_NODES:
+        assert SERVICES[node]["healthcheck"]["test"] == SERVICES["nats"]["healthcheck"]["test"]
+        assert "./deploy/secrets:/etc/nats/secrets:ro" in SERVICES[node]["volumes"]
+        assert SERVICES[node]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    client_port = re.search(r"^port: (\d+)$", shared, re.MULTILINE).group(1)
+    for name in DRAFTWIRE:
+        url = _resolved(SERVICES[name]["environment"]["DRAFTWIRE_NATS_URL"], settings)
+        assert split_urls(url) == [f"nats://{n}:{client_port}" for n in CLUSTER_NODES], name
+        assert split_urls(_env(name)["DRAFTWIRE_NATS_URL"]) == ["nats://nats:4222"], name
+    init = shlex.split(SERVICES["keys"]["command"][2].split(" && ")[0])
+    hosts = {init[i + 1] for i, a in enumerate(init) if a == "--host"}
+    assert set(CLUSTER_NODES[1:]) <= hosts, "TLS: the server certificate must name every node"
+
+
+def test_every_cluster_node_config_is_one_nats_server_accepts(tmp_path: Path) -> None:
+    """Each node's config, with its includes (cluster.conf, the keys service's auth.conf) and TLS files laid out
+    as in the container, passes `nats-server -t`."""
+    from draftwire.shared.io.nats_server import nats_server_binary
+
+    out = subprocess.run([sys.executable, "-m", "draftwire.services.cli", "auth", "init", str(tmp_path / "secrets")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "cluster").mkdir()
+    for conf in CLUSTER_DIR.glob("*.conf"):
+        text = conf.read_text().replace("/etc/nats/", f"{tmp_path}/").replace("store_dir: /data",
+                                                                               f"store_dir: {tmp_path / 'js'}")
+        (tmp_path / "cluster" / conf.name).write_text(text)
+    for node in ("nats-1", "nats-2", "nats-3"):
+        check = subprocess.run([str(nats_server_binary()), "-t", "-c", str(tmp_path / "cluster" / f"{node}.conf")],
+                               capture_output=True, text=True, timeout=30, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr

@@ -58,6 +58,9 @@ def test_results_and_errors_in_openai_s_shapes():
     assert api.from_draftwire_error({"code": "context_length_exceeded", "message": "too long"}).status == 400
     assert api.from_draftwire_error({"code": "overloaded", "message": "full"}).status == 503
     assert api.from_draftwire_error({"code": "weird", "message": "?"}).status == 500
+    vocab = api.from_draftwire_error({"code": "unknown_vocabulary", "message": "no such vocabulary"})
+    assert (vocab.status, vocab.type, vocab.code) == (503, "server_error", "unknown_vocabulary")
+    assert api.from_draftwire_error({"code": "bad_vocabulary", "message": "hash"}).status == 502
 
 
 async def test_no_scheduler_is_a_503_in_openai_s_shape_streamed_or_not():

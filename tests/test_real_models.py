@@ -2,7 +2,7 @@
 
 The default suite checks one bench prompt (code) with the int8 draft; `-m slow` runs three (one chat, one
 code, one story) with both drafts, and all of `shared/bench/prompts.jsonl`; `-m qwen` the Qwen2.5-Coder
-pair. A token may only differ where the
+pair, and drafts with other tokenizers (SmolLM2, Gemma 3) for it. A token may only differ where the
 target's float32 logits of the two candidates are a near-tie (|gap| < NEAR_TIE): there a multi-token verify
 forward sums in another order than generate's one-token steps and may flip the argmax legitimately.
 """
@@ -63,3 +63,17 @@ def test_greedy_exact_qwen_subset() -> None:
     draft = load_model("qwen2.5-coder-1.5b", "int8", progress=False)
     prompts = [p for p in load_prompts(None, 1000) if p["id"] in SUBSET]
     _check(run_selfcheck(prompts, target, {"int8": draft}, ["tkslt"], 48), len(prompts))
+
+
+@pytest.mark.qwen
+def test_greedy_exact_qwen_with_drafts_of_other_tokenizers() -> None:
+    """SmolLM2 (49,152 ids, its own BPE) drafting for Qwen on every bench prompt, Gemma 3 (262,144 ids,
+    sentencepiece) on the subset: token ids equal Qwen's own greedy `generate` (docs/cross_tokenizer.md)."""
+    target = load_model("qwen2.5-coder-1.5b", "fp32", progress=False)
+    prompts = load_prompts(None, 1000)
+    smollm2 = load_model("smollm2-135m", "int8", progress=False)
+    report = run_selfcheck(prompts, target, {"smollm2-int8": smollm2}, ["tkslt"], 48)
+    _check(report, len(prompts))
+    gemma = load_model("gemma3-270m", "int8", progress=False)
+    subset = [p for p in prompts if p["id"] in SUBSET]
+    _check(run_selfcheck(subset, target, {"gemma3-int8": gemma}, ["tkslt", "dssd"], 48), len(subset))

@@ -25,7 +25,19 @@ from draftwire.shared.core.params import MODES, SamplingParams, SpecParams
 PAIRS = {
     "smollm2": (("smollm2-135m", "int8"), ("smollm2-135m", "fp32")),
     "qwen": (("qwen2.5-coder-1.5b", "int8"), ("qwen2.5-coder-1.5b", "bf16")),
+    # drafts with another tokenizer (docs/cross_tokenizer.md): TLI on the device, the same verifier at the edge
+    "smollm2-qwen": (("smollm2-135m", "int8"), ("qwen2.5-coder-1.5b", "bf16")),
+    "gemma3-qwen": (("gemma3-270m", "int8"), ("qwen2.5-coder-1.5b", "bf16")),
 }
+
+
+def parse_pairs(text: str) -> list[str]:
+    """`qwen,smollm2-qwen`: the pairs one bench run measures in turn, each against its own `ar` baseline."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in PAIRS]
+    if bad or not names:
+        raise ValueError(f"unknown pair {bad or text!r}; choose from {', '.join(PAIRS)}")
+    return list(dict.fromkeys(names))
 # policies: fixed gamma; a sweep of fixed gammas; gamma* from the fixed run's measurements; online adaptive;
 # confidence stop; pipelined drafting at the fixed gamma; adaptive and pipelined together
 BENCH_POLICIES = ("fixed", "sweep", "analytic", "adaptive", "confidence", "pipelined", "adaptive+pipelined")
@@ -221,22 +233,29 @@ def _line(r: dict) -> str:
             f"up {r['uplink_bytes_per_token']:>9.1f} B/tok  down {r['downlink_bytes_per_token']:>8.1f} B/tok")
 
 
-def bench_hf_peer(args, prompts, log) -> list[dict]:
-    """transformers' own assisted generation on the same pair and prompts, in one process (no link)."""
+def bench_hf_peer(args, prompts, log, with_ar: bool = True) -> list[dict]:
+    """transformers' own assisted generation on the same pair and prompts, in one process (no link). A draft
+    with another tokenizer runs as universal assisted generation (`tokenizer=`, `assistant_tokenizer=`)."""
     import torch
 
+    from draftwire.shared.core.speculation import check_pair
     from draftwire.shared.models.runtime import load_model
 
     torch.set_num_threads(1)
     target = load_model(args.target_model, args.target_dtype, progress=False)
     draft = load_model(args.draft_model, args.draft_dtype, progress=False)
+    cross = check_pair(draft, target) is not None
+    assisted = {"assistant_model": draft.model}
+    if cross:
+        assisted |= {"tokenizer": target.tokenizer, "assistant_tokenizer": draft.tokenizer}
+    runs = [("hf-ar", {})] if with_ar else []
+    runs.append(("hf-uag" if cross else "hf-assisted", assisted))
     n = args.max_new_tokens
     out = []
-    for label, assistant in (("hf-ar", None), ("hf-assisted", draft.model)):
+    for label, kwargs in runs:
         tokens, t0 = 0, time.perf_counter()
         for row in prompts:
             ids = torch.tensor([prompt_ids(target, row)])
-            kwargs = {"assistant_model": assistant} if assistant is not None else {}
             with torch.inference_mode():
                 gen = target.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                             min_new_tokens=n, max_new_tokens=n,
@@ -244,14 +263,19 @@ def bench_hf_peer(args, prompts, log) -> list[dict]:
             tokens += gen.shape[1] - ids.shape[1]
         wall = time.perf_counter() - t0
         out.append({"mode": label, "policy": "hf", "link": "in-process",
-                    "draft_model": f"{args.draft_model}:{args.draft_dtype}" if assistant is not None else None,
+                    "draft_model": f"{args.draft_model}:{args.draft_dtype}" if kwargs else None,
                     "target_model": f"{args.target_model}:{args.target_dtype}",
                     "tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall})
         log(f"{label:<12} in-process  {tokens / wall:>7.2f} tok/s")
-    hf_ar = out[0]["tokens_per_s"]
-    for r in out:
-        r["speedup_vs_ar"] = r["tokens_per_s"] / hf_ar
     return out
+
+
+def hf_speedups(records: list[dict]) -> None:
+    """Each in-process record's speedup over transformers' own `ar` on the same target, measured in this run."""
+    ar = {r["target_model"]: r["tokens_per_s"] for r in records if r["mode"] == "hf-ar"}
+    for r in records:
+        if r["link"] == "in-process" and r["target_model"] in ar:
+            r["speedup_vs_ar"] = r["tokens_per_s"] / ar[r["target_model"]]
 
 
 def plot(records: list[dict], out_dir: Path, gamma: int) -> list[str]:
@@ -265,9 +289,12 @@ def plot(records: list[dict], out_dir: Path, gamma: int) -> list[str]:
     served = [r for r in records if r.get("link_up_bps") and r["mode"] != "ar"
               and r["policy"] in ("fixed", f"fixed-{gamma}")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode in sorted({r["mode"] for r in served}):
-        pts = sorted((r["link_up_bps"], r["speedup_vs_ar"]) for r in served if r["mode"] == mode)
-        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=mode)
+    drafts = {r["draft_model"] for r in served}
+    for mode, draft in sorted({(r["mode"], r["draft_model"]) for r in served}):
+        pts = sorted((r["link_up_bps"], r["speedup_vs_ar"]) for r in served
+                     if r["mode"] == mode and r["draft_model"] == draft)
+        label = f"{mode}, draft {draft}" if len(drafts) > 1 else mode
+        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("uplink rate (Mbit/s)")
@@ -304,15 +331,16 @@ def _mean(xs: list[float]) -> float:
 
 def table(records: list[dict]) -> str:
     """The markdown table the README shows."""
-    head = ("| link | mode | policy | tok/s | speedup vs ar | predicted | ratio | acceptance | mean gamma "
-            "| up B/tok | down B/tok |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| link | mode | draft | policy | tok/s | speedup vs ar | predicted | ratio | acceptance | mean gamma "
+            "| up B/tok | down B/tok |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in records:
         cells = [_cell(r, k, fmt) for k, fmt in (
             ("tokens_per_s", ".2f"), ("speedup_vs_ar", ".2f"), ("predicted_speedup", ".2f"),
             ("measured_over_predicted", ".2f"), ("acceptance_rate", ".2f"), ("mean_gamma", ".2f"),
             ("uplink_bytes_per_token", ".1f"), ("downlink_bytes_per_token", ".1f"))]
-        rows.append(f"| {r['link']} | {r['mode']} | {r['policy']} | " + " | ".join(cells) + " |")
+        draft = "-" if r["mode"] in ("ar", "hf-ar") else r.get("draft_model") or "-"
+        rows.append(f"| {r['link']} | {r['mode']} | {draft} | {r['policy']} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -323,11 +351,10 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 def cmd_bench(args) -> int:
     from draftwire.services.cli.remote import load_prompts
 
-    if args.pair:
-        (args.draft_model, args.draft_dtype), (args.target_model, args.target_dtype) = PAIRS[args.pair]
     try:
+        pairs = parse_pairs(args.pair) if args.pair else [None]
         links = parse_links(args.links)
-    except LinkError as exc:
+    except (LinkError, ValueError) as exc:
         print(f"draftwire bench: error: {exc}", file=sys.stderr)
         return 2
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -348,18 +375,27 @@ def cmd_bench(args) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    log(f"draftwire bench: {args.draft_model}:{args.draft_dtype} -> {args.target_model}:{args.target_dtype}, "
-        f"{len(prompts)} prompts x {args.max_new_tokens} tokens, links {[lk.name for lk in links]}, "
-        f"modes {modes}, policies {policies}; device and edge get one torch thread each")
     t0 = time.time()
-    records = asyncio.run(bench_services(args, prompts, links, modes, policies, log))
-    if args.hf:
-        records += bench_hf_peer(args, prompts, log)
+    records: list[dict] = []
+    hf_targets: set[str] = set()
+    for pair in pairs:
+        if pair is not None:
+            (args.draft_model, args.draft_dtype), (args.target_model, args.target_dtype) = PAIRS[pair]
+        log(f"draftwire bench: {args.draft_model}:{args.draft_dtype} -> {args.target_model}:{args.target_dtype}, "
+            f"{len(prompts)} prompts x {args.max_new_tokens} tokens, links {[lk.name for lk in links]}, "
+            f"modes {modes}, policies {policies}; device and edge get one torch thread each")
+        records += asyncio.run(bench_services(args, prompts, links, modes, policies, log))
+        if args.hf:
+            target = f"{args.target_model}:{args.target_dtype}"
+            records += bench_hf_peer(args, prompts, log, with_ar=target not in hf_targets)
+            hf_targets.add(target)
+    hf_speedups(records)
     meta = {
         "command": "draftwire " + " ".join(sys.argv[1:]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
         "wall_s": time.time() - t0,
         "machine": f"{platform.machine()} {platform.processor() or ''} ".strip(),
+        "pairs": [p for p in pairs if p is not None],
         "prompt_set": args.prompts,
         "prompts": [p.get("id", i) for i, p in enumerate(prompts)],
         "max_new_tokens": args.max_new_tokens,

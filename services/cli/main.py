@@ -176,8 +176,13 @@ def cmd_auth(args: argparse.Namespace) -> int:
 def add_stack_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("stack")
     add_secure_flag(g)
-    g.add_argument("--nats", default=None, help="use this NATS server instead of starting an embedded one")
-    g.add_argument("--nats-port", type=int, default=4222, help="port of the embedded NATS server (0 = any)")
+    g.add_argument("--nats", default=None, help="use these NATS servers (URL1,URL2,... of one cluster) instead of "
+                   "starting embedded ones")
+    g.add_argument("--nats-port", type=int, default=4222,
+                   help="port of the embedded NATS server (0 = any); a cluster's nodes take it and the next ones")
+    g.add_argument("--nats-cluster", type=_positive, default=None, metavar="N",
+                   help="start a local cluster of N nats-servers (3: any one may die) instead of one; every "
+                        "stream and bucket gets min(3, N) replicas")
     g.add_argument("--telemetry-port", type=int, default=9464, help="HTTP port of /metrics (0 = any)")
     g.add_argument("--gateway-port", type=int, default=8000,
                    help="HTTP port of the OpenAI-compatible API (8000, as vLLM's; 0 = any)")
@@ -277,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text (a raw completion)")
     gen.add_argument("--local", action="store_true", help="run in-process instead of through the NATS services")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, stats")
-    gen.add_argument("--nats", default=None, help="NATS URL of a running stack (default nats://127.0.0.1:4222)")
+    gen.add_argument("--nats", default=None, help="NATS URL of a running stack, or URL1,URL2,... of its cluster's "
+                     "nodes (default nats://127.0.0.1:4222)")
     add_client_identity_flags(gen)
     gen.add_argument("--timeout", type=float, default=600.0,
                      help="seconds to wait for the result, sent as the request's timeout_s (its deadline); "
@@ -342,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark: modes x links x draft-length policies through the services")
     add_model_flags(bench)
-    bench.add_argument("--pair", choices=("smollm2", "qwen"), default=None,
-                       help="model pair: smollm2 (int8 -> fp32, default flags) or qwen (int8 -> bf16)")
+    bench.add_argument("--pair", default=None,
+                       help="comma-separated model pairs measured in turn in one run: smollm2 (int8 -> fp32), "
+                            "qwen (int8 -> bf16), smollm2-qwen (SmolLM2 int8 -> Qwen bf16, another tokenizer), "
+                            "gemma3-qwen (Gemma 3 int8 -> Qwen bf16); unset: the model flags")
     bench.add_argument("--modes", default="ar,full,tkslt,dssd", help="comma-separated modes to run")
     bench.add_argument("--links", default="lan,5g,cell-edge",
                        help="profile names, or ';'-separated --link specs (e.g. 'cell-edge;up=1M,down=5M,rtt=80ms')")
@@ -360,15 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", default=DEFAULT_SET, help=PROMPTS_HELP)
     bench.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
     bench.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
-                       help="also run transformers' generate(assistant_model=...) on the same pair")
+                       help="also run transformers' generate(assistant_model=...) on the same pair (universal assisted "
+                            "generation when the tokenizers differ)")
     bench.add_argument("--out", default="bench-out/bench", help="output directory")
     bench.add_argument("--verbose", action="store_true", help="show the services' logs")
     bench.set_defaults(func=cmd_bench, nats=None, nats_port=0, telemetry_port=0, mode="tkslt", policy="fixed",
                        pipeline=False)
 
-    from draftwire.services.cli import certs, faults, loadtest
+    from draftwire.services.cli import certs, drain, faults, loadtest
 
     certs.add_parser(sub)
+    drain.add_parser(sub)
     faults.add_parser(sub, add_model_flags)
     loadtest.add_parser(sub, add_model_flags)
 

@@ -1,4 +1,5 @@
-"""`draftwire up`: an embedded nats-server (unless one is reachable) and the services as child processes.
+"""`draftwire up`: an embedded nats-server or a local cluster of them (unless `--nats` names running ones) and
+the services as child processes.
 
 The children are started exactly as compose starts them (`python -m draftwire.services.<name>` configured by flags),
 so `up` is the compose file without Docker. Ready means every service printed its ready line; Ctrl-C or
@@ -22,7 +23,13 @@ from draftwire.shared.core.link_profile import LinkProfile, parse_link
 from draftwire.shared.io import credentials
 from draftwire.shared.io.bus import connect, ensure_done_stream, ensure_submit_stream
 from draftwire.shared.io.link_emulator import LinkProxy
-from draftwire.shared.io.nats_server import EmbeddedNats, _die_with_parent, is_reachable
+from draftwire.shared.io.nats_server import (
+    EmbeddedNats,
+    NatsCluster,
+    _die_with_parent,
+    is_reachable,
+    split_urls,
+)
 from draftwire.shared.io.service_shell import READY_PREFIX
 from draftwire.shared.io.tls import client_context, make_dev_certs, server_tls_block
 from draftwire.shared.models.cache import cache_root
@@ -35,7 +42,7 @@ READY_TIMEOUT_S = 600.0  # first start may pull and convert models
 
 @dataclass
 class Stack:
-    """A running stack; `url` is where clients connect.
+    """A running stack; `url` is where clients connect (every node's URL, comma-separated, on a cluster).
 
     `procs` is keyed by replica: the first of each service by its name (`verifier`), further ones
     `verifier-2`, `verifier-3`, ...; `restart(key)` kills one (SIGKILL by default, as a crash would) and starts
@@ -43,7 +50,7 @@ class Stack:
     """
 
     url: str
-    nats: EmbeddedNats | None = None
+    nats: EmbeddedNats | NatsCluster | None = None
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     telemetry_url: str | None = None
     gateway_url: str | None = None  # the OpenAI-compatible API's base URL
@@ -165,6 +172,9 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
     from draftwire.shared.models.progress import status
     from draftwire.shared.models.store import resolve
 
+    cluster = getattr(args, "nats_cluster", 0) or 0  # nodes of a local NATS cluster; 0: one server
+    if cluster and args.nats is not None:
+        raise ValueError("--nats-cluster starts its own servers: leave out --nats (or --nats-cluster)")
     for source in {args.draft_model, args.target_model}:  # pull once here, not racing in two children
         await asyncio.to_thread(resolve, source, progress)
     nats = None
@@ -178,18 +188,23 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         tls_block = server_tls_block(tls_files)
         authorization = credentials.server_authorization(secure) + tls_block
     if url is not None:
-        if not await is_reachable(url):
+        servers = split_urls(url)
+        if not any(await asyncio.gather(*(is_reachable(u) for u in servers))):
             raise ConnectionError(f"no NATS server reachable at {url} (leave out --nats to embed one)")
     else:  # JetStream state is kept per port, so prompts queued while `up` was down are served next time
-        store = store_dir or os.path.join(cache_root(), "nats", str(args.nats_port or "any"))
-        nats = EmbeddedNats(port=args.nats_port or None, store_dir=store, config_extra=authorization)
+        port = args.nats_port or None
+        kept = f"cluster{cluster}-{port or 'any'}" if cluster else str(port or "any")
+        store = store_dir or os.path.join(cache_root(), "nats", kept)
+        nats = (NatsCluster(cluster, ports=[port + i for i in range(cluster)] if port else None, store_dir=store,
+                            config_extra=authorization) if cluster else
+                EmbeddedNats(port=port, store_dir=store, config_extra=authorization))
         await nats.start()
         url = nats.url
     stack = Stack(url=url, nats=nats, quiet=quiet, secure_dir=secure or None, tls_block=tls_block)
     admin = {"creds": str(credentials.identity_file(secure, "admin")), "tls": stack.client_tls()} if secure else {}
     try:
         if (link := getattr(args, "link", None)) is not None:
-            target = urlparse(url)
+            target = urlparse(split_urls(url)[0])  # a proxy has one upstream: the first server
             profile = link if isinstance(link, LinkProfile) else parse_link(link)
             stack.link = await LinkProxy(target.hostname, target.port or 4222, profile).start()
         nc = await connect(url, "draftwire-up", **admin)
@@ -242,7 +257,9 @@ async def _drain(proc: asyncio.subprocess.Process, quiet: bool) -> None:
 
 async def run_up(args) -> int:
     stack = await start_stack(args)
-    print(f"draftwire: NATS at {stack.url}", flush=True)
+    servers = split_urls(stack.url)
+    where = f"a cluster of {len(servers)} nodes at {stack.url}" if len(servers) > 1 else stack.url
+    print(f"draftwire: NATS at {where}", flush=True)
     if stack.link is not None:
         print(f"draftwire: draft service behind an emulated link ({stack.link.profile.describe()}) "
               f"at {stack.link.url}", flush=True)

@@ -32,6 +32,10 @@ advance a token each per pass, none can hold the model for more than one step, a
 verifier together, where they batch again. Only the model thread computes (`--torch-threads` is its
 intra-op pool); the drafting threads sample and wait. Nothing slow runs on the event loop (tokenizing goes to a
 thread), so pings, cancels and session pings are answered during any generation.
+
+Drain (`draftwire.shared.core.drain`): a request on `<prefix>.drain.<instance>` makes the instance leave both
+start subjects (the scheduler then places jobs elsewhere, and one sent here anyway finds "no responders") and
+report `draining` in its stats; the generations it runs finish here, then it idles until resumed or stopped.
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ from draftwire.services.draft.verifier_link import NatsEdge, VerifierDirectory
 from draftwire.shared.core.backoff import Backoff
 from draftwire.shared.core.draft_length_policy import AdaptiveGamma, CostModel, make_policy
 from draftwire.shared.core.draft_session import DraftSession
+from draftwire.shared.core.drain import (
+    DrainState,
+    DrainStatus,
+    draft_drain_subject,
+    error_reply,
+    parse_command,
+)
 from draftwire.shared.core.params import ParamError
 from draftwire.shared.core.prompt_request import GenerateJob, RequestError, encode_reply, error_body
 from draftwire.shared.core.protocol import CloseSession, TargetInfo
@@ -67,6 +78,7 @@ from draftwire.shared.core.telemetry_figures import TokenClock
 from draftwire.shared.io import bus
 from draftwire.shared.io.bus import SUBJECTS, extract_context
 from draftwire.shared.io.credentials import identity_name
+from draftwire.shared.io.micro_endpoints import leave, rejoin
 from draftwire.shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
@@ -460,15 +472,39 @@ async def start(ctx: ServiceContext) -> None:
         workers.shutdown(wait=False)
 
     ctx.cleanups.append(cancel_runs)
-    await register(
+    drain = DrainState()
+    left: list[dict] = []  # the start endpoints a drain left, for a resume
+    starts = {SUBJECTS.draft_start, SUBJECTS.draft_start_instance(ctx.instance, prefix)}
+
+    async def handle_drain(req: Request) -> None:
+        """Drain: take no job (leave the start subjects), finish the generations running here."""
+        try:
+            command = parse_command(req.data)
+        except ValueError as exc:
+            await req.respond(error_reply(str(exc)))
+            return
+        if command.action == "drain" and not drain.draining:
+            drain.begin(time.monotonic())
+            left[:] = await leave(svc, starts)
+            log.info("draining: %d generation(s) finish here, no new job is taken", len(runs))
+        elif command.action == "resume" and drain.draining:
+            drain.resume()
+            await rejoin(svc, left)
+            left.clear()
+            log.info("drain ended: taking jobs again")
+        await req.respond(DrainStatus(ctx.instance, drain.draining, len(runs), 0).encode())
+
+    svc = await register(
         ctx,
         "draftwire-draft",
         "draft model and speculative loop (device)",
         [*([] if device else [(SUBJECTS.draft_start, handle_start, "drafts")]),  # the scheduler's fallback
-         (SUBJECTS.draft_start_instance(ctx.instance, prefix), handle_start, ctx.instance)],  # placed on this one
+         (SUBJECTS.draft_start_instance(ctx.instance, prefix), handle_start, ctx.instance),  # placed on this one
+         (draft_drain_subject(ctx.instance, prefix), handle_drain, ctx.instance)],
         metadata={"model": args.draft_model, "dtype": args.draft_dtype},
         # the scheduler places by it, and a secured draft names its device identity (its subjects' prefix)
-        stats=lambda: {"active": len(runs), "max": args.max_concurrent, **({"device": device} if device else {})},
+        stats=lambda: {"active": len(runs), "max": args.max_concurrent, **({"device": device} if device else {}),
+                       **({"draining": True} if drain.draining else {})},
     )
     log.info("drafting with %s (%s)", model.name, model.dtype)
 

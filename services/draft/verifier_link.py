@@ -9,7 +9,9 @@ that is connected but hung. Instances are found with micro stats (`$SRV.STATS.dr
 replies name each instance, its micro service id and its load. A session goes to the verifier the scheduler
 placed it on (`GenerateJob.verifier`) while that one is known, else to the least-loaded one
 (`draftwire.shared.core.placement`); when none is known the round goes to the `verifiers` queue group and the reply
-names who took it.
+names who took it. A verifier being drained answers a round it will not serve with the `Draftwire-Draining`
+header: the session moves to another verifier exactly as after a failover, and a draining instance is never
+picked (`draftwire.shared.core.drain`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from nats.aio.client import Client
 from opentelemetry import trace
 
 from draftwire.shared.core.backoff import Backoff
-from draftwire.shared.core.placement import least_loaded, verifier_load
+from draftwire.shared.core.drain import DRAINING_HEADER
+from draftwire.shared.core.placement import is_draining, least_loaded, verifier_load
 from draftwire.shared.core.protocol import TargetInfo, Verdict, VerifyRequest, decode_any
 from draftwire.shared.core.race import unless
 from draftwire.shared.core.speculation import RemoteError
@@ -74,13 +77,13 @@ class VerifierDirectory:
         """A known live instance (name, service id) other than `exclude`: `prefer` (the scheduler's choice)
         when it is one, else the least loaded (ties at random, so sessions spread)."""
         age = time.monotonic() - self._refreshed
-        wanted = prefer is not None and prefer not in exclude
+        wanted = prefer is not None and prefer not in exclude and not self.draining(prefer)
         if not set(self.ids) - exclude or (wanted and prefer not in self.ids):
             if age > PING_EVERY_S:
                 await self.refresh()
         elif age > DISCOVERY_TTL_S and (self._background is None or self._background.done()):
             self._background = asyncio.ensure_future(self.refresh())  # meanwhile, what we know will do
-        if wanted and prefer in self.ids:
+        if wanted and prefer in self.ids and not self.draining(prefer):  # (what a refresh may have said)
             name = prefer
         else:
             known = [load for load in self.board.loads() if load.instance in self.ids]
@@ -90,6 +93,11 @@ class VerifierDirectory:
             name = chosen.instance
         self.board.placed(name)
         return name, self.ids[name]
+
+    def draining(self, instance: str) -> bool:
+        """Whether `instance` last reported that it is being drained."""
+        reported = self.board.reported.get(instance)
+        return reported is not None and is_draining(reported.data)
 
     def service_id(self, instance: str) -> str | None:
         return self.ids.get(instance)
@@ -173,6 +181,14 @@ class NatsEdge:
             if SERVICE_ERROR_HEADER in headers:
                 raise RemoteError("verifier_error", headers.get(SERVICE_ERROR_HEADER, "unknown"))
             answered = headers.get(INSTANCE_HEADER)
+            if DRAINING_HEADER in headers and (instance or answered):  # it is being drained: go elsewhere
+                drained = instance or answered
+                log.info("verifier %s is draining; moving the session", drained)
+                self.failovers += 1
+                self._failed.add(drained)
+                self.directory.forget(drained)
+                self.instance = None
+                continue
             if answered and answered != self.instance:
                 self.instance = answered
             if answered and (not self.instances or self.instances[-1] != answered):

@@ -127,6 +127,7 @@ HEARTBEAT_S = 1.0  # in-progress acks while working, well inside bus.JOBS_ACK_WA
 FETCH_S = 1.0  # one pull request's lifetime
 PUBLISH_TIMEOUT_S = 2.0  # waiting for a PubAck
 STORE_TRIES = 3  # publishes of one job (same Nats-Msg-Id, so JetStream stores it once) before giving up
+STORE_LEADERLESS_S = 15.0  # "no responders" from the jobs stream (no leader: an election) is retried this long
 START_TIMEOUT_S = 5.0  # the draft answers `draftwire.draft.start` at once; longer means it may not have it
 PING_S = 0.5  # liveness pings of the session subject while the draft runs it
 PING_TIMEOUT_S = 0.5
@@ -426,8 +427,9 @@ class Scheduler:
         msg_headers = inject_headers({"Nats-Msg-Id": job_msg_id(job.session)}, extract_context(headers))
         maybe_stored, failure = False, ""
         backoff = Backoff(initial=0.1, cap=1.0)
-        for attempt in range(STORE_TRIES):
-            if attempt:
+        tries, leaderless_until = 0, time.monotonic() + STORE_LEADERLESS_S
+        while tries < STORE_TRIES:
+            if tries or failure:
                 await asyncio.sleep(backoff.next())
             try:
                 await self.js.publish(
@@ -437,13 +439,12 @@ class Scheduler:
                 return None, True
             except nats.js.errors.APIError as exc:  # an answer: this try stored nothing
                 return store_refusal(exc, job.id), maybe_stored
-            except nats.js.errors.NoStreamResponseError as exc:  # nobody took the message
-                failure = repr(exc)
+            except nats.js.errors.NoStreamResponseError as exc:  # nobody took the message: the stream has no
+                failure = repr(exc)  # leader (a cluster elects one within seconds of a node's loss): wait for it
+                tries = tries if time.monotonic() < leaderless_until else STORE_TRIES
             except (TimeoutError, nats.errors.Error) as exc:  # it may have been stored
-                maybe_stored, failure = True, repr(exc)
-            log.warning(
-                "job %s: storing it failed (try %d of %d): %s", job.id, attempt + 1, STORE_TRIES, failure
-            )
+                maybe_stored, failure, tries = True, repr(exc), tries + 1
+            log.warning("job %s: storing it failed (try %d of %d): %s", job.id, tries, STORE_TRIES, failure)
         return error_body("unavailable", f"could not store the job: {failure}", job.id), maybe_stored
 
     async def _take_submission(self, msg: Msg) -> None:

@@ -22,6 +22,14 @@ Tokenizer exchange (docs/cross_tokenizer.md): at start the verifier stores its t
 (`vocab_bundle.pack`) in the JetStream object store `DRAFTWIRE_VOCAB` under the vocabulary digest, once per
 digest, and names the digest in the info reply; a draft with another tokenizer fetches it by that digest.
 Failing to store it (no permission, a full bucket) is logged, not fatal: same-tokenizer drafts need nothing.
+
+Drain (docs/sessions.md, `draftwire.shared.core.drain`): a request on `draftwire.verifier.drain.<instance>`
+makes the instance leave the `verifiers` queue group for rounds, report `draining` in its stats and info (so
+nobody places a session here), serve the sessions it holds until they end or the drain's grace passes, and
+answer every other round `draining` (with the `Draftwire-Draining` header), on which the device moves the
+session to another verifier. Drained, it idles until resumed or stopped. SIGTERM drains with no grace (every
+session moves at its next round, the rounds in flight are answered first) and stops once drained or after
+`--drain-on-term` seconds; a second SIGTERM, or SIGINT, stops at once.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import asyncio
 import contextlib
 import logging
 import resource
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from nats.micro import Request
@@ -37,6 +47,15 @@ from opentelemetry import trace
 
 from draftwire.services.verifier.batcher import Batcher
 from draftwire.shared.core.cross_vocab import model_vocabulary
+from draftwire.shared.core.drain import (
+    DRAINING,
+    DRAINING_HEADER,
+    DrainState,
+    DrainStatus,
+    error_reply,
+    parse_command,
+    verifier_drain_subject,
+)
 from draftwire.shared.core.protocol import (
     MAX_MESSAGE_BYTES,
     CloseSession,
@@ -50,6 +69,7 @@ from draftwire.shared.core.vocab_bundle import pack
 from draftwire.shared.core.vocab_mapping import VocabularyError
 from draftwire.shared.io import bus
 from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
+from draftwire.shared.io.micro_endpoints import leave, rejoin
 from draftwire.shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
@@ -86,6 +106,11 @@ def build_parser():
         "--max-queue", type=int, default=env_int("MAX_QUEUE", 256),
         help="rounds waiting for a forward pass; beyond it a round is refused `busy` [DRAFTWIRE_MAX_QUEUE]",
     )
+    p.add_argument(
+        "--drain-on-term", type=float, default=env_float("DRAIN_ON_TERM", 5.0),
+        help="on SIGTERM, hand every session over to another verifier and stop once none is left, waiting at "
+             "most this many seconds; 0: stop at once [DRAFTWIRE_DRAIN_ON_TERM]",
+    )
     return p
 
 
@@ -120,10 +145,15 @@ async def start(ctx: ServiceContext) -> None:
 
     ctx.cleanups.append(stop_runner)
     headers = {INSTANCE_HEADER: ctx.instance}
+    moved = {**headers, DRAINING_HEADER: "1"}
     loop = asyncio.get_running_loop()
     rounds = 0
 
     in_flight: set[asyncio.Task] = set()
+    drain = DrainState()
+    left: list[dict] = []  # the queue-group endpoints a drain left, for a resume
+    watcher: asyncio.Task | None = None
+    terminating: asyncio.Task | None = None  # SIGTERM's drain
 
     async def handle(req: Request) -> None:
         """Return at once: micro awaits a handler before it delivers the subscription's next message, and the
@@ -140,16 +170,93 @@ async def start(ctx: ServiceContext) -> None:
         ) as span:
             span.set_attribute("draftwire.verifier_instance", ctx.instance)
             data = req.data
+            moves = False  # refused by a drain: the reply tells the device to move the session
             if len(data) > MAX_MESSAGE_BYTES:
                 reply = ErrorReply(code="oversize", message=f"{len(data)} bytes > {MAX_MESSAGE_BYTES}").encode()
             else:
                 decoded = decode_round(data)
-                reply = decoded if isinstance(decoded, bytes) else await batcher.submit(decoded)
+                if isinstance(decoded, bytes):
+                    reply = decoded
+                elif not drain.admits(decoded.session in core, time.monotonic()):
+                    reply, moves = await refuse(decoded.session), True
+                else:
+                    reply = await batcher.submit(decoded)
             span.set_attribute("draftwire.downlink_bytes", len(reply))
             try:
-                await req.respond(reply, headers=headers)
+                await req.respond(reply, headers=moved if moves else headers)
             except Exception as exc:  # noqa: BLE001 - a closed connection: the device times out and retries
                 log.warning("could not send a verdict: %r", exc)
+
+    async def refuse(session: str) -> bytes:
+        """A draining verifier's answer to a round it does not serve: the device moves the session."""
+        if session in core:
+            await loop.run_in_executor(worker, core.close, session)  # on the model thread: never races a batch
+        batcher.closed(session)
+        return ErrorReply(code=DRAINING, session=session,
+                          message=f"verifier {ctx.instance} is draining: the session moves").encode()
+
+    def drain_status() -> DrainStatus:
+        return DrainStatus(ctx.instance, drain.draining, core.sessions, len(in_flight),
+                           drain.grace_left(time.monotonic()))
+
+    async def watch_drain() -> None:
+        """Drop whatever is still cached once the grace is over, and say when the drain is complete."""
+        t0 = time.monotonic()
+        while drain.draining:
+            if drain.handing_over(time.monotonic()) and core.sessions:
+                log.info("drain: the grace is over; %d session(s) move at their next round", core.sessions)
+                await loop.run_in_executor(worker, core.close_all)
+            if drain_status().drained:
+                log.info("drained in %.1f s: no session held%s", time.monotonic() - t0,
+                         "" if terminating else "; idle until resumed or stopped")
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def begin_drain(grace_s: float) -> None:
+        nonlocal watcher
+        first = not drain.draining
+        drain.begin(time.monotonic(), grace_s)
+        if first:
+            left[:] = await leave(svc, {SUBJECTS.verify})  # no round reaches us through the queue group
+            log.info("draining: %d session(s) held, grace %s s", core.sessions, grace_s)
+        if watcher is None or watcher.done():
+            watcher = asyncio.create_task(watch_drain(), name="drain")
+
+    async def end_drain() -> None:
+        if drain.draining:
+            drain.resume()
+            await rejoin(svc, left)
+            left.clear()
+            log.info("drain ended: taking new sessions again")
+
+    async def handle_drain(req: Request) -> None:
+        try:
+            command = parse_command(req.data)
+        except ValueError as exc:
+            await req.respond(error_reply(str(exc)))
+            return
+        if command.action == "drain":
+            await begin_drain(command.grace_s)
+        elif command.action == "resume":
+            await end_drain()
+        await req.respond(drain_status().encode())
+
+    async def drain_then_stop(bound_s: float) -> None:
+        await begin_drain(0.0)
+        give_up = time.monotonic() + bound_s
+        while not drain_status().drained and time.monotonic() < give_up:
+            await asyncio.sleep(DRAIN_POLL_S)
+        status = drain_status()
+        log.info("SIGTERM: %s; stopping", "drained" if status.drained else
+                 f"{status.sessions} session(s) and {status.in_flight} round(s) left after {bound_s:g} s")
+        ctx.stopping.set()
+
+    def on_term() -> None:
+        nonlocal terminating
+        if terminating is not None:
+            ctx.stopping.set()  # a second SIGTERM: at once
+            return
+        terminating = asyncio.create_task(drain_then_stop(args.drain_on_term), name="drain-then-stop")
 
     async def handle_info(req: Request) -> None:
         await req.respond(target.encode(
@@ -157,7 +264,7 @@ async def start(ctx: ServiceContext) -> None:
             batch_rows=core.batch_rows, forward_tokens=core.forward_tokens, busy=batcher.busy,
             queue=len(batcher.waiting), budget=batcher.budget,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # Linux: KiB
-            cached_tokens=core.cached_tokens, kv_bound_mb=kv_bound_mb,
+            cached_tokens=core.cached_tokens, kv_bound_mb=kv_bound_mb, draining=drain.draining,
         ))
 
     async def on_close(msg) -> None:
@@ -167,7 +274,7 @@ async def start(ctx: ServiceContext) -> None:
         with contextlib.suppress(ProtocolError):
             batcher.closed(CloseSession.decode(msg.data).session)
 
-    await register(
+    svc = await register(
         ctx,
         "draftwire-verifier",
         "target model verification (edge)",
@@ -175,18 +282,23 @@ async def start(ctx: ServiceContext) -> None:
             (SUBJECTS.verify, handle, VERIFY_QUEUE),
             (SUBJECTS.verify_instance(ctx.instance), handle, ctx.instance),
             (SUBJECTS.verifier_info, handle_info, VERIFY_QUEUE),
+            (verifier_drain_subject(ctx.instance), handle_drain, ctx.instance),
         ],
         metadata={"model": args.target_model, "dtype": args.target_dtype},
         stats=lambda: {"sessions": core.sessions, "queue": len(batcher.waiting), "busy": batcher.busy,
-                       "max_queue": batcher.max_queue},  # the scheduler and the drafts place sessions by it
+                       "max_queue": batcher.max_queue,  # the scheduler and the drafts place sessions by it
+                       **({"draining": True} if drain.draining else {})},
     )
     await ctx.nc.subscribe(SUBJECTS.sessions_close, cb=on_close)
+    if args.drain_on_term > 0:
+        loop.add_signal_handler(signal.SIGTERM, on_term)
     log.info("serving %s (%s) on %s and %s; batches of up to %d tokens, %d rounds queued at most, KV cache "
              "bounded at %d MiB", model.name, model.dtype, SUBJECTS.verify, SUBJECTS.verify_instance(ctx.instance),
              args.verify_budget, args.max_queue, kv_bound_mb)
 
 
 PUBLISH_TIMEOUT_S = 30.0
+DRAIN_POLL_S = 0.1
 
 
 async def publish_tokenizer(ctx: ServiceContext, model) -> str:

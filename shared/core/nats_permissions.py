@@ -93,6 +93,12 @@ def _vocab_writer() -> tuple[str, ...]:
     return (*_vocab_reader(), f"$JS.API.STREAM.CREATE.{s}", f"$JS.API.STREAM.PURGE.{s}", f"$O.{VOCAB_BUCKET}.>")
 
 
+def _in_any_domain(subjects: Iterable[str]) -> tuple[str, ...]:
+    """The same JetStream API calls addressed to a domain (`$JS.<domain>.API...`): how a device behind a leaf
+    node reaches the edge's JetStream (shared/io/nats_leaf.py); the edge checks the subject as it crosses."""
+    return tuple(s.replace("$JS.API.", "$JS.*.API.", 1) for s in subjects if s.startswith("$JS.API."))
+
+
 def role_permissions(role: str, name: str) -> Permissions:
     """The allow-lists of identity `name` acting as `role` (for a client, `name` is its tenant)."""
     inbox = (f"{inbox_prefix(name)}.>",)
@@ -121,15 +127,17 @@ def role_permissions(role: str, name: str) -> Permissions:
         return Permissions(
             publish=(*_self_ping(role), *_vocab_writer()),
             subscribe=(*inbox, f"{ROOT}.verify", f"{ROOT}.verify.*", f"{ROOT}.verifier.info",
+                       f"{ROOT}.verifier.drain.*",  # drain requests (`draftwire drain`: only admin may send one)
                        f"{ROOT}.sessions.close", *_micro(SERVICE_OF_ROLE[role])),
             allow_responses=True,
         )
     if role == "device":  # everything it is told arrives under its own prefix (`Subjects.device_prefix`)
+        jetstream = (f"$JS.API.STREAM.INFO.{DONE_STREAM}", *_vocab_reader())
         return Permissions(
             publish=(f"{ROOT}.verify", f"{ROOT}.verify.*", f"{ROOT}.verifier.info", f"{ROOT}.sessions.close",
                      f"{ROOT}.events.round", f"{ROOT}.events.request", f"{ROOT}.dev.{name}.chunk.*",
                      f"{ROOT}.done.*", "$SRV.STATS.draftwire-verifier", "$SRV.PING.draftwire-verifier.*",
-                     f"$JS.API.STREAM.INFO.{DONE_STREAM}", *_self_ping(role), *_vocab_reader()),
+                     *_self_ping(role), *jetstream, *_in_any_domain(jetstream)),
             subscribe=(*inbox, f"{ROOT}.dev.{name}.>", *_micro(SERVICE_OF_ROLE[role])),
             allow_responses=True,
         )

@@ -44,6 +44,9 @@ _STATUS = {  # draftwire error code -> (HTTP status, OpenAI error type)
     "context_length_exceeded": (400, "invalid_request_error"), "duplicate_id": (409, "invalid_request_error"),
     "overloaded": (503, "server_error"), "busy": (503, "server_error"), "unavailable": (503, "server_error"),
     "no_draft": (503, "server_error"), "no_verifier": (503, "server_error"),
+    # a draft that cannot speculate for this target: the deployment's fault, not the request's; the code says why
+    "unknown_vocabulary": (503, "server_error"), "bad_vocabulary": (502, "server_error"),
+    "vocab_mismatch": (502, "server_error"),
     "deadline_exceeded": (504, "timeout"), "cancelled": (499, "cancelled"),
 }
 

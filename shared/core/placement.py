@@ -6,7 +6,8 @@ and the least-loaded instance is chosen: one with room first, then one whose loa
 instance that reports none), and only when every instance is full the least-loaded full one, since a job has
 to go somewhere and a full draft or verifier queues it rather than losing it. Ties are broken at random, so
 equal instances share a burst. Sessions placed since the report was read are added by the caller
-(`placed`), so a burst does not all land on the instance that was idle when the loads were read.
+(`placed`), so a burst does not all land on the instance that was idle when the loads were read. An instance
+that reports `draining` (`draftwire.shared.core.drain`) is never chosen, not even when it is the only one.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Load:
-    """One instance's load: `key` orders instances (lower is less loaded); None means it reported none."""
+    """One instance's load: `key` orders instances (lower is less loaded); None means it reported none.
+    `draining`: it takes no new session (it is being drained for maintenance)."""
 
     instance: str
     key: tuple[float, ...] | None = None
     full: bool = False
+    draining: bool = False
 
 
 def _count(data: object, name: str) -> int | None:
@@ -30,14 +33,19 @@ def _count(data: object, name: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def is_draining(data: object) -> bool:
+    """Whether a reported load says the instance is draining (`"draining": true`)."""
+    return isinstance(data, dict) and data.get("draining") is True
+
+
 def draft_load(instance: str, data: object, placed: int = 0) -> Load:
     """A draft reports `{"active": sessions it holds, "max": its --max-concurrent}`: the busier fraction of
     its slots is the more loaded (a draft with more slots takes more), then the more sessions."""
     active, most = _count(data, "active"), _count(data, "max")
     if active is None or not most:
-        return Load(instance)
+        return Load(instance, draining=is_draining(data))
     active += placed
-    return Load(instance, (active / most, float(active)), full=active >= most)
+    return Load(instance, (active / most, float(active)), full=active >= most, draining=is_draining(data))
 
 
 def verifier_load(instance: str, data: object, placed: int = 0) -> Load:
@@ -46,15 +54,16 @@ def verifier_load(instance: str, data: object, placed: int = 0) -> Load:
     rounds `busy` (`busy` itself counts refusals since start, not a present state)."""
     sessions, queue = _count(data, "sessions"), _count(data, "queue")
     if sessions is None or queue is None:
-        return Load(instance)
+        return Load(instance, draining=is_draining(data))
     max_queue = _count(data, "max_queue")
     return Load(instance, (float(sessions + placed), float(queue)),
-                full=max_queue is not None and queue >= max_queue)
+                full=max_queue is not None and queue >= max_queue, draining=is_draining(data))
 
 
 def least_loaded(loads: Iterable[Load], rng: random.Random, exclude: Collection[str] = ()) -> Load | None:
-    """The least-loaded instance not in `exclude`: one with room, else of unknown load, else a full one."""
-    pool = [load for load in loads if load.instance not in exclude]
+    """The least-loaded instance not in `exclude` nor draining: one with room, else of unknown load, else a
+    full one."""
+    pool = [load for load in loads if load.instance not in exclude and not load.draining]
     tiers = (
         [load for load in pool if load.key is not None and not load.full],
         [load for load in pool if load.key is None],
@@ -68,4 +77,4 @@ def least_loaded(loads: Iterable[Load], rng: random.Random, exclude: Collection[
     return None
 
 
-__all__ = ["Load", "draft_load", "least_loaded", "verifier_load"]
+__all__ = ["Load", "draft_load", "is_draining", "least_loaded", "verifier_load"]

@@ -131,6 +131,10 @@ class VerifierCore:
     def close(self, session: str) -> None:
         self._sessions.pop(session, None)
 
+    def close_all(self) -> None:
+        """Drop every session (a drained verifier hands the ones still cached over)."""
+        self._sessions.clear()
+
     def handle(self, req: VerifyRequest) -> Verdict:
         """Verify one round of a request that passed the codec's checks (so an opening request's digest is
         its history's). Raises SessionUnknown, RoundRefused, ProtocolError or VerificationError (NonFinite

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats
 import nats.errors
@@ -45,7 +46,7 @@ from draftwire.shared.core.subject_names import (
     validate_token,
 )
 from draftwire.shared.io.credentials import load_identity
-from draftwire.shared.io.nats_server import is_reachable
+from draftwire.shared.io.nats_server import is_reachable, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +169,31 @@ class _TlsCloseNoise(logging.Filter):
 logging.getLogger("asyncio").addFilter(_TlsCloseNoise())
 
 
+RECONNECT_WAIT_S = 0.5  # before dialling a server tried this recently again (others in the list go at once)
+PING_INTERVAL_S = 5.0  # a node that vanished without closing (host down, partition) is noticed within
+MAX_OUTSTANDING_PINGS = 3  # PING_INTERVAL_S x this (15 s), then the client moves to another node
+
+
 async def connect(
-    url: str, name: str, *, initial_timeout: float = 5.0, creds: str | os.PathLike[str] | None = None, **kw
+    url: str | Sequence[str], name: str, *, initial_timeout: float = 5.0,
+    creds: str | os.PathLike[str] | None = None, **kw
 ) -> Client:
-    """Connect with a bounded first attempt, then reconnect forever.
+    """Connect to one server or a cluster (`url`: `URL1,URL2,...` or a list), with a bounded first attempt,
+    then reconnect forever.
 
     nats-py retries the *initial* connect too (60 x 2 s by default, forever with max_reconnect_attempts=-1),
     so a missing server would hang a service for minutes. We bound the first connect with
-    `initial_timeout` and raise ConnectionError; once connected, the client reconnects indefinitely so a
-    restarted server does not take the services down. `creds` is an identity's nkey seed file
-    (`draftwire.shared.io.credentials`): the client signs in as it and uses its own inbox prefix. `kw` overrides any
-    nats.connect option (`tls=` an ssl.SSLContext, for instance).
+    `initial_timeout` and raise ConnectionError; once connected, the client reconnects indefinitely, to
+    whichever server of the list (or of those the cluster advertised since) answers, so neither a restarted
+    server nor a cluster node's loss takes the services down: what they published meanwhile is buffered and
+    sent on reconnect, and their subscriptions are made again. `creds` is an identity's nkey seed file
+    (`draftwire.shared.io.credentials`): the client signs in as it and uses its own inbox prefix. `kw`
+    overrides any nats.connect option (`tls=` an ssl.SSLContext, for instance).
     """
+    try:
+        servers = split_urls(url)
+    except ValueError as exc:
+        raise ConnectionError(str(exc)) from None
     if creds is not None:
         try:
             kw = {**load_identity(creds).connect_options(), **kw}
@@ -189,20 +203,22 @@ async def connect(
         "name": name,
         "connect_timeout": 2,
         "allow_reconnect": True,
-        "reconnect_time_wait": 1,
+        "reconnect_time_wait": RECONNECT_WAIT_S,
         "max_reconnect_attempts": -1,
-        "ping_interval": 20,
-        "max_outstanding_pings": 3,
+        "ping_interval": PING_INTERVAL_S,
+        "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
         "error_cb": _log_error,
         **kw,
     }
-    if not await is_reachable(url, timeout=min(initial_timeout, 2.0)):
+    where = ", ".join(servers)
+    reachable = await asyncio.gather(*(is_reachable(u, timeout=min(initial_timeout, 2.0)) for u in servers))
+    if not any(reachable):
         raise ConnectionError(
-            f"NATS server at {url} is not reachable (is it running? `draftwire up` starts one)"
+            f"NATS server at {where} is not reachable (is it running? `draftwire up` starts one)"
         )
     nc = Client()
     try:
-        await asyncio.wait_for(nc.connect(servers=[url], **opts), initial_timeout)
+        await asyncio.wait_for(nc.connect(servers=servers, **opts), initial_timeout)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         cause = nc.last_error or exc
         await nc.close()
@@ -210,7 +226,7 @@ async def connect(
         if any(s in repr(cause) for s in ("Authorization Violation", "CERTIFICATE_VERIFY_FAILED", "tls")):
             hint = " (a secured server: pass your identity with --creds and its CA with --tls-ca)"
         raise ConnectionError(
-            f"could not connect to NATS at {url} within {initial_timeout}s: {cause!r}{hint}"
+            f"could not connect to NATS at {where} within {initial_timeout}s: {cause!r}{hint}"
         ) from exc
     return nc
 
@@ -300,13 +316,41 @@ DELIVERED_MAX_VALUE_SIZE = 1024  # the value is the claiming scheduler's instanc
 VOCAB_MAX_BYTES = 512 << 20  # target tokenizers: Qwen's bundle is ~10 MB, one per target vocabulary ever served
 
 
+MAX_REPLICAS = 3  # copies of every stream and bucket on a cluster: any one node may die and nothing is lost
+NOT_CLUSTERED = 10074  # "replicas > 1 not supported in non-clustered mode": a single server
+NO_PLACEMENT = 10005  # "no suitable peers for placement": a cluster of fewer nodes than the replicas asked
+EXISTS_OTHERWISE = 10058  # "stream name already in use with a different configuration"
+
+T = TypeVar("T")
+
+
+async def _replicated(attempt: Callable[[int], Awaitable[T]], replicas: int = MAX_REPLICAS) -> T:
+    """`attempt(n)` with n = min(MAX_REPLICAS, the cluster's size) replicas, learned from the server's refusals:
+    a single server refuses any n > 1, a cluster of two refuses 3. No client API tells a cluster's size, and
+    what the server says is what it will accept."""
+    n = replicas
+    while True:
+        try:
+            return await attempt(n)
+        except nats.js.errors.APIError as exc:
+            if n == 1 or exc.err_code not in (NOT_CLUSTERED, NO_PLACEMENT):
+                raise
+            if exc.err_code == NO_PLACEMENT:
+                log.warning("JetStream placed no %d replicas (%s); trying %d", n, exc.description, n - 1)
+            n = 1 if exc.err_code == NOT_CLUSTERED else n - 1
+
+
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != 10058:  # "stream name already in use with a different configuration"
-            raise
-        await js.update_stream(config)
+    async def attempt(n: int) -> None:
+        replicated = config.evolve(num_replicas=n)
+        try:
+            await js.add_stream(replicated)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != EXISTS_OTHERWISE:
+                raise
+            await js.update_stream(replicated)
+
+    await _replicated(attempt)
 
 
 async def ensure_jobs_stream(
@@ -472,27 +516,35 @@ async def ensure_delivered_bucket(
     never two) and have no message limit, so that is set on the bucket's stream afterwards, with the size
     limits (which also bounds a bucket an older version made without them).
     """
-    config = KeyValueConfig(
-        bucket=DELIVERED_BUCKET,
-        description="draftwire: sessions whose reply was sent",
-        history=1,
-        ttl=ttl,
-        max_bytes=DELIVERED_MAX_BYTES,
-        max_value_size=DELIVERED_MAX_VALUE_SIZE,
-        storage=StorageType.FILE,
-    )
-    try:
-        kv = await js.create_key_value(config)
-    except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != 10058:
-            raise
-        kv = await js.key_value(DELIVERED_BUCKET)
-    stream = (await js.stream_info(f"KV_{DELIVERED_BUCKET}")).config
-    bounded = stream.evolve(
-        max_msgs=max_msgs, max_bytes=DELIVERED_MAX_BYTES, max_msg_size=DELIVERED_MAX_VALUE_SIZE
-    )
-    if bounded != stream:
-        await js.update_stream(bounded)
+    async def create(n: int) -> KeyValue:
+        config = KeyValueConfig(
+            bucket=DELIVERED_BUCKET,
+            description="draftwire: sessions whose reply was sent",
+            history=1,
+            ttl=ttl,
+            max_bytes=DELIVERED_MAX_BYTES,
+            max_value_size=DELIVERED_MAX_VALUE_SIZE,
+            storage=StorageType.FILE,
+            replicas=n,
+        )
+        try:
+            return await js.create_key_value(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != EXISTS_OTHERWISE:
+                raise
+            return await js.key_value(DELIVERED_BUCKET)
+
+    async def bound(n: int) -> None:  # also brings a bucket made with fewer replicas up to n
+        stream = (await js.stream_info(f"KV_{DELIVERED_BUCKET}")).config
+        bounded = stream.evolve(
+            max_msgs=max_msgs, max_bytes=DELIVERED_MAX_BYTES, max_msg_size=DELIVERED_MAX_VALUE_SIZE,
+            num_replicas=n,
+        )
+        if bounded != stream:
+            await js.update_stream(bounded)
+
+    kv = await _replicated(create)
+    await _replicated(bound)
     return kv
 
 
@@ -506,14 +558,18 @@ async def vocab_store(js: JetStreamContext, *, create: bool):
         return await js.object_store(VOCAB_BUCKET)
     except nats.js.errors.BucketNotFoundError:
         pass
-    config = ObjectStoreConfig(bucket=VOCAB_BUCKET, description="draftwire target tokenizers by vocabulary digest",
-                               max_bytes=VOCAB_MAX_BYTES, storage=StorageType.FILE)
-    try:
-        return await js.create_object_store(VOCAB_BUCKET, config)
-    except nats.js.errors.BadRequestError as exc:  # another edge created it meanwhile
-        if exc.err_code != 10058:
-            raise
-        return await js.object_store(VOCAB_BUCKET)
+
+    async def create(n: int):
+        config = ObjectStoreConfig(bucket=VOCAB_BUCKET, description="draftwire target tokenizers by vocabulary "
+                                   "digest", max_bytes=VOCAB_MAX_BYTES, storage=StorageType.FILE, replicas=n)
+        try:
+            return await js.create_object_store(VOCAB_BUCKET, config)
+        except nats.js.errors.BadRequestError as exc:  # another edge created it meanwhile
+            if exc.err_code != EXISTS_OTHERWISE:
+                raise
+            return await js.object_store(VOCAB_BUCKET)
+
+    return await _replicated(create)
 
 
 async def publish_vocabulary(js: JetStreamContext, digest: str, data: bytes) -> bool:

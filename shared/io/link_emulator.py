@@ -5,6 +5,11 @@ crosses the uplink shaper, everything they receive (verdicts, jobs) the downlink
 `CHUNK` bytes so a large message streams through the bottleneck instead of arriving all at once at the end.
 The profile can be swapped while connections are open (`bench` walks the profiles on one running stack);
 the change applies to bytes read after it.
+
+`outage(seconds)` drops the link outright, unlike a profile's outage windows (which only hold delivery back):
+every open connection is cut at once, bytes still in flight are lost, and new connections are refused until
+the link is back. That is what a leaf node's link to the edge sees when a site's uplink fails: the
+connection closes, the leaf keeps dialling, and whatever crossed it must be recovered by the services.
 """
 
 from __future__ import annotations
@@ -29,9 +34,13 @@ class LinkProxy:
         self._profile = profile
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._handlers: set[asyncio.Task] = set()  # one per connection (`_on_client`)
         self._pipes: list[_Pipe] = []
+        self._down_until = float("-inf")  # loop time until which the link is cut (`outage`)
         self.bytes_up = 0
         self.bytes_down = 0
+        self.cuts = 0  # connections cut by outages
+        self.refused = 0  # connections refused during outages
 
     @property
     def profile(self) -> LinkProfile:
@@ -52,6 +61,24 @@ class LinkProxy:
     def url(self) -> str:
         return f"nats://{self.listen[0]}:{self.port}"
 
+    @property
+    def down(self) -> bool:
+        """True while an `outage` lasts."""
+        return asyncio.get_running_loop().time() < self._down_until
+
+    def outage(self, seconds: float) -> float:
+        """Cut the link for `seconds` from now: abort every open connection (both ends see it close, with
+        whatever was queued on the shapers lost) and refuse new ones until then. Returns at once, with the
+        loop time at which the link is back; an outage under way is extended, never shortened."""
+        loop = asyncio.get_running_loop()
+        self._down_until = max(self._down_until, loop.time() + seconds)
+        pipes, self._pipes = self._pipes, []
+        for pipe in pipes:
+            pipe.cut()
+        self.cuts += len(pipes) // 2
+        log.warning("link proxy: link cut for %.3gs (%d connections)", seconds, len(pipes) // 2)
+        return self._down_until
+
     async def start(self) -> Self:
         self._server = await asyncio.start_server(self._on_client, *self.listen)
         return self
@@ -61,7 +88,7 @@ class LinkProxy:
             self._server.close()
         for t in list(self._tasks):
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._handlers, return_exceptions=True)  # each closes its sockets
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
@@ -73,11 +100,20 @@ class LinkProxy:
         await self.stop()
 
     async def _on_client(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            self.refused += 1
+            c_writer.transport.abort()
+            return
         try:
             u_reader, u_writer = await asyncio.open_connection(*self.upstream)
         except OSError as exc:
             log.warning("link proxy: upstream %s:%d unreachable: %s", *self.upstream, exc)
             c_writer.close()
+            return
+        if self.down:  # the link went down while we dialled
+            self.refused += 1
+            for w in (c_writer, u_writer):
+                w.transport.abort()
             return
         for w in (c_writer, u_writer):
             sock = w.get_extra_info("socket")
@@ -87,7 +123,10 @@ class LinkProxy:
         down = _Pipe(self, u_reader, c_writer, up=False)
         self._pipes += [up, down]
         tasks = [asyncio.create_task(p.run()) for p in (up, down)]
+        up.task, down.task = tasks
         self._tasks.update(tasks)
+        handler = asyncio.current_task()
+        self._handlers.add(handler)
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -96,9 +135,11 @@ class LinkProxy:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._tasks.difference_update(tasks)
             for p in (up, down):
-                self._pipes.remove(p)
+                if p in self._pipes:
+                    self._pipes.remove(p)
             for w in (c_writer, u_writer):
                 w.close()
+            self._handlers.discard(handler)
 
 
 class _Pipe:
@@ -111,6 +152,13 @@ class _Pipe:
         self.up = up
         self.shaper = Shaper.uplink(proxy.profile) if up else Shaper.downlink(proxy.profile)
         self.queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def cut(self) -> None:
+        """Close its outgoing socket without flushing and stop: the connection handler then ends."""
+        self.writer.transport.abort()
+        if self.task is not None:
+            self.task.cancel()
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send())

@@ -63,7 +63,8 @@ def default_instance(service: str, pid: int | None = None) -> str:
 
 def service_parser(service: str, description: str) -> argparse.ArgumentParser:
     p = HelpParser(prog=f"python -m draftwire.services.{service}", description=description)
-    p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL), help="NATS URL [DRAFTWIRE_NATS_URL]")
+    p.add_argument("--nats", default=env("NATS_URL", DEFAULT_NATS_URL),
+                   help="NATS URL, or URL1,URL2,... of a cluster's nodes [DRAFTWIRE_NATS_URL]")
     p.add_argument(
         "--instance",
         default=env("INSTANCE") or default_instance(service),

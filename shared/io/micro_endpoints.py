@@ -1,0 +1,35 @@
+"""Leave and rejoin some endpoints of a running nats.micro service (what a drained instance does with its queue
+groups): NATS then routes those subjects to the other members only, or answers "no responders", while the
+service keeps answering `$SRV.PING|INFO|STATS` and its other endpoints.
+
+nats-py's micro `Service` can only stop every endpoint at once, so this reaches into its endpoint list (pinned
+by the nats-py version in pyproject; tests/test_drain.py fails if it changes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from nats.micro import Service
+
+
+async def leave(svc: Service, subjects: Collection[str]) -> list[dict]:
+    """Unsubscribe the endpoints serving `subjects`; returns what `rejoin` needs to add them back."""
+    left = []
+    for endpoint in list(svc._endpoints):
+        if endpoint._subject in subjects:
+            await endpoint._stop()
+            svc._endpoints.remove(endpoint)
+            left.append({"name": endpoint._name, "subject": endpoint._subject, "handler": endpoint._handler,
+                         "queue_group": endpoint._queue_group, "metadata": endpoint._metadata})
+    await svc._client.flush()  # the server has the unsubscription before the caller says it left
+    return left
+
+
+async def rejoin(svc: Service, left: list[dict]) -> None:
+    for config in left:
+        await svc.add_endpoint(**config)
+    await svc._client.flush()
+
+
+__all__ = ["leave", "rejoin"]
