@@ -12,6 +12,25 @@ from draftwire.shared.io.service_shell import ServiceContext
 
 
 @contextlib.asynccontextmanager
+async def running(module, url: str, instance: str, *flags: str):
+    """Any draftwire service module's start() in this process, stopped in service_shell.run's order: its micro
+    services, then its cleanups, then the connection drained. Yields the ServiceContext."""
+    args = module.build_parser().parse_args(["--nats", url, "--instance", instance, *flags])
+    nc = await connect(url, name=f"draftwire-{instance}")
+    ctx = ServiceContext(name=instance, instance=instance, args=args, nc=nc, tracer=NoOpTracer())
+    try:
+        await module.start(ctx)
+        await nc.flush()
+        yield ctx
+    finally:
+        for svc in ctx.services:
+            await svc.stop()
+        for cleanup in reversed(ctx.cleanups):
+            await cleanup()
+        await nc.drain()
+
+
+@contextlib.asynccontextmanager
 async def scheduler(url: str, *flags: str, instance: str = "sched-test"):
     """The scheduler in this process; yields what its start() returns."""
     args = build_parser().parse_args(["--nats", url, "--instance", instance, *flags])

@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import os
 import signal
 
 import msgpack
 import pytest
-from opentelemetry.trace import NoOpTracer
 
 from draftwire.services.cli.drain import ALL_BUT_ONE, choose, drain
+from draftwire.services.draft import service as draft_service
+from draftwire.services.verifier import service as verifier_service
 from draftwire.shared.core.drain import (
     DrainCommand,
     DrainState,
@@ -33,10 +33,10 @@ from draftwire.shared.core.drain import (
 from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.placement import draft_load, least_loaded, verifier_load
 from draftwire.shared.core.speculation import LocalEngine
-from draftwire.shared.io.bus import DRAFT_PREFIX, SUBJECTS, connect
+from draftwire.shared.io.bus import DRAFT_PREFIX, SUBJECTS
 from draftwire.shared.io.loads import Reported, gather_stats
-from draftwire.shared.io.service_shell import ServiceContext
 from draftwire.shared.models.runtime import load_model
+from tests.in_process import running as in_process
 from tests.in_process import scheduler
 from tests.nats_fixtures import *
 
@@ -46,31 +46,13 @@ VERIFIERS = ("ver-a", "ver-b")
 
 
 @contextlib.asynccontextmanager
-async def service(name: str, url: str, instance: str, *flags: str):
-    """A draftwire service in this process, started and stopped as `service_shell.run` does."""
-    module = importlib.import_module(f"draftwire.services.{name}.service")
-    args = module.build_parser().parse_args(["--nats", url, "--instance", instance, *flags])
-    nc = await connect(url, name=f"draftwire-{name}-{instance}")
-    ctx = ServiceContext(name=name, instance=instance, args=args, nc=nc, tracer=NoOpTracer())
-    try:
-        await module.start(ctx)
-        yield ctx
-    finally:
-        for svc in ctx.services:
-            await svc.stop()
-        for cleanup in reversed(ctx.cleanups):
-            await cleanup()
-        await nc.drain()
-
-
-@contextlib.asynccontextmanager
 async def tiny_stack(url: str, term_drain_s: float = 0.0):
     """Two verifiers (the first drains on SIGTERM for up to `term_drain_s`; 0: the test process's SIGTERM is
     left alone), a draft and a scheduler; yields the verifiers' contexts."""
     verifier = ("--target-model", "tiny-random", "--target-dtype", "fp32")
-    async with (service("verifier", url, VERIFIERS[0], *verifier, "--drain-on-term", str(term_drain_s)) as a,
-                service("verifier", url, VERIFIERS[1], *verifier, "--drain-on-term", "0") as b,
-                service("draft", url, "draft-1", "--draft-model", "tiny-random", "--draft-dtype", "int8"),
+    async with (in_process(verifier_service, url, VERIFIERS[0], *verifier, "--drain-on-term", str(term_drain_s)) as a,
+                in_process(verifier_service, url, VERIFIERS[1], *verifier, "--drain-on-term", "0") as b,
+                in_process(draft_service, url, "draft-1", "--draft-model", "tiny-random", "--draft-dtype", "int8"),
                 scheduler(url, "--default-mode", "tkslt", "--default-gamma", "4")):
         yield {VERIFIERS[0]: a, VERIFIERS[1]: b}
 
@@ -213,7 +195,7 @@ async def test_a_draft_drained_mid_run_finishes_its_generations_and_takes_no_new
             drafting.set_result(None)
 
     subject = draft_drain_subject("draft-1", DRAFT_PREFIX)
-    async with tiny_stack(nats_server.url), service("draft", nats_server.url, "draft-2", "--draft-model",
+    async with tiny_stack(nats_server.url), in_process(draft_service, nats_server.url, "draft-2", "--draft-model",
                                                     "tiny-random", "--draft-dtype", "int8"):
         sub = await nc.subscribe(SUBJECTS.events_round, cb=on_round)
         running = asyncio.ensure_future(run_prompts(nc, "d", 4))

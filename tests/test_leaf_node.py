@@ -22,7 +22,6 @@ import msgpack
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client
-from opentelemetry.trace import NoOpTracer
 
 from draftwire.services.draft import service as draft_service
 from draftwire.services.verifier import service as verifier_service
@@ -34,10 +33,9 @@ from draftwire.shared.io.bus import SUBJECTS, connect
 from draftwire.shared.io.link_emulator import LinkProxy
 from draftwire.shared.io.nats_leaf import NO_JETSTREAM, edge_config, leaf_server, leaf_url, leafnode_port
 from draftwire.shared.io.nats_server import EmbeddedNats
-from draftwire.shared.io.service_shell import ServiceContext
 from draftwire.shared.io.tls import client_context, make_dev_certs, server_tls_block
 from draftwire.shared.models.runtime import load_model
-from tests.in_process import scheduler
+from tests.in_process import running, scheduler
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -49,24 +47,6 @@ OUTAGE_S = 5.0
 CUT_AFTER_ROUNDS = 3
 LINKED_S = 10.0  # for the leaf link to come up (it is up within milliseconds on loopback)
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "leaf"
-
-
-@contextlib.asynccontextmanager
-async def in_process(module, url: str, instance: str, *flags: str):
-    """A draftwire service in this process, started and stopped as shared.io.service_shell runs it."""
-    args = module.build_parser().parse_args(["--nats", url, "--instance", instance, *flags])
-    nc = await connect(url, name=f"draftwire-{instance}")
-    ctx = ServiceContext(name=instance, instance=instance, args=args, nc=nc, tracer=NoOpTracer())
-    try:
-        await module.start(ctx)
-        await nc.flush()
-        yield ctx
-    finally:
-        for cleanup in reversed(ctx.cleanups):
-            await cleanup()
-        for svc in ctx.services:
-            await svc.stop()
-        await nc.close()
 
 
 async def until_edge_jetstream(nc: Client) -> None:
@@ -126,7 +106,7 @@ class Site:
     async def start(self, store: Path) -> Site:
         enter = self.stack.enter_async_context
         self.edge = await enter(EmbeddedNats(store_dir=store, config_extra=edge_config()))
-        await enter(in_process(verifier_service, self.edge.url, "v1", "--target-model", "tiny-random",
+        await enter(running(verifier_service, self.edge.url, "v1", "--target-model", "tiny-random",
                                "--target-dtype", "fp32"))
         await enter(scheduler(self.edge.url))
         self.link = await enter(LinkProxy("127.0.0.1", leafnode_port(self.edge), PROFILES["cell-edge"]))
@@ -136,7 +116,7 @@ class Site:
             await until_edge_jetstream(probe)
         finally:
             await probe.close()
-        await enter(in_process(draft_service, self.leaf.url, "d1", "--draft-model", "tiny-random",
+        await enter(running(draft_service, self.leaf.url, "d1", "--draft-model", "tiny-random",
                                "--draft-dtype", "fp32"))
         self.client = await connect(self.edge.url, name="client")
         self.stack.push_async_callback(self.client.close)

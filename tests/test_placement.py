@@ -14,7 +14,6 @@ from dataclasses import replace
 import msgpack
 import nats.errors
 import pytest
-from opentelemetry.trace import NoOpTracer
 
 from draftwire.services.draft.verifier_link import VerifierDirectory
 from draftwire.shared.core.params import SamplingParams, SpecParams
@@ -23,6 +22,7 @@ from draftwire.shared.core.prompt_request import GenerateJob, RequestError
 from draftwire.shared.io.bus import SUBJECTS, VERIFY_QUEUE, connect
 from draftwire.shared.io.loads import LoadBoard, gather_stats, parse_stats
 from draftwire.shared.io.service_shell import ServiceContext, register
+from tests.in_process import running
 from tests.nats_fixtures import *
 
 # --- the choice -------------------------------------------------------------------------------------------
@@ -194,24 +194,6 @@ async def test_the_device_takes_the_schedulers_verifier_while_known_else_the_lea
 # --- the real services, in process, with tiny models --------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _running(module, url: str, instance: str, *flags: str):
-    """A service's start() in this process, stopped the way shared.io.service_shell stops it."""
-    args = module.build_parser().parse_args(["--nats", url, "--instance", instance, *flags])
-    snc = await connect(url, name=instance)
-    ctx = ServiceContext(name=instance, instance=instance, args=args, nc=snc, tracer=NoOpTracer())
-    try:
-        await module.start(ctx)
-        await snc.flush()
-        yield ctx
-    finally:
-        for svc in ctx.services:
-            await svc.stop()
-        for cleanup in reversed(ctx.cleanups):
-            await cleanup()
-        await snc.drain()
-
-
 async def _generate(nc, subject: str, job: GenerateJob) -> dict:
     sub = await nc.subscribe(SUBJECTS.done(job.session))
     reply = msgpack.unpackb((await nc.request(subject, job.encode(), timeout=10)).data)
@@ -227,9 +209,9 @@ async def test_drafts_and_verifiers_report_their_load_and_a_draft_follows_the_pl
 
     url, tiny = nats_server.url, ("--target-model", "tiny-random")
     async with (
-        _running(verifier, url, "va", *tiny, "--max-queue", "16"),
-        _running(verifier, url, "vb", *tiny, "--max-queue", "16"),
-        _running(draft, url, "d1", "--draft-model", "tiny-random", "--draft-dtype", "fp32",
+        running(verifier, url, "va", *tiny, "--max-queue", "16"),
+        running(verifier, url, "vb", *tiny, "--max-queue", "16"),
+        running(draft, url, "d1", "--draft-model", "tiny-random", "--draft-dtype", "fp32",
                  "--max-concurrent", "3"),
     ):
         drafts = await gather_stats(nc, "draftwire-draft", window=2.0, quiet=0.05)
@@ -255,7 +237,7 @@ async def test_a_verifier_whose_batch_loop_dies_stops_instead_of_swallowing_roun
         raise RuntimeError("planted: the batch loop dies")
 
     monkeypatch.setattr(batcher_module.Batcher, "run", broken_run)
-    async with _running(verifier, nats_server.url, "vdies", "--target-model", "tiny-random") as ctx:
+    async with running(verifier, nats_server.url, "vdies", "--target-model", "tiny-random") as ctx:
         assert not ctx.stopping.is_set()
         from tests.test_loadtest import _request
 
