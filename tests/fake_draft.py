@@ -18,7 +18,7 @@ import contextlib
 import msgpack
 
 from draftwire.shared.core.prompt_request import GenerateJob
-from draftwire.shared.io.bus import SUBJECTS, ensure_done_stream
+from draftwire.shared.io.bus import SUBJECTS, ensure_done_stream, flush
 from draftwire.shared.io.service_shell import ServiceContext, register
 
 
@@ -92,7 +92,7 @@ class FakeDraft:
                  (SUBJECTS.draft_start_instance(self.instance), self._on_start, self.instance)],
                 stats=lambda: {"active": self.load + len(self._running), "max": self.max_concurrent},
             )
-        await self.nc.flush()
+        await flush(self.nc)
         return self
 
     async def die(self) -> None:
@@ -108,7 +108,7 @@ class FakeDraft:
             with contextlib.suppress(Exception):
                 await session_sub.unsubscribe()
         self._running.clear()
-        await self.nc.flush()
+        await flush(self.nc)
 
     stop = die
 
@@ -155,7 +155,7 @@ class FakeDraft:
         await self.js.publish(SUBJECTS.done(job.session), msgpack.packb(body))
         with contextlib.suppress(Exception):
             await entry[1].unsubscribe()
-            await self.nc.flush()  # the server knows the session is gone before anyone is told it finished
+            await flush(self.nc)  # the server knows the session is gone before anyone is told it finished
         self.finished.append(job.session)
         if entry[2] is not asyncio.current_task():
             entry[2].cancel()

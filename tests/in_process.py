@@ -7,7 +7,7 @@ import contextlib
 from opentelemetry.trace import NoOpTracer
 
 from draftwire.services.scheduler.service import build_parser, start
-from draftwire.shared.io.bus import connect
+from draftwire.shared.io.bus import connect, flush
 from draftwire.shared.io.service_shell import ServiceContext
 
 
@@ -20,7 +20,7 @@ async def running(module, url: str, instance: str, *flags: str):
     ctx = ServiceContext(name=instance, instance=instance, args=args, nc=nc, tracer=NoOpTracer())
     try:
         await module.start(ctx)
-        await nc.flush()
+        await flush(nc)
         yield ctx
     finally:
         for svc in ctx.services:

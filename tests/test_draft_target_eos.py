@@ -20,7 +20,7 @@ from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.prompt_request import GenerateJob
 from draftwire.shared.core.speculation import LocalEngine, verify_bytes
 from draftwire.shared.core.verifier_sessions import VerifierCore
-from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect
+from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect, flush
 from draftwire.shared.io.service_shell import ServiceContext
 from draftwire.shared.models.runtime import load_model
 from tests.nats_fixtures import *
@@ -44,7 +44,7 @@ async def serve_verifier(url: str, model, eos: list[int]):
     await svc.add_endpoint(name="verify", subject=SUBJECTS.verify, handler=verify, queue_group=VERIFY_QUEUE)
     await svc.add_endpoint(name="verify-v1", subject=SUBJECTS.verify_instance("v1"), handler=verify)
     await svc.add_endpoint(name="info", subject=SUBJECTS.verifier_info, handler=info, queue_group=VERIFY_QUEUE)
-    await nc.flush()
+    await flush(nc)
     return nc
 
 
@@ -62,7 +62,7 @@ async def test_generation_stops_at_the_targets_eos_not_the_drafts(nats_server, n
                          tracer=NoOpTracer())
     try:
         await start(ctx)
-        await ctx.nc.flush()  # as the service shell does before its ready line
+        await flush(ctx.nc)  # as the service shell does before its ready line
         session = uuid.uuid4().hex
         job = GenerateJob("r1", PROMPT, params, spec, format="msgpack", session=session, deadline=time.time() + 60)
         done = await nc.subscribe(SUBJECTS.done(session))

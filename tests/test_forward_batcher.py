@@ -24,7 +24,7 @@ import draftwire.services.draft.service as draft_service
 from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.prompt_request import GenerateJob
 from draftwire.shared.core.speculation import LocalEngine
-from draftwire.shared.io.bus import SUBJECTS, connect
+from draftwire.shared.io.bus import SUBJECTS, connect, flush
 from draftwire.shared.io.service_shell import ServiceContext
 from draftwire.shared.models.forward_batcher import (
     BatchedModel,
@@ -224,7 +224,7 @@ async def test_concurrent_sessions_draft_in_shared_passes_with_the_tokens_they_m
                          tracer=NoOpTracer())
     try:
         await draft_service.start(ctx)
-        await ctx.nc.flush()
+        await flush(ctx.nc)
         subs, jobs = [], []
         for prompt in SERVICE_PROMPTS:
             session = uuid.uuid4().hex

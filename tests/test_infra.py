@@ -28,6 +28,7 @@ from draftwire.shared.io.bus import (
     ensure_jobs_stream,
     ensure_submit_stream,
     extract_context,
+    flush,
     inject_headers,
     jobs_subscription,
     request,
@@ -165,6 +166,24 @@ async def test_connect_handshake_failure_is_bounded():
     async with EmbeddedNats(extra_args=["--user", "u", "--pass", "p"]) as server:
         with pytest.raises(ConnectionError, match="Authorization Violation"):
             await connect(server.url, name="t", initial_timeout=0.5)
+
+
+async def test_flush_returns_after_the_server_has_a_subscription_made_just_before(nats_server, nc):
+    """What a ready line promises: once `flush` returns, another client's request finds the new subscriber.
+    (nats-py's own `Client.flush()` lets its PING overtake the pending SUB; this fails with it within ~100 tries.)"""
+    other = await connect(nats_server.url, name="requester")
+
+    async def answer(msg) -> None:
+        await msg.respond(b"ok")
+
+    try:
+        for i in range(400):
+            sub = await nc.subscribe(f"t.flush.{i}", queue="q", cb=answer)
+            await flush(nc)
+            assert (await other.request(f"t.flush.{i}", b"", timeout=5)).data == b"ok", i
+            await sub.unsubscribe()
+    finally:
+        await other.close()
 
 
 # --- (b) job queue ----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from draftwire.shared.core.link_profile import PROFILES
 from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.speculation import LocalEngine
 from draftwire.shared.io import bus, credentials
-from draftwire.shared.io.bus import SUBJECTS, connect
+from draftwire.shared.io.bus import SUBJECTS, connect, flush
 from draftwire.shared.io.link_emulator import LinkProxy
 from draftwire.shared.io.nats_leaf import NO_JETSTREAM, edge_config, leaf_server, leaf_url, leafnode_port
 from draftwire.shared.io.nats_server import EmbeddedNats
@@ -134,7 +134,7 @@ class Site:
                     on_round(rounds)
 
         sub = await self.client.subscribe(SUBJECTS.events_round, cb=count)
-        await self.client.flush()
+        await flush(self.client)
         t0 = time.monotonic()
         try:
             body = json.dumps({**REQUEST, "id": request_id}).encode()
@@ -253,7 +253,7 @@ async def test_a_secured_leaf_link_reaches_the_edges_jetstream_and_verifiers_onl
             await msg.respond(b"verdict")
 
         await as_edge.subscribe(SUBJECTS.verify_instance("v1"), cb=verdict)
-        await as_edge.flush()
+        await flush(as_edge)
         await until_edge_jetstream_info(device)
         assert await bus.fetch_vocabulary(device.jetstream(), "d1") == b"tokenizer" * 1000
         assert (await device.request(SUBJECTS.verify_instance("v1"), b"round", timeout=5)).data == b"verdict"
@@ -266,7 +266,7 @@ async def test_a_secured_leaf_link_reaches_the_edges_jetstream_and_verifiers_onl
                                     tls=client_context(files.ca))
         stack.push_async_callback(local_admin.close)
         forged, rounds = await admin.subscribe("draftwire.jobs.>"), await admin.subscribe(SUBJECTS.verify)
-        await admin.flush()
+        await flush(admin)
         await asyncio.sleep(0.2)  # the edge's interest reaches the leaf
         await local_admin.publish("draftwire.jobs.client.r1", b"forged")
         await local_admin.publish(SUBJECTS.verify, b"round")

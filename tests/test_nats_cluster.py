@@ -32,7 +32,7 @@ from draftwire.shared.core.subject_names import (
     SUBMIT_STREAM,
 )
 from draftwire.shared.io import bus, credentials
-from draftwire.shared.io.bus import JOBS_CONSUMER, SUBJECTS, SUBMIT_CONSUMER
+from draftwire.shared.io.bus import JOBS_CONSUMER, SUBJECTS, SUBMIT_CONSUMER, flush
 from draftwire.shared.io.nats_server import EmbeddedNats, NatsCluster
 from draftwire.shared.io.tls import client_context, make_dev_certs, server_tls_block
 
@@ -84,7 +84,7 @@ async def test_a_client_given_every_node_connects_while_the_first_is_down_and_mo
                 await msg.respond(msg.data)
 
             await responder.subscribe("t.echo", cb=echo)
-            await responder.flush()
+            await flush(responder)
             await _echoed(asker, b"1", within=2)  # the interest reaches the other nodes over the routes
             own = next(i for i, u in enumerate(cluster.urls) if u.endswith(f":{responder.connected_url.port}"))
             reconnected = asyncio.Event()
@@ -248,7 +248,7 @@ class Collector:
         await self.nc.subscribe("_INBOX.nodeloss.*", cb=on_reply)
         await self.nc.subscribe(f"{ROOT}.results.*", cb=on_result)
         await self.nc.subscribe(SUBJECTS.events_round, cb=on_round)
-        await self.nc.flush()
+        await flush(self.nc)
 
     def _got(self, rid: str, msg) -> None:
         self.arrived[rid] = time.monotonic()

@@ -19,7 +19,7 @@ from draftwire.services.draft.verifier_link import VerifierDirectory
 from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.placement import Load, draft_load, least_loaded, verifier_load
 from draftwire.shared.core.prompt_request import GenerateJob, RequestError
-from draftwire.shared.io.bus import SUBJECTS, VERIFY_QUEUE, connect
+from draftwire.shared.io.bus import SUBJECTS, VERIFY_QUEUE, connect, flush
 from draftwire.shared.io.loads import LoadBoard, gather_stats, parse_stats
 from draftwire.shared.io.service_shell import ServiceContext, register
 from tests.in_process import running
@@ -173,7 +173,7 @@ async def _verifier(url: str, instance: str, sessions: int):
     await register(ctx, "draftwire-verifier", "fake",
                    [(SUBJECTS.verify_instance(instance), verify, VERIFY_QUEUE)],
                    stats=lambda: {"sessions": sessions, "queue": 0, "busy": 0, "max_queue": 8})
-    await vnc.flush()
+    await flush(vnc)
     return vnc
 
 

@@ -44,6 +44,7 @@ from draftwire.shared.io.bus import (
     SUBMIT_STREAM,
     ensure_jobs_stream,
     ensure_submit_stream,
+    flush,
     submit_subscription,
 )
 from draftwire.shared.io.service_shell import READY_PREFIX, ServiceContext, register
@@ -64,7 +65,7 @@ async def _results(nc, subject: str = "draftwire.results.*") -> asyncio.Queue:
         await got.put(msg)
 
     await nc.subscribe(subject, cb=cb)
-    await nc.flush()
+    await flush(nc)
     return got
 
 
@@ -509,7 +510,7 @@ def test_session_progress_takes_only_a_well_formed_token_list(answer, expected):
 async def test_a_stopped_scheduler_hands_its_job_over_and_the_next_one_attaches_to_the_draft(nats_server, nc):
     draft = await FakeDraft(nc, "hold").start()
     replies = await _results(nc, "_INBOX.handover")
-    await nc.flush()
+    await flush(nc)
     async with scheduler(nats_server.url, instance="sched-a"):
         await nc.publish("draftwire.prompts", b'{"id": "redo", "prompt": "again"}', reply="_INBOX.handover")
         await asyncio.wait_for(draft.received.wait(), 5)

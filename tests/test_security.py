@@ -20,7 +20,7 @@ import pytest_asyncio
 from draftwire.services.cli.stack import start_stack
 from draftwire.shared.core.nats_permissions import authorization_block, role_permissions
 from draftwire.shared.io import bus, credentials
-from draftwire.shared.io.bus import JOBS_CONSUMER, JOBS_STREAM, SUBJECTS, SUBMIT_STREAM, connect
+from draftwire.shared.io.bus import JOBS_CONSUMER, JOBS_STREAM, SUBJECTS, SUBMIT_STREAM, connect, flush
 from draftwire.shared.io.nats_server import EmbeddedNats
 
 ROLES = ("admin", "scheduler", "edge", "device", "telemetry", "client", "bob", "dev2")  # a second tenant, device
@@ -160,10 +160,10 @@ async def test_each_role_publishes_exactly_what_it_may(secured_server, secure_di
             seen.add(msg.subject)
 
     await admin.nc.subscribe(">", cb=record)
-    await admin.nc.flush()
+    await flush(admin.nc)
     for subject in SUBJECTS_USED:
         await me.nc.publish(subject, b"probe")
-    await me.nc.flush()
+    await flush(me.nc)
     forbidden = ALL - MAY_PUBLISH[role]
     await _until(lambda: seen >= MAY_PUBLISH[role] and all(me.refused(s) for s in forbidden), "the traffic")
     await asyncio.sleep(SETTLE_S)
@@ -181,12 +181,12 @@ async def test_each_role_subscribes_to_exactly_what_it_may(secured_server, secur
 
     for subject in SUBJECTS_USED:
         await me.nc.subscribe(subject, cb=record)
-    await me.nc.flush()
+    await flush(me.nc)
     forbidden = ALL - MAY_SUBSCRIBE[role]
     await _until(lambda: all(me.refused(s) for s in forbidden), "the violation reports")
     for subject in SUBJECTS_USED:
         await admin.nc.publish(subject, b"x")
-    await admin.nc.flush()
+    await flush(admin.nc)
     await _until(lambda: got >= MAY_SUBSCRIBE[role], "the deliveries")
     await asyncio.sleep(SETTLE_S)
     assert got == MAY_SUBSCRIBE[role]
@@ -198,7 +198,7 @@ async def test_nobody_but_admin_may_subscribe_to_everything(secured_server, secu
         me = await _as(secured_server, secure_dir, role)
         await me.nc.subscribe(">")
         await me.nc.subscribe("draftwire.>")
-        await me.nc.flush()
+        await flush(me.nc)
         await _until(lambda me=me: me.refused(">") and me.refused("draftwire.>"), f"{role}'s violation reports")
         await me.nc.close()
 
@@ -227,10 +227,10 @@ async def test_a_responder_may_answer_the_requests_it_receives_and_nothing_else(
         await msg.respond(b"verdict")
 
     await edge.nc.subscribe("draftwire.verify.v1", cb=answer)
-    await edge.nc.flush()
+    await flush(edge.nc)
     assert (await device.nc.request("draftwire.verify.v1", b"round", timeout=WAIT_S)).data == b"verdict"
     await edge.nc.publish("_INBOX.device.unsolicited", b"forged")  # not a reply to anything it received
-    await edge.nc.flush()
+    await flush(edge.nc)
     await _until(lambda: edge.refused("_INBOX.device.unsolicited"), "the violation report")
 
 
@@ -355,7 +355,7 @@ async def test_a_secured_stack_serves_its_tenants_and_refuses_the_issue_s_attack
     for subject in (">", "draftwire.>", "draftwire.results.client.*", "draftwire.stream.client.*",
                     "_INBOX.client.>", "draftwire.prompts.client", "draftwire.jobs.>"):
         await bob.nc.subscribe(subject, cb=overhear)
-    await asyncio.gather(bob.nc.flush(), device.nc.flush())
+    await asyncio.gather(flush(bob.nc), flush(device.nc))
     await asyncio.sleep(SETTLE_S)
 
     result, chunks = await _generate(alice, "client", "under-attack", stream=True)

@@ -33,7 +33,7 @@ from draftwire.shared.core.telemetry_figures import (
     validate_event,
 )
 from draftwire.shared.core.telemetry_metrics import MAX_POSITIONS, Metrics, reported_counts
-from draftwire.shared.io.bus import SUBJECTS
+from draftwire.shared.io.bus import SUBJECTS, flush
 from draftwire.shared.io.service_shell import ServiceContext, register
 from tests.fake_draft import FakeDraft
 from tests.in_process import scheduler
@@ -657,7 +657,7 @@ async def test_service_aggregates_published_events(telemetry, nc):
         event = round_event(round=i, accepted=i, emitted=i + 1)
         await nc.publish(SUBJECTS.events_round, msgpack.packb(event))
     await nc.publish(SUBJECTS.events_request, msgpack.packb(request_event(new_tokens=12, wall_s=0.5)))
-    await nc.flush()
+    await flush(nc)
     snap = await telemetry.wait_for(
         lambda s: s["totals"]["all"]["requests"] == 1 and s["totals"]["all"]["rounds"] == 4
     )
@@ -738,7 +738,7 @@ async def test_service_gauges_sessions_in_flight_and_verifier_queues(telemetry, 
     await _reporting(nc, "draftwire-draft", "d-busy", {"active": 3, "max": 4})
     await _reporting(nc, "draftwire-draft", "d-idle", {"active": 0, "max": 4})
     verifier = await _reporting(nc, "draftwire-verifier", "v1", {"sessions": 5, "queue": 2, "busy": 1})
-    await nc.flush()
+    await flush(nc)
     deadline = asyncio.get_running_loop().time() + 5
     while len((fams := await telemetry.metrics())["draftwire_sessions_in_flight"].samples) < 2:
         assert asyncio.get_running_loop().time() < deadline, fams["draftwire_sessions_in_flight"]

@@ -24,7 +24,7 @@ from draftwire.services.draft.verifier_link import (
 )
 from draftwire.shared.core.protocol import TargetInfo
 from draftwire.shared.core.speculation import RemoteError
-from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect
+from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect, flush
 from tests.nats_fixtures import *
 
 INFO = {"instance": "v", "model": "m", "vocab_size": 10, "eos_token_ids": [2], "context_length": 64}
@@ -50,7 +50,7 @@ class FakeVerifier:
                                         queue_group=queue)
         await self.svc.add_endpoint(name="info", subject=SUBJECTS.verifier_info, handler=self.info,
                                     queue_group=VERIFY_QUEUE)
-        await self.nc.flush()  # subscribed at the server before anyone looks for it, like a ready service
+        await flush(self.nc)  # subscribed at the server before anyone looks for it, like a ready service
         return self
 
     async def verify(self, req) -> None:
@@ -136,7 +136,7 @@ async def test_a_hung_verifier_is_left_only_after_the_verify_timeout(nats_server
     hung = await connect(nats_server.url, name="hung")
     for subject in (SUBJECTS.verify_instance("hung"), "$SRV.PING.draftwire-verifier.hungid"):
         await hung.subscribe(subject)  # receives, never answers
-    await hung.flush()
+    await flush(hung)
     directory = VerifierDirectory(nc)
     await directory.refresh()
     directory.ids["hung"] = "hungid"

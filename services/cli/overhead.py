@@ -27,7 +27,7 @@ SUBJECT = "draftwire.bench.overhead"
 
 _RESPONDER = f"""
 import asyncio, sys, time
-from draftwire.shared.io.bus import connect
+from draftwire.shared.io.bus import connect, flush
 from draftwire.shared.core.protocol import Verdict, VerifyRequest
 
 async def main(url):
@@ -38,7 +38,7 @@ async def main(url):
                           token=int(req.tokens[-1]), verify_s=0.0, sent_at=time.time())
         await msg.respond(verdict.encode())
     await nc.subscribe("{SUBJECT}", cb=handle)
-    await nc.flush()
+    await flush(nc)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

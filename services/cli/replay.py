@@ -26,7 +26,7 @@ from draftwire.shared.core.backoff import Backoff
 from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.protocol import CloseSession, ErrorReply, ProtocolError, Verdict, decode_any
 from draftwire.shared.core.replay import Exchange, RecordedSession, ReplayTally, retry_hint, rewrite_session
-from draftwire.shared.io.bus import SUBJECTS
+from draftwire.shared.io.bus import SUBJECTS, flush
 from draftwire.shared.io.nats_server import EmbeddedNats
 
 REQUEST_TIMEOUT_S = 120.0  # one round, queueing behind every other session's included
@@ -126,5 +126,5 @@ async def replay_level(nc, recordings: list[RecordedSession], n: int, seconds: f
     tally = ReplayTally()
     t0 = time.monotonic()
     await asyncio.gather(*(_replayer(nc, recordings, i, n, t0 + seconds, tally) for i in range(n)))
-    await nc.flush()
+    await flush(nc)
     return time.monotonic() - t0, tally

@@ -231,6 +231,18 @@ async def connect(
     return nc
 
 
+async def flush(nc: Client, timeout: float = 10.0) -> None:
+    """Return once the server has processed everything this client sent before, subscriptions included.
+
+    nats-py's `Client.flush()` writes its PING straight to the socket, ahead of SUB/UNSUB/PUB commands still in
+    its pending buffer, so its PONG can come back before the server has seen a subscription made just before
+    (another client's request then meets "no responders"; seen ~6% of the time on loopback). Pushing the
+    pending buffer through nats-py's flusher first puts the PING behind them, and the server answers in order.
+    """
+    await nc._flush_pending(force_flush=True)
+    await nc.flush(timeout)
+
+
 # --- trace context in headers -----------------------------------------------------------------------------
 
 

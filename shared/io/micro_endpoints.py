@@ -12,6 +12,8 @@ from collections.abc import Collection
 
 from nats.micro import Service
 
+from draftwire.shared.io.bus import flush
+
 
 async def leave(svc: Service, subjects: Collection[str]) -> list[dict]:
     """Unsubscribe the endpoints serving `subjects`; returns what `rejoin` needs to add them back."""
@@ -22,14 +24,14 @@ async def leave(svc: Service, subjects: Collection[str]) -> list[dict]:
             svc._endpoints.remove(endpoint)
             left.append({"name": endpoint._name, "subject": endpoint._subject, "handler": endpoint._handler,
                          "queue_group": endpoint._queue_group, "metadata": endpoint._metadata})
-    await svc._client.flush()  # the server has the unsubscription before the caller says it left
+    await flush(svc._client)  # the server has the unsubscription before the caller says it left
     return left
 
 
 async def rejoin(svc: Service, left: list[dict]) -> None:
     for config in left:
         await svc.add_endpoint(**config)
-    await svc._client.flush()
+    await flush(svc._client)
 
 
 __all__ = ["leave", "rejoin"]

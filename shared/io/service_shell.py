@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.micro import Service
 
-from draftwire.shared.io.bus import connect, validate_token
+from draftwire.shared.io.bus import connect, flush, validate_token
 from draftwire.shared.io.help_format import HelpParser
 from draftwire.shared.io.tracing import setup_tracing, shutdown_tracing
 
@@ -167,7 +167,7 @@ async def _serve(name: str, args: argparse.Namespace, start: StartFn) -> None:
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("%s", dump_stacks()))
     try:
         await start(ctx)
-        await nc.flush()
+        await flush(nc)
         extra = "".join(f" {k}={v}" for k, v in ctx.ready_info.items())
         print(f"{READY_PREFIX} {name} instance={args.instance} nats={args.nats}{extra}", flush=True)
         await ctx.stopping.wait()
