@@ -31,7 +31,14 @@ from draftwire.shared.core.speculation import LocalEngine
 from draftwire.shared.io import bus, credentials
 from draftwire.shared.io.bus import SUBJECTS, connect, flush
 from draftwire.shared.io.link_emulator import LinkProxy
-from draftwire.shared.io.nats_leaf import NO_JETSTREAM, edge_config, leaf_server, leaf_url, leafnode_port
+from draftwire.shared.io.nats_leaf import (
+    NO_JETSTREAM,
+    edge_config,
+    leaf_server,
+    leaf_url,
+    leafnode_port,
+    until_linked,
+)
 from draftwire.shared.io.nats_server import EmbeddedNats
 from draftwire.shared.io.tls import client_context, make_dev_certs, server_tls_block
 from draftwire.shared.models.runtime import load_model
@@ -47,19 +54,6 @@ OUTAGE_S = 5.0
 CUT_AFTER_ROUNDS = 3
 LINKED_S = 10.0  # for the leaf link to come up (it is up within milliseconds on loopback)
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "leaf"
-
-
-async def until_edge_jetstream(nc: Client) -> None:
-    """Wait until the edge's JetStream answers through the leaf (the link is up and its interest is known)."""
-    deadline = time.monotonic() + LINKED_S
-    while True:
-        try:
-            await nc.jetstream(timeout=0.5).account_info()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 async def _echo(reader, writer) -> None:
@@ -113,7 +107,7 @@ class Site:
         self.leaf = await enter(leaf_server([leaf_url("127.0.0.1", self.link.port)]))
         probe = await connect(self.leaf.url, name="probe")
         try:
-            await until_edge_jetstream(probe)
+            await until_linked(probe, LINKED_S)
         finally:
             await probe.close()
         await enter(running(draft_service, self.leaf.url, "d1", "--draft-model", "tiny-random",
@@ -276,7 +270,7 @@ async def test_a_secured_leaf_link_reaches_the_edges_jetstream_and_verifiers_onl
 
 
 async def until_edge_jetstream_info(nc: Client) -> None:
-    """As `until_edge_jetstream`, with a call a device may make (it may not read the account's info)."""
+    """As `nats_leaf.until_linked`, with a call a device may make (it may not read the account's info)."""
     deadline = time.monotonic() + LINKED_S
     while True:
         try:

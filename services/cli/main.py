@@ -189,6 +189,9 @@ def add_stack_flags(p: argparse.ArgumentParser) -> None:
     for flag, what in (("verifiers", "verifier"), ("drafts", "draft"), ("schedulers", "scheduler")):
         g.add_argument(f"--{flag}", type=_positive, default=1, help=f"{what} instances to start")
     add_link_flag(g)
+    g.add_argument("--leaf", action="store_true",
+                   help="run the draft services on a device site's own nats-server, a leaf node of the edge "
+                        "(docs/scale_out.md); --link then shapes the leaf link")
 
 
 def _positive(text: str) -> int:

@@ -19,10 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from draftwire.shared.core.link_profile import LinkProfile, parse_link
+from draftwire.shared.core.link_profile import PROFILES, LinkProfile, parse_link
 from draftwire.shared.io import credentials
 from draftwire.shared.io.bus import connect, ensure_done_stream, ensure_submit_stream
 from draftwire.shared.io.link_emulator import LinkProxy
+from draftwire.shared.io.nats_leaf import (
+    EDGE_DOMAIN,
+    edge_config,
+    leaf_server,
+    leaf_url,
+    leafnode_port,
+    until_linked,
+)
 from draftwire.shared.io.nats_server import (
     EmbeddedNats,
     NatsCluster,
@@ -55,6 +63,8 @@ class Stack:
     telemetry_url: str | None = None
     gateway_url: str | None = None  # the OpenAI-compatible API's base URL
     link: LinkProxy | None = None  # between the device side (draft) and NATS, when --link is given
+    leaf: EmbeddedNats | None = None  # the device site's own server (`--leaf`), where the drafts connect
+    leaf_links: list[LinkProxy] = field(default_factory=list)  # its links to the edge, one per edge node
     quiet: bool = False
     secure_dir: str | None = None  # the identities' directory when secured (`--secure DIR`)
     tls_block: str = ""  # the server's `tls {}` config when secured (after the authorization block)
@@ -83,6 +93,13 @@ class Stack:
         await self.kill(key, sig)
         return await self.spawn(key)
 
+    def leaf_outage(self, seconds: float) -> None:
+        """Cut the device site's link to the edge for `seconds` (every edge node's), as a failed uplink."""
+        if not self.leaf_links:
+            raise RuntimeError("no leaf link to cut: start the stack with --leaf")
+        for link in self.leaf_links:
+            link.outage(seconds)
+
     async def stop(self) -> None:
         for proc in self.procs.values():
             if proc.returncode is None:
@@ -98,6 +115,10 @@ class Stack:
             task.cancel()
         if self.link is not None:
             await self.link.stop()
+        if self.leaf is not None:
+            await self.leaf.stop()
+        for link in self.leaf_links:
+            await link.stop()
         if self.nats is not None:
             await self.nats.stop()
 
@@ -175,6 +196,10 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
     cluster = getattr(args, "nats_cluster", 0) or 0  # nodes of a local NATS cluster; 0: one server
     if cluster and args.nats is not None:
         raise ValueError("--nats-cluster starts its own servers: leave out --nats (or --nats-cluster)")
+    leaf = bool(getattr(args, "leaf", False))  # the drafts on a device site's leaf server
+    if leaf and (args.nats is not None or getattr(args, "secure", None)):
+        raise ValueError("--leaf starts the edge's servers and the site's unsecured: leave out --nats and --secure "
+                         "(a secured site: deploy/leaf/, docs/scale_out.md)")
     for source in {args.draft_model, args.target_model}:  # pull once here, not racing in two children
         await asyncio.to_thread(resolve, source, progress)
     nats = None
@@ -196,14 +221,25 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         kept = f"cluster{cluster}-{port or 'any'}" if cluster else str(port or "any")
         store = store_dir or os.path.join(cache_root(), "nats", kept)
         nats = (NatsCluster(cluster, ports=[port + i for i in range(cluster)] if port else None, store_dir=store,
-                            config_extra=authorization) if cluster else
-                EmbeddedNats(port=port, store_dir=store, config_extra=authorization))
+                            config_extra=authorization, leaf_domain=EDGE_DOMAIN if leaf else None) if cluster else
+                EmbeddedNats(port=port, store_dir=store, config_extra=authorization + (edge_config() if leaf else "")))
         await nats.start()
         url = nats.url
     stack = Stack(url=url, nats=nats, quiet=quiet, secure_dir=secure or None, tls_block=tls_block)
     admin = {"creds": str(credentials.identity_file(secure, "admin")), "tls": stack.client_tls()} if secure else {}
     try:
-        if (link := getattr(args, "link", None)) is not None:
+        if leaf:  # the device site: its server's remotes are link emulators, one to each edge node
+            profile = getattr(args, "link", None) or PROFILES["lan"]
+            ports = nats.leaf_ports if cluster else [leafnode_port(nats)]
+            for port in ports:
+                stack.leaf_links.append(await LinkProxy("127.0.0.1", port, profile).start())
+            stack.leaf = await leaf_server([leaf_url("127.0.0.1", link.port) for link in stack.leaf_links]).start()
+            probe = await connect(stack.leaf.url, "draftwire-up-leaf")
+            try:
+                await until_linked(probe)
+            finally:
+                await probe.close()
+        elif (link := getattr(args, "link", None)) is not None:
             target = urlparse(split_urls(url)[0])  # a proxy has one upstream: the first server
             profile = link if isinstance(link, LinkProfile) else parse_link(link)
             stack.link = await LinkProxy(target.hostname, target.port or 4222, profile).start()
@@ -216,7 +252,9 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         env = {**os.environ, **(env or {}), "DRAFTWIRE_NATS_URL": url}
         ready: dict[str, asyncio.Future] = {}
         for name in SERVICES:
-            service_url = stack.link.url if stack.link is not None and name == "draft" else url
+            service_url = url
+            if name == "draft" and (stack.leaf is not None or stack.link is not None):
+                service_url = stack.leaf.url if stack.leaf is not None else stack.link.url
             argv = [sys.executable, "-m", f"draftwire.services.{name}", "--nats", service_url, *service_args(name, args)]
             for key in replica_keys(name, replicas(name, args)):
                 own = {**env, "DRAFTWIRE_CREDS": str(credentials.identity_file(secure, ROLE[name])),
@@ -260,6 +298,9 @@ async def run_up(args) -> int:
     servers = split_urls(stack.url)
     where = f"a cluster of {len(servers)} nodes at {stack.url}" if len(servers) > 1 else stack.url
     print(f"draftwire: NATS at {where}", flush=True)
+    if stack.leaf is not None:
+        print(f"draftwire: draft services on a device site's leaf server at {stack.leaf.url}, linked to every "
+              f"edge node ({stack.leaf_links[0].profile.describe()})", flush=True)
     if stack.link is not None:
         print(f"draftwire: draft service behind an emulated link ({stack.link.profile.describe()}) "
               f"at {stack.link.url}", flush=True)

@@ -720,7 +720,8 @@ class Scheduler:
             if time.time() > job.deadline:
                 return error_body("no_draft", "no draft instance took the job before its deadline", job.id)
             subject, payload, draft, prefix = await self._place(job, gone)
-            w.state = "dispatching"
+            if w.state != "waiting_for_draft":  # a retry of a waiting job still waits, as the listing says
+                w.state = "dispatching"
             try:
                 msg = await bus.request(self.nc, subject, payload, timeout=START_TIMEOUT_S)
             except nats.errors.NoRespondersError:

@@ -20,11 +20,15 @@ emulator at the edge's leafnode port (`leafnode_port`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from nats.aio.client import Client
 
 from draftwire.shared.io.nats_server import EmbeddedNats
 
@@ -102,5 +106,19 @@ def leaf_server(remotes: Sequence[str], port: int | None = None, *, domain: str 
     return EmbeddedNats(port, config_extra=extra, extra_args=(*kw.pop("extra_args", ()), *NO_JETSTREAM), **kw)
 
 
+async def until_linked(nc: Client, timeout: float = 10.0) -> None:
+    """Wait until the edge's JetStream answers through the leaf `nc` is connected to (the link is up and the
+    edge knows the leaf's interest); raise the last error after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await nc.jetstream(timeout=0.5).account_info()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 __all__ = ["EDGE_DOMAIN", "NO_JETSTREAM", "edge_config", "leaf_config", "leaf_server", "leaf_url",
-           "leafnode_port"]
+           "leafnode_port", "until_linked"]

@@ -324,6 +324,8 @@ class NatsCluster:
     leader (its `/healthz` says ok), so replicated streams can be created at once. `kill(i)` SIGKILLs node
     `i` and `restart(i)` brings it back on the same ports and store, which is what the node-loss tests and the
     chaos suite do. `config_extra` (authorization, TLS) goes to every node, as `EmbeddedNats` takes it.
+    `leaf_domain` makes it an edge for device sites (shared/io/nats_leaf.py): JetStream in that domain and a
+    leafnode listener on every node, at `leaf_ports[i]`.
     """
 
     def __init__(
@@ -337,6 +339,7 @@ class NatsCluster:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         config_extra: str = "",
         startup_timeout: float = 30.0,
+        leaf_domain: str | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one node, got {size}")
@@ -351,6 +354,8 @@ class NatsCluster:
         self.nodes: list[EmbeddedNats] = []
         self.route_ports: list[int] = []
         self.monitor_ports: list[int] = []
+        self.leaf_domain = leaf_domain  # set: each node listens for leaf nodes (`leaf_ports`), JetStream in it
+        self.leaf_ports: list[int] = []
         self._route_secret = secrets.token_hex(16)
         self._tmp: Path | None = None
 
@@ -372,6 +377,10 @@ class NatsCluster:
         routes = [route_url(self.host, p, "route", self._route_secret) for p in self.route_ports]
         block = cluster_config(self.server_name(i), self.name, f"{self.host}:{self.route_ports[i]}", routes,
                                "route", self._route_secret)
+        if self.leaf_domain is not None:  # a fixed port, so a restarted node is where the leaves dial
+            from draftwire.shared.io.nats_leaf import edge_config
+
+            block += edge_config(f"{self.host}:{self.leaf_ports[i]}", self.leaf_domain)
         return f"{block}http: {json.dumps(f'{self.host}:{self.monitor_ports[i]}')}\n{config_extra}"
 
     async def start(self) -> Self:
@@ -397,10 +406,12 @@ class NatsCluster:
 
     async def _start_nodes(self, client_ports: Sequence[int]) -> None:
         store = self.store_dir or self._tmp
-        picked = iter(free_ports(self.size * 3 - sum(1 for p in client_ports if p), self.host))
+        kinds = 4 if self.leaf_domain is not None else 3
+        picked = iter(free_ports(self.size * kinds - sum(1 for p in client_ports if p), self.host))
         self.client_ports = [p or next(picked) for p in client_ports]
         self.route_ports = [next(picked) for _ in range(self.size)]
         self.monitor_ports = [next(picked) for _ in range(self.size)]
+        self.leaf_ports = [next(picked) for _ in range(self.size)] if self.leaf_domain is not None else []
         self.nodes = [
             EmbeddedNats(
                 self.client_ports[i], host=self.host, store_dir=store / self.server_name(i),
