@@ -60,6 +60,22 @@ def test_a_chaos_pass_on_a_3_node_cluster_with_drafts_on_a_leaf_loses_nothing(tm
          "--phases", "chaos", "--num-prompts", "300", "--kill-every", "2", "--concurrency", "2",
          "--outage", "3", "--out", str(out)], check=False, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    chaos = json.loads((out / "results.json").read_text())["phases"][1]
+    record = json.loads((out / "results.json").read_text())
+    assert record["leaf_connections_cut"] >= record["phases"][1]["by_fault"]["leaf"]["faults"]  # outages landed
+    chaos = record["phases"][1]
     assert chaos["completed"] == chaos["identical"] == 300 and chaos["duplicate_replies"] == 0
     assert set(chaos["by_fault"]) == {"verifier", "draft", "scheduler", "nats", "leaf"}, chaos["by_fault"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--nats-cluster", "3", "--nats", "nats://127.0.0.1:1"], "leave out --nats"),
+    (["--nats-cluster", "3", "--link", "cell-edge"], "add --leaf"),
+    (["--nats", "nats://127.0.0.1:1,nats://127.0.0.1:2", "--link", "lan"], "add --leaf"),
+    (["--leaf", "--nats", "nats://127.0.0.1:1"], "leave out --nats and --secure"),
+    (["--leaf", "--secure", "/nonexistent-dir"], "leave out --nats and --secure"),
+])
+def test_up_refuses_a_site_layout_it_cannot_run_with_a_clear_error(flags, message, capsys):
+    from draftwire.services.cli.main import main
+
+    assert main(["up", "--draft-model", "tiny-random", "--target-model", "tiny-random", *flags]) != 0
+    assert message in capsys.readouterr().err

@@ -348,11 +348,13 @@ async def _faults(args) -> int:
                   f"{row['duplicate_replies']} duplicate replies, {row['kills']} kills, "
                   f"median added {row['median_added_s_per_kill']} s ({time.monotonic() - t0:.0f} s)", flush=True)
     finally:
+        cuts = sum(link.cuts for link in stack.leaf_links)  # connections the leaf outages really cut
         await stack.stop()
     rows = [summarize(p, phases[0]) for p in phases]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "phases": rows,
+              "leaf_connections_cut": cuts,
               "raw": [{"phase": p.name, "kills": p.kills,
                        "outcomes": [{k: v for k, v in asdict(o).items() if k != "token_ids"} for o in p.outcomes]}
                       for p in phases]}

@@ -197,6 +197,9 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
     if cluster and args.nats is not None:
         raise ValueError("--nats-cluster starts its own servers: leave out --nats (or --nats-cluster)")
     leaf = bool(getattr(args, "leaf", False))  # the drafts on a device site's leaf server
+    if getattr(args, "link", None) is not None and not leaf and (cluster or len(split_urls(args.nats or "x")) > 1):
+        raise ValueError("--link on a cluster: add --leaf (an emulator then sits on the leaf's link to every node; "
+                         "a draft's own connection through one emulator would depend on a single node)")
     if leaf and (args.nats is not None or getattr(args, "secure", None)):
         raise ValueError("--leaf starts the edge's servers and the site's unsecured: leave out --nats and --secure "
                          "(a secured site: deploy/leaf/, docs/scale_out.md)")
@@ -236,7 +239,7 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
             stack.leaf = await leaf_server([leaf_url("127.0.0.1", link.port) for link in stack.leaf_links]).start()
             probe = await connect(stack.leaf.url, "draftwire-up-leaf")
             try:
-                await until_linked(probe)
+                await until_linked(probe, 30.0)  # a busy machine may take seconds to route the link
             finally:
                 await probe.close()
         elif (link := getattr(args, "link", None)) is not None:
