@@ -266,3 +266,13 @@ def test_every_cluster_node_config_is_one_nats_server_accepts(tmp_path: Path) ->
         check = subprocess.run([str(nats_server_binary()), "-t", "-c", str(tmp_path / "cluster" / f"{node}.conf")],
                                capture_output=True, text=True, timeout=30, check=False)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("name", ["verifier", "draft", "scheduler"])
+def test_the_replicated_services_can_be_scaled(name: str) -> None:
+    """`docker compose up --scale verifier=2 ...` (README, Scale-out): a replica may not need a fixed name or host
+    port, and each names itself (the default instance is service-hostname-pid, unique per container)."""
+    service = SERVICES[name]
+    assert "container_name" not in service and "ports" not in service and "hostname" not in service
+    assert "DRAFTWIRE_INSTANCE" not in service.get("environment", {})
+    assert "--instance" not in " ".join(map(str, service.get("command", [])))
