@@ -180,6 +180,8 @@ async def test_a_resumed_verifier_takes_sessions_again_and_all_but_one_keeps_one
         results = await run_prompts(nc, "one", 3)
         assert all(r["stats"]["verifier_instances"] == [kept] for r in results)
         assert await drain(drain_args(nats_server.url, drained, 0.0, resume=True)) == 0
+        bad = await nc.request(verifier_drain_subject(drained), b'{"action": "drian"}', timeout=2)
+        assert json.loads(bad.data)["error"]["code"] == "bad_request"  # and it neither drains nor resumes
         status = await nc.request(verifier_drain_subject(drained), b'{"action": "status"}', timeout=2)
         assert not DrainStatus.decode(status.data).draining
         await nc.request(verifier_drain_subject(kept), b'{"action": "drain", "grace_s": 0}', timeout=2)
@@ -200,6 +202,9 @@ async def test_a_draft_drained_mid_run_finishes_its_generations_and_takes_no_new
         sub = await nc.subscribe(SUBJECTS.events_round, cb=on_round)
         running = asyncio.ensure_future(run_prompts(nc, "d", 4))
         await asyncio.wait_for(drafting, 30)
+        bad = await nc.request(subject, b'{"grace_s": -1}', timeout=2)
+        assert json.loads(bad.data)["error"]["code"] == "bad_request"
+        assert not DrainStatus.decode((await nc.request(subject, b'{"action": "status"}', timeout=2)).data).draining
         status = DrainStatus.decode((await nc.request(subject, b"", timeout=2)).data)
         await sub.unsubscribe()
         assert status.draining and status.sessions >= 1  # mid-run

@@ -196,7 +196,7 @@ async def _pass(stack, prompts: list[dict], args, phase: Phase) -> None:
                 phase.skipped_kills += 1
                 continue
             kind = kinds[n % len(kinds)]
-            await strike(kind, n // len(kinds) if len(kinds) > 1 else n)
+            await strike(kind, n // len(kinds))  # the how-many-th fault of its kind
             n += 1
 
     kill_task = None

@@ -63,8 +63,6 @@ from draftwire.shared.core.drain import (
     DrainState,
     DrainStatus,
     draft_drain_subject,
-    error_reply,
-    parse_command,
 )
 from draftwire.shared.core.params import ParamError
 from draftwire.shared.core.prompt_request import GenerateJob, RequestError, encode_reply, error_body
@@ -78,7 +76,7 @@ from draftwire.shared.core.telemetry_figures import TokenClock
 from draftwire.shared.io import bus
 from draftwire.shared.io.bus import SUBJECTS, extract_context
 from draftwire.shared.io.credentials import identity_name
-from draftwire.shared.io.micro_endpoints import leave, rejoin
+from draftwire.shared.io.micro_endpoints import drain_endpoint, leave, rejoin
 from draftwire.shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
@@ -476,23 +474,22 @@ async def start(ctx: ServiceContext) -> None:
     left: list[dict] = []  # the start endpoints a drain left, for a resume
     starts = {SUBJECTS.draft_start, SUBJECTS.draft_start_instance(ctx.instance, prefix)}
 
-    async def handle_drain(req: Request) -> None:
-        """Drain: take no job (leave the start subjects), finish the generations running here."""
-        try:
-            command = parse_command(req.data)
-        except ValueError as exc:
-            await req.respond(error_reply(str(exc)))
-            return
-        if command.action == "drain" and not drain.draining:
+    async def begin_drain(_grace_s: float) -> None:
+        """Take no job (leave the start subjects), finish the generations running here: no grace applies."""
+        if not drain.draining:
             drain.begin(time.monotonic())
             left[:] = await leave(svc, starts)
             log.info("draining: %d generation(s) finish here, no new job is taken", len(runs))
-        elif command.action == "resume" and drain.draining:
+
+    async def end_drain() -> None:
+        if drain.draining:
             drain.resume()
             await rejoin(svc, left)
             left.clear()
             log.info("drain ended: taking jobs again")
-        await req.respond(DrainStatus(ctx.instance, drain.draining, len(runs), 0).encode())
+
+    handle_drain = drain_endpoint(begin_drain, end_drain,
+                                  lambda: DrainStatus(ctx.instance, drain.draining, len(runs), 0))
 
     svc = await register(
         ctx,

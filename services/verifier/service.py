@@ -52,8 +52,6 @@ from draftwire.shared.core.drain import (
     DRAINING_HEADER,
     DrainState,
     DrainStatus,
-    error_reply,
-    parse_command,
     verifier_drain_subject,
 )
 from draftwire.shared.core.protocol import (
@@ -69,7 +67,7 @@ from draftwire.shared.core.vocab_bundle import pack
 from draftwire.shared.core.vocab_mapping import VocabularyError
 from draftwire.shared.io import bus
 from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, extract_context
-from draftwire.shared.io.micro_endpoints import leave, rejoin
+from draftwire.shared.io.micro_endpoints import drain_endpoint, leave, rejoin
 from draftwire.shared.io.service_shell import (
     ServiceContext,
     add_model_flags,
@@ -229,17 +227,7 @@ async def start(ctx: ServiceContext) -> None:
             left.clear()
             log.info("drain ended: taking new sessions again")
 
-    async def handle_drain(req: Request) -> None:
-        try:
-            command = parse_command(req.data)
-        except ValueError as exc:
-            await req.respond(error_reply(str(exc)))
-            return
-        if command.action == "drain":
-            await begin_drain(command.grace_s)
-        elif command.action == "resume":
-            await end_drain()
-        await req.respond(drain_status().encode())
+    handle_drain = drain_endpoint(begin_drain, end_drain, drain_status)
 
     async def drain_then_stop(bound_s: float) -> None:
         await begin_drain(0.0)
