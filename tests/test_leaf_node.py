@@ -21,7 +21,6 @@ from pathlib import Path
 import msgpack
 import pytest
 import pytest_asyncio
-from nats.aio.client import Client
 
 from draftwire.services.draft import service as draft_service
 from draftwire.services.verifier import service as verifier_service
@@ -248,7 +247,7 @@ async def test_a_secured_leaf_link_reaches_the_edges_jetstream_and_verifiers_onl
 
         await as_edge.subscribe(SUBJECTS.verify_instance("v1"), cb=verdict)
         await flush(as_edge)
-        await until_edge_jetstream_info(device)
+        await until_linked(device, LINKED_S, bus.DONE_STREAM)  # a device may not read the account's info
         assert await bus.fetch_vocabulary(device.jetstream(), "d1") == b"tokenizer" * 1000
         assert (await device.request(SUBJECTS.verify_instance("v1"), b"round", timeout=5)).data == b"verdict"
         ack = await device.jetstream().publish(SUBJECTS.done("s1"), b"result")
@@ -267,16 +266,3 @@ async def test_a_secured_leaf_link_reaches_the_edges_jetstream_and_verifiers_onl
         assert (await rounds.next_msg(timeout=5)).data == b"round"
         with pytest.raises(TimeoutError):
             await forged.next_msg(timeout=0.5)
-
-
-async def until_edge_jetstream_info(nc: Client) -> None:
-    """As `nats_leaf.until_linked`, with a call a device may make (it may not read the account's info)."""
-    deadline = time.monotonic() + LINKED_S
-    while True:
-        try:
-            await nc.jetstream(timeout=0.5).stream_info(bus.DONE_STREAM)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)

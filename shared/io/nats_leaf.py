@@ -106,13 +106,15 @@ def leaf_server(remotes: Sequence[str], port: int | None = None, *, domain: str 
     return EmbeddedNats(port, config_extra=extra, extra_args=(*kw.pop("extra_args", ()), *NO_JETSTREAM), **kw)
 
 
-async def until_linked(nc: Client, timeout: float = 10.0) -> None:
+async def until_linked(nc: Client, timeout: float = 10.0, stream: str | None = None) -> None:
     """Wait until the edge's JetStream answers through the leaf `nc` is connected to (the link is up and the
-    edge knows the leaf's interest); raise the last error after `timeout` seconds."""
+    edge knows the leaf's interest); raise the last error after `timeout` seconds. `stream`: ask for that
+    stream's info instead of the account's (which a secured device may not read)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            await nc.jetstream(timeout=0.5).account_info()
+            js = nc.jetstream(timeout=0.5)
+            await (js.stream_info(stream) if stream is not None else js.account_info())
             return
         except Exception:
             if time.monotonic() > deadline:
