@@ -251,6 +251,7 @@ async def test_cancel_stops_within_one_round_and_returns_the_partial_text(client
 
 async def test_session_pings_are_answered_while_the_model_works(client):
     """Model work runs off the event loop: a long prompt's prefill does not delay pings (or cancels)."""
+    before = (await verifier_info(client))["prefill_chunks"]
     job = make_job(LONG, prompt=" ".join(["hello"] * 3000))
     reply, done = await start_job(client, job)
     assert reply["accepted"]
@@ -260,14 +261,16 @@ async def test_session_pings_are_answered_while_the_model_works(client):
         assert await session_round(client, job.session) is not None
         worst = max(worst, time.monotonic() - t)
         await asyncio.sleep(0.02)
+    chunks = (await verifier_info(client))["prefill_chunks"]
     await client.publish(SUBJECTS.cancel(job.id), b"")
     assert (await asyncio.wait_for(done, 30))["error"]["code"] == "cancelled"
     assert worst < 0.25, worst
-    # The model step under way when the cancel came (here the prompt's prefill) still runs to its end: a short
-    # job that drafts (2 tokens: one drafted), so it waits for the model thread, tells when it did, and the next
-    # test starts on an idle device.
+    # The prefills stop within a chunk of the cancel (chunked on both sides): a short job that drafts (2 tokens:
+    # one drafted) waits for the model threads, tells when it did, and the next test starts on idle services.
     _, after = await start_job(client, make_job(2))
     assert "error" not in await asyncio.wait_for(after, 60)
+    total = (await verifier_info(client))["prefill_chunks"]
+    assert total > before and total - chunks <= 2, (chunks, total)  # the edge's prefill: chunked, then stopped
 
 
 async def test_deadline_stops_the_generation_with_the_partial_text(client):

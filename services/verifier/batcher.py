@@ -4,6 +4,8 @@ The asyncio half of batched verification (the model half is `VerifierCore.handle
 number of devices wait here, each for its own reply; the moment the worker thread is free, the next batch
 (arrival order, one round per session, at most `budget` sessions) goes to it as ONE `verify_rounds` call,
 after a short hold only while sessions of the last passes are still on their way (see `_gather`).
+A round whose pass fed only a chunk of its prefill goes back to the head of the queue, so its next chunk
+shares the next pass with whatever arrived meanwhile; a close of its session ends it there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 from draftwire.shared.core.protocol import ErrorReply, VerifyRequest
 from draftwire.shared.core.speculation import BUSY, verify_rounds
-from draftwire.shared.core.verifier_sessions import VerifierCore
+from draftwire.shared.core.verifier_sessions import SessionUnknown, VerifierCore
 
 log = logging.getLogger("draftwire.verifier")
 
@@ -50,6 +52,7 @@ class Batcher:
     max_hold_s: float = 0.25
     recent_s: float = 1.0  # a session served this recently is expected back (it is drafting its next round)
     recent: dict = field(default_factory=dict)  # session -> monotonic time its last verdict went out
+    running: list = field(default_factory=list)  # the batch in the forward pass now
 
     async def submit(self, req: VerifyRequest) -> bytes:
         if len(self.waiting) >= self.max_queue:
@@ -64,8 +67,16 @@ class Batcher:
         return await item.reply
 
     def closed(self, session: str) -> None:
-        """The session ended (its CloseSession arrived): do not wait for it any more."""
+        """The session ended (its CloseSession arrived): do not wait for it any more, and end its rounds still
+        queued (a prefill between chunks): `unknown_session`, so a device that did still want one resends
+        it with history, and nothing more is computed for a device that went away."""
         self.recent.pop(session, None)
+        for w in [w for w in (*self.waiting, *self.running) if w.req.session == session]:
+            if w in self.waiting:
+                self.waiting.remove(w)
+            if not w.reply.done():
+                w.reply.set_result(ErrorReply(code=SessionUnknown.code, session=session, message=(
+                    f"session {session!r} was closed while its round waited; resend with history")).encode())
 
     async def _gather(self) -> None:
         """Hold the next pass briefly while sessions from the last passes are still drafting their rounds.
@@ -121,6 +132,7 @@ class Batcher:
                 if not (batch := self._take()):
                     break
                 t0 = time.perf_counter()
+                self.running = batch
                 try:
                     replies = await loop.run_in_executor(
                         self.worker, verify_rounds, self.core, [w.req for w in batch], self.budget
@@ -129,10 +141,18 @@ class Batcher:
                     log.exception("verification of a batch of %d failed", len(batch))
                     error = ErrorReply(code="internal", message=f"{type(exc).__name__}: {exc}").encode()
                     replies = [error] * len(batch)
+                finally:
+                    self.running = []
                 self.forward_s = 0.8 * self.forward_s + 0.2 * (time.perf_counter() - t0) if self.forward_s \
                     else time.perf_counter() - t0
                 served = time.monotonic()
+                again = []
                 for w, reply in zip(batch, replies, strict=True):
+                    if reply is None:  # one chunk of its prefill done: the next one in the next pass
+                        if not w.reply.done():
+                            again.append(w)
+                        continue
                     self.recent[w.req.session] = served
                     if not w.reply.done():
                         w.reply.set_result(reply)
+                self.waiting.extendleft(reversed(again))

@@ -10,7 +10,9 @@ verified by `verify_rounds`, the functions the in-process engine calls too; a ba
 `ErrorReply`, never an exception that could stop the service. Model work runs in one worker thread so the
 event loop keeps answering pings and other sessions' messages while the target computes, and every round
 that arrives meanwhile joins the NEXT forward pass (`Batcher`: continuous batching across sessions, bounded by
-a token budget and a queue; beyond the queue, `busy`).
+a token budget and a queue; beyond the queue, `busy`). A long prefill runs `--prefill-chunk` tokens per pass,
+so the sessions already generating keep getting verdicts while a long prompt arrives, and a cancelled one
+stops within a chunk (its `CloseSession` ends its round between two chunks).
 
 Besides verifying, every instance answers `draftwire.verifier.info` (queue group `verifiers`) with the target's
 identity (model, vocab size, EOS ids, context length: what the device needs to bound and stop a generation,
@@ -77,6 +79,7 @@ from draftwire.shared.io.service_shell import (
     run,
     service_parser,
 )
+from draftwire.shared.models.batched_forward import PREFILL_CHUNK
 from draftwire.shared.models.runtime import load_model
 
 log = logging.getLogger("draftwire.verifier")
@@ -101,6 +104,12 @@ def build_parser():
              "(0: pure continuous batching) [DRAFTWIRE_BATCH_HOLD]",
     )
     p.add_argument(
+        "--prefill-chunk", type=int, default=env_int("PREFILL_CHUNK", PREFILL_CHUNK),
+        help="most history tokens of one session's prefill per forward pass: other sessions' rounds share the "
+             "passes in between, and a close or deadline stops the prefill within one chunk; 0: whole "
+             "prefills in one pass [DRAFTWIRE_PREFILL_CHUNK]",
+    )
+    p.add_argument(
         "--max-queue", type=int, default=env_int("MAX_QUEUE", 256),
         help="rounds waiting for a forward pass; beyond it a round is refused `busy` [DRAFTWIRE_MAX_QUEUE]",
     )
@@ -114,10 +123,12 @@ def build_parser():
 
 async def start(ctx: ServiceContext) -> None:
     args = ctx.args
-    if args.verify_budget < 1 or args.max_queue < 1 or not args.batch_hold >= 0:
-        raise SystemExit("verifier: --verify-budget and --max-queue must be >= 1, --batch-hold >= 0")
+    if args.verify_budget < 1 or args.max_queue < 1 or not args.batch_hold >= 0 or args.prefill_chunk < 0:
+        raise SystemExit("verifier: --verify-budget and --max-queue must be >= 1, --batch-hold and "
+                         "--prefill-chunk >= 0")
     model = await asyncio.to_thread(load_model, args.target_model, args.target_dtype, False, args.target_device)
-    core = VerifierCore(model, max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens)
+    core = VerifierCore(model, max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens,
+                        prefill_chunk=args.prefill_chunk or None)
     digest = await publish_tokenizer(ctx, model)
     target = TargetInfo(model.name, model.vocab_size, tuple(model.eos_token_ids), model.context_length,
                         model.chat_template, digest)
@@ -249,18 +260,18 @@ async def start(ctx: ServiceContext) -> None:
     async def handle_info(req: Request) -> None:
         await req.respond(target.encode(
             instance=ctx.instance, sessions=core.sessions, rounds=rounds, forwards=core.forwards,
-            batch_rows=core.batch_rows, forward_tokens=core.forward_tokens, busy=batcher.busy,
+            batch_rows=core.batch_rows, forward_tokens=core.forward_tokens,
+            prefill_chunks=core.prefill_chunks, busy=batcher.busy,
             queue=len(batcher.waiting), budget=batcher.budget,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # Linux: KiB
             cached_tokens=core.cached_tokens, kv_bound_mb=kv_bound_mb, draining=drain.draining,
         ))
 
     async def on_close(msg) -> None:
+        with contextlib.suppress(ProtocolError):  # first: a prefill between two chunks ends before the next
+            batcher.closed(CloseSession.decode(msg.data).session)
         if await loop.run_in_executor(worker, handle_close, core, msg.data) is not None:
             log.warning("ignored a malformed message on %s", SUBJECTS.sessions_close)
-            return
-        with contextlib.suppress(ProtocolError):
-            batcher.closed(CloseSession.decode(msg.data).session)
 
     svc = await register(
         ctx,

@@ -32,6 +32,8 @@ from draftwire.shared.core.protocol import Verdict, VerifyRequest
 from draftwire.shared.core.rejection_sampling import NonFinite, correction
 from draftwire.shared.core.rng import CORRECTION_SIDE, DRAFT_SIDE, round_rng
 from draftwire.shared.core.warpers import mask_eos, warp
+from draftwire.shared.models.batched_forward import PREFILL_CHUNK
+from draftwire.shared.models.kv_sequence import common_prefix
 from draftwire.shared.models.runtime import LoadedModel
 
 
@@ -179,10 +181,21 @@ class DraftSession:
         return self._seq is not None and self.spec.mode != "ar" and not self.verifier_knows_session \
             and not self.generated and self.params.max_new_tokens >= 2
 
-    def warm_up(self) -> None:
-        """The draft's prefill: its cache over every committed token, so the next draft step only extends it."""
-        if self._seq is not None:
-            self._seq.next_logits(self._context([]), 1)
+    def warm_up(self, stopped: Callable[[], bool] = lambda: False, chunk: int = PREFILL_CHUNK) -> bool:
+        """The draft's prefill: its cache over every committed token, so the next draft step only extends it.
+
+        Fed `chunk` tokens per forward pass, asking `stopped()` between two: a cancel or deadline ends a long
+        prompt's prefill within one chunk (False: stopped before the end), and on a shared batcher other
+        sessions' draft steps run between the chunks. The cache is the one-pass cache up to float rounding."""
+        if self._seq is None:
+            return True
+        context = self._context([])
+        start = common_prefix(self._seq.tokens, context)
+        for end in [*range(start + chunk, len(context), chunk), len(context)]:
+            if end > start + chunk and stopped():
+                return False
+            self._seq.next_logits(context[:end], 1)
+        return True
 
     def predraft(self, req: VerifyRequest, n: int, cancelled: Callable[[], bool] = lambda: False) -> Prefetch:
         """PEARL: while `req` is being verified, draft on as if all of it will be accepted.

@@ -42,7 +42,7 @@ from draftwire.shared.core.protocol import (
 from draftwire.shared.core.rejection_sampling import VerificationError
 from draftwire.shared.core.round_stats import GenerationStats, RoundStats
 from draftwire.shared.core.stop_strings import find_stop
-from draftwire.shared.core.verifier_sessions import RoundRefused, SessionUnknown, VerifierCore
+from draftwire.shared.core.verifier_sessions import PrefillPending, RoundRefused, SessionUnknown, VerifierCore
 from draftwire.shared.models.runtime import LoadedModel
 
 MAX_RESYNCS_PER_ROUND = 3
@@ -114,8 +114,9 @@ async def speculate(
     token ids at the token that completed it). With `open_early` the first round of a fresh verifier session
     drafts nothing and the draft runs its prefill while the target runs its own (the target's first token
     comes from p directly, as a rejection at the first position would): worth it only where `compute` runs
-    off the event loop and the draft's prefill is not negligible, as in the draft service under load. A
-    verifier's refusal raises RemoteError.
+    off the event loop and the draft's prefill is not negligible, as in the draft service under load. Either
+    way the draft's prefill runs in chunks and `should_stop` is asked between them. A verifier's refusal
+    raises RemoteError.
     """
     tracer = tracer or trace.get_tracer("draftwire")
     spec = session.spec
@@ -129,6 +130,10 @@ async def speculate(
     checked = 0  # the text length already searched for stop strings
     kept = None  # token ids kept when a stop string ended the generation
     opening = open_early and session.can_open_early()
+    stopped = (lambda: bool(should_stop())) if should_stop is not None else (lambda: False)
+    if not opening and not session.done:  # the draft's prefill, chunked: a cancel stops it within a chunk
+        with tracer.start_as_current_span("draft_prefill"):
+            await compute(functools.partial(session.warm_up, stopped))
     while not session.done:
         reason = should_stop() if should_stop is not None else None
         if reason:
@@ -143,16 +148,19 @@ async def speculate(
             span.set_attributes({"draftwire.round": req.round, "draftwire.gamma": len(req.tokens)})
             in_flight = asyncio.ensure_future(_exchange(session, link, req))
             ahead = None
-            if opening:  # the draft's prefill, while the target runs its own
-                with tracer.start_as_current_span("draft_prefill"):
-                    await compute(session.warm_up)
-                opening = False
-            elif pipelined:
-                arrived = threading.Event()
-                in_flight.add_done_callback(lambda _f, ev=arrived: ev.set())
-                with tracer.start_as_current_span("predraft"):
-                    ahead = await compute(functools.partial(session.predraft, req, gamma, arrived.is_set))
-            verdict, up, down, rebuilt = await in_flight
+            try:
+                if opening:  # the draft's prefill, while the target runs its own
+                    with tracer.start_as_current_span("draft_prefill"):
+                        await compute(functools.partial(session.warm_up, stopped))
+                    opening = False
+                elif pipelined:
+                    arrived = threading.Event()
+                    in_flight.add_done_callback(lambda _f, ev=arrived: ev.set())
+                    with tracer.start_as_current_span("predraft"):
+                        ahead = await compute(functools.partial(session.predraft, req, gamma, arrived.is_set))
+                verdict, up, down, rebuilt = await in_flight
+            finally:  # a cancel (or an error) here must not leave the round running alone, resending as it likes
+                in_flight.cancel()
             try:
                 new = session.apply(req, verdict)
             except BadVerdict as exc:
@@ -255,10 +263,13 @@ def decode_round(uplink: bytes) -> VerifyRequest | bytes:
         return ErrorReply(code=exc.code, message=str(exc)).encode()
 
 
-def verify_rounds(core: VerifierCore, reqs: Sequence[VerifyRequest], budget: int | None = None) -> list[bytes]:
+def verify_rounds(
+    core: VerifierCore, reqs: Sequence[VerifyRequest], budget: int | None = None
+) -> list[bytes | None]:
     """The edge's whole job for a batch of rounds (distinct sessions): one forward pass, then each reply
     encoded; a refusal becomes an ErrorReply whose code is the refusal's (`unknown_session`,
     `deadline_exceeded`, `context_length_exceeded`, `non_finite`, `bad_proposal`, or a ProtocolError's).
+    None for a round whose pass only fed a chunk of its prefill: pass it in again (`PrefillPending`).
     A session opened for another target vocabulary (`vocab` is not this target's digest) is refused
     `vocab_mismatch` before any model work: its proposals were mapped to ids that mean something else here."""
     refused = {i: _vocab_refusal(core, req) for i, req in enumerate(reqs) if req.vocab}
@@ -271,6 +282,8 @@ def verify_rounds(core: VerifierCore, reqs: Sequence[VerifyRequest], budget: int
     for req, result in zip(reqs, core.handle_batch(reqs, budget), strict=True):
         if isinstance(result, Verdict):
             replies.append(result.encode())
+        elif isinstance(result, PrefillPending):
+            replies.append(None)
         elif isinstance(result, (SessionUnknown, RoundRefused, ProtocolError, VerificationError)):
             replies.append(ErrorReply(code=result.code, message=brief(str(result)), session=req.session).encode())
         else:
@@ -294,7 +307,11 @@ def _vocab_refusal(core: VerifierCore, req: VerifyRequest) -> bytes | None:
 def verify_bytes(core: VerifierCore, uplink: bytes) -> bytes:
     """One message alone: decode, verify, encode (the in-process edge; a batch of one)."""
     req = decode_round(uplink)
-    return req if isinstance(req, bytes) else verify_rounds(core, [req])[0]
+    if isinstance(req, bytes):
+        return req
+    while (reply := verify_rounds(core, [req])[0]) is None:  # a chunked prefill: its next chunk
+        pass
+    return reply
 
 
 def handle_close(core: VerifierCore, data: bytes) -> bytes | None:

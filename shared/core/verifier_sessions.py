@@ -17,6 +17,12 @@ at the edge too: a session's opening request brings its deadline, after which ro
 (`deadline_exceeded`) and the session dropped; a prompt plus `max_new_tokens`, or a round, that would run past
 the target's context length is refused (`context_length_exceeded`). Refusals carry the `code` that
 `speculation.verify_rounds` puts in the ErrorReply.
+
+A long prefill is chunked (`prefill_chunk`): a pass feeds at most that many uncached history tokens of a
+round and answers it `PrefillPending` instead of a verdict, and the caller passes the round in again. The
+verifier service's batcher does so at the head of its queue, so other sessions' rounds share the passes in
+between (one long prompt no longer stalls every device for its whole prefill), and a session closed or past
+its deadline mid-prefill stops within one chunk. The rows are the unchunked ones up to float rounding.
 """
 
 from __future__ import annotations
@@ -46,7 +52,18 @@ from draftwire.shared.core.rejection_sampling import (
 from draftwire.shared.core.rng import VERIFY_SIDE, round_rng
 from draftwire.shared.core.warpers import mask_eos, warp
 from draftwire.shared.models.batched_forward import next_logits_batch
+from draftwire.shared.models.kv_sequence import common_prefix
 from draftwire.shared.models.runtime import KVSequence, LoadedModel
+
+
+@dataclass(frozen=True)
+class PrefillPending:
+    """Not a verdict yet: this pass fed one chunk of the round's history (`cached` of `total` tokens are in the
+    session's KV cache now); pass the same round in again for the next chunk, and then its verdict."""
+
+    session: str
+    cached: int
+    total: int
 
 
 class SessionUnknown(LookupError):
@@ -88,14 +105,19 @@ class VerifierCore:
         max_cached_tokens: int = 262_144,
         clock: Callable[[], float] = time.time,
         sampling: str = "auto",
+        prefill_chunk: int | None = None,
     ) -> None:
         """`clock` is unix time (deadlines are absolute); tests pass their own. `sampling`: where the
         warping and rejection math runs: "torch" (on the model's device), "numpy" (host), "auto" (torch
-        unless the model is on the CPU, where numpy is as fast and is the tested oracle)."""
+        unless the model is on the CPU, where numpy is as fast and is the tested oracle). `prefill_chunk`:
+        the most uncached history tokens one pass feeds for a round (None: all of them at once)."""
         if sampling not in ("auto", "torch", "numpy"):
             raise ValueError(f"sampling must be auto, torch or numpy; got {sampling!r}")
         if max_sessions < 1 or max_cached_tokens < 1:
             raise ValueError("max_sessions and max_cached_tokens must be >= 1")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 (or None), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model = model
         device = getattr(model, "device", None)
         self.torch_sampling = sampling == "torch" or (sampling == "auto" and getattr(device, "type", "cpu") != "cpu")
@@ -107,6 +129,7 @@ class VerifierCore:
         self.evictions = 0
         # load figures: forward passes run, sessions and tokens they carried, and the marginal token cost
         self.forwards = self.batch_rows = self.forward_tokens = 0
+        self.prefill_chunks = 0  # rounds answered PrefillPending: chunks of long prefills fed before the last
         self.cost = ForwardCost()
 
     def __contains__(self, session: str) -> bool:
@@ -138,16 +161,20 @@ class VerifierCore:
     def handle(self, req: VerifyRequest) -> Verdict:
         """Verify one round of a request that passed the codec's checks (so an opening request's digest is
         its history's). Raises SessionUnknown, RoundRefused, ProtocolError or VerificationError (NonFinite
-        among them); commits nothing unless it returns a Verdict."""
-        result = self.handle_batch([req])[0]
+        among them); commits nothing unless it returns a Verdict. A chunked prefill runs all its passes here."""
+        while isinstance(result := self.handle_batch([req])[0], PrefillPending):
+            pass
         if isinstance(result, Exception):
             raise result
         return result
 
-    def handle_batch(self, reqs: Sequence[VerifyRequest], budget: int | None = None) -> list[Verdict | Exception]:
+    def handle_batch(
+        self, reqs: Sequence[VerifyRequest], budget: int | None = None
+    ) -> list[Verdict | Exception | PrefillPending]:
         """One round of each request, all in ONE target forward pass (see batched_forward); the result of
-        request i is its Verdict or the exception `handle` would raise for it alone. One request's refusal
-        never touches another's round. Requests must name distinct sessions.
+        request i is its Verdict or the exception `handle` would raise for it alone, or PrefillPending when
+        this pass only fed a chunk of its history. One request's refusal never touches another's round.
+        Requests must name distinct sessions.
 
         `budget` caps the verified tokens (each session's one target row plus the draft tokens it keeps); when
         the rounds need more, `draft_selection.select_prefixes` picks the prefixes to verify and each verdict
@@ -167,26 +194,38 @@ class VerifierCore:
             except (SessionUnknown, RoundRefused, ProtocolError) as exc:
                 results[i] = exc
         keep = self._prefixes([reqs[i] for i, _ in ready], budget)
-        rows = next_logits_batch(
-            [sess.seq for _, sess in ready],
-            [sess.committed + [int(t) for t in reqs[i].tokens[:k]] for (i, sess), k in zip(ready, keep, strict=True)],
-            [k + 1 for k in keep],
-        )
+        feeds = [self._feed(sess, reqs[i], k) for (i, sess), k in zip(ready, keep, strict=True)]
+        rows = next_logits_batch([sess.seq for _, sess in ready], [f for f, _ in feeds], [n for _, n in feeds])
         forward_s = time.perf_counter() - t0
-        tokens = sum(k + 1 for k in keep)
+        tokens = sum(n for _, n in feeds)
         if ready:
             self.forwards += 1
             self.batch_rows += len(ready)
             self.forward_tokens += tokens
-            self.cost.observe(tokens, forward_s)
+            if all(reqs[i].history is None for i, _ in ready):  # a (re)built session's prefill is not a
+                self.cost.observe(tokens, forward_s)  # verification cost: it would skew the per-token slope
         load = {"batch": max(len(ready), 1), "token_s": self.cost.per_token()}
-        for ((i, sess), k), logits in zip(zip(ready, keep, strict=True), rows, strict=True):
+        for ((i, sess), k), logits, (fed, _) in zip(zip(ready, keep, strict=True), rows, feeds, strict=True):
+            if len(fed) < len(sess.committed):  # one chunk of a long history: no verdict yet
+                results[i] = PrefillPending(reqs[i].session, len(fed), len(sess.committed))
+                self.prefill_chunks += 1
+                continue
             try:
                 results[i] = self._judge(sess, reqs[i], k, logits, t0, load)
             except VerificationError as exc:
                 results[i] = exc
         self._evict()
         return results  # type: ignore[return-value]
+
+    def _feed(self, sess: _Session, req: VerifyRequest, k: int) -> tuple[list[int], int]:
+        """What this pass feeds a round's sequence, and how many logits rows it reads: the history and the
+        first `k` draft tokens (k + 1 rows), or, while more than `prefill_chunk` history tokens are not
+        cached yet, only the next chunk of them (one row, never read)."""
+        if self.prefill_chunk is not None:
+            cached = common_prefix(getattr(sess.seq, "tokens", ()), sess.committed)
+            if len(sess.committed) - cached > self.prefill_chunk:
+                return sess.committed[: cached + self.prefill_chunk], 1
+        return sess.committed + [int(t) for t in req.tokens[:k]], k + 1
 
     def _prefixes(self, reqs: list[VerifyRequest], budget: int | None) -> list[int]:
         """Draft tokens to verify per request: all of them, or the budget's best prefixes (TETRIS). Opening

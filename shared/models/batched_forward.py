@@ -26,10 +26,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .kv_sequence import KVSequence, _common_prefix
+from .kv_sequence import KVSequence, common_prefix
 
 PREFILL_ROWS = 32  # new tokens above which a row only shares a pass with rows of a similar length
 PREFILL_GROUP = 8  # prefills in one pass at most (bounds the pass's activations)
+PREFILL_CHUNK = 512  # prompt tokens a service's prefill feeds per pass (chunked prefill, as vLLM's default)
 
 
 def _batchable(seq: object) -> bool:
@@ -68,7 +69,7 @@ def next_logits_batch(
         tokens = [int(t) for t in tokens]
         if not 1 <= n_out <= len(tokens):
             raise ValueError(f"n_out must be in 1..len(tokens)={len(tokens)}, got {n_out}")
-        seq._truncate(min(_common_prefix(seq.tokens, tokens), len(tokens) - n_out))
+        seq._truncate(min(common_prefix(seq.tokens, tokens), len(tokens) - n_out))
         ready.append(i)
     for group in _groups(ready, [len(token_lists[i]) - len(seqs[i].tokens) for i in ready]):
         if len(group) == 1:

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -104,7 +104,7 @@ class KVSequence:
         tokens = [int(t) for t in tokens]
         if not 1 <= n_out <= len(tokens):
             raise ValueError(f"n_out must be in 1..len(tokens)={len(tokens)}, got {n_out}")
-        keep = min(_common_prefix(self.tokens, tokens), len(tokens) - n_out)
+        keep = min(common_prefix(self.tokens, tokens), len(tokens) - n_out)
         self._truncate(keep)
         logits = self._forward(tokens[len(self.tokens) :], n_out)
         self.tokens = tokens
