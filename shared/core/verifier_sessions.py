@@ -221,7 +221,7 @@ class VerifierCore:
         """What this pass feeds a round's sequence, and how many logits rows it reads: the history and the
         first `k` draft tokens (k + 1 rows), or, while more than `prefill_chunk` history tokens are not
         cached yet, only the next chunk of them (one row, never read)."""
-        if self.prefill_chunk is not None:
+        if self.prefill_chunk is not None and req.history is not None:  # a continuing round adds a few tokens
             cached = common_prefix(getattr(sess.seq, "tokens", ()), sess.committed)
             if len(sess.committed) - cached > self.prefill_chunk:
                 return sess.committed[: cached + self.prefill_chunk], 1
