@@ -22,9 +22,11 @@ from draftwire.services.draft.verifier_link import (
     NatsEdge,
     VerifierDirectory,
 )
+from draftwire.shared.core.link_profile import PROFILES
 from draftwire.shared.core.protocol import TargetInfo
 from draftwire.shared.core.speculation import RemoteError
 from draftwire.shared.io.bus import INSTANCE_HEADER, SUBJECTS, VERIFY_QUEUE, connect, flush
+from draftwire.shared.io.link_emulator import LinkProxy
 from tests.nats_fixtures import *
 
 INFO = {"instance": "v", "model": "m", "vocab_size": 10, "eos_token_ids": [2], "context_length": 64}
@@ -33,9 +35,10 @@ INFO = {"instance": "v", "model": "m", "vocab_size": 10, "eos_token_ids": [2], "
 class FakeVerifier:
     """Answers verify requests with `reply` (or never, when `hang`), and the info request with INFO."""
 
-    def __init__(self, instance: str, *, hang: bool = False) -> None:
+    def __init__(self, instance: str, *, hang: bool = False, first_after=None) -> None:
         self.instance = instance
         self.hang = hang
+        self.first_after = first_after  # an awaitable: the first request is answered once it is done
         self.requests = 0
         self.nc = None
         self.svc = None
@@ -55,6 +58,8 @@ class FakeVerifier:
 
     async def verify(self, req) -> None:
         self.requests += 1
+        if self.requests == 1 and self.first_after is not None:
+            await self.first_after
         if not self.hang:
             await req.respond(f"verdict from {self.instance}".encode(), headers={INSTANCE_HEADER: self.instance})
 
@@ -162,3 +167,33 @@ async def test_no_verifier_at_all_waits_then_fails(nats_server, nc):
 def test_target_info_round_trips_with_the_instance_s_own_fields():
     info = TargetInfo("m", 10, (2, 3), 64)
     assert TargetInfo.decode(info.encode(instance="v", sessions=1, rounds=5)) == info
+
+
+@pytest.mark.parametrize("addressed", [True, False], ids=["instance", "queue-group"])
+async def test_a_reply_lost_while_the_device_reconnects_is_asked_for_again_at_once(nats_server, addressed):
+    """The verifier answers while the device's connection is down (a NATS node died, a radio link cut): that
+    reply is gone for good. The device sends the round again once reconnected, not after the verify timeout."""
+    answer = asyncio.get_running_loop().create_future()
+    verifier = await FakeVerifier("v", first_after=answer).start(nats_server.url)
+    async with LinkProxy("127.0.0.1", nats_server.port, PROFILES["lan"]) as proxy:
+        device = await connect(f"nats://127.0.0.1:{proxy.port}", name="device")
+        directory = VerifierDirectory(device)
+        link = edge(device, directory, verify_timeout=30.0)
+        if addressed:
+            await directory.refresh()
+            link.instance = "v"
+        try:
+            rnd = asyncio.ensure_future(link.exchange(b"round", None))
+            while not verifier.requests:  # the round is at the verifier
+                await asyncio.sleep(0.01)
+            back = proxy.outage(1.0)
+            await asyncio.sleep(0.2)
+            answer.set_result(None)  # answered while the device is cut off: the reply is lost
+            reply = await asyncio.wait_for(rnd, 10)
+            late = asyncio.get_running_loop().time() - back
+            assert reply == b"verdict from v" and verifier.requests == 2 and link.resent == 1
+            assert late < 3.0, late  # the reconnect and a poll, not the 30 s verify timeout
+            assert link.failovers == 0 and link.instance == "v"
+        finally:
+            await device.close()
+            await verifier.die()

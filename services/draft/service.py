@@ -372,6 +372,7 @@ async def start(ctx: ServiceContext) -> None:
                 stats = body.setdefault("stats", {})
                 stats.update(draft_instance=ctx.instance, verifier_instances=link.instances,
                              seed=job.params.seed, session=job.session, failovers=link.failovers,
+                             resent_rounds=link.resent,
                              resumed_tokens=len(job.resume), prompt_tokens=len(run.prompt_ids))
                 with contextlib.suppress(Exception):  # best effort: the verifier's LRU is the backstop
                     await ctx.nc.publish(SUBJECTS.sessions_close, CloseSession(job.session).encode())

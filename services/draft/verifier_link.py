@@ -5,7 +5,11 @@ warm, and while a round is in flight it pings that instance's micro service (`$S
 NATS answers "no responders" the moment the instance's connection is gone, which ends the wait at once
 instead of after a timeout. The round then goes to another verifier, which answers `unknown_session`, and the
 speculation loop resends it with the token history. The verify timeout stays as the backstop for a verifier
-that is connected but hung. Instances are found with micro stats (`$SRV.STATS.draftwire-verifier`), whose
+that is connected but hung. A reply the device's own connection missed (it reconnected, possibly to another
+node of a cluster, while the round was in flight: NATS does not redeliver) is not waited for either: the
+round is sent again at once. If the verifier had answered it, the resend no longer matches its session and
+is answered `unknown_session`, so the history goes up again and the session is rebuilt with the same seeded
+draws (lossless). Instances are found with micro stats (`$SRV.STATS.draftwire-verifier`), whose
 replies name each instance, its micro service id and its load. A session goes to the verifier the scheduler
 placed it on (`GenerateJob.verifier`) while that one is known, else to the least-loaded one
 (`draftwire.shared.core.placement`); when none is known the round goes to the `verifiers` queue group and the reply
@@ -44,10 +48,18 @@ DISCOVERY_WAIT_S = 0.5  # for the first discovery reply ("no responders" comes a
 DISCOVERY_QUIET_S = 0.1  # further replies are collected until none came for this long
 DISCOVERY_TTL_S = 1.0  # loads and instances are gathered again (in the background) when older than this
 INFO_TIMEOUT_S = 2.0
+RECONNECT_POLL_S = 0.25  # how often a round sent through the queue group looks for a reconnect
 
 
 class VerifierGone(Exception):
     """The addressed verifier's connection is gone (its micro ping has no responders)."""
+
+
+GONE, RECONNECTED = "gone", "reconnected"  # why a round's watch ended
+
+
+class LinkReconnected(Exception):
+    """This connection reconnected while the round waited: its reply may have been published meanwhile, lost."""
 
 
 class VerifierDirectory:
@@ -151,6 +163,7 @@ class NatsEdge:
         self.instance: str | None = None
         self.instances: list[str] = []  # every instance that answered, in order (for stats)
         self.failovers = 0
+        self.resent = 0  # rounds sent again because the connection was re-established while they waited
         self._failed: set[str] = set()
 
     async def exchange(self, uplink: bytes, req: VerifyRequest) -> bytes:
@@ -164,6 +177,10 @@ class NatsEdge:
             subject = SUBJECTS.verify_instance(instance) if instance else SUBJECTS.verify
             try:
                 msg = await self._round_trip(subject, uplink, instance)
+            except LinkReconnected:
+                log.warning("the connection to NATS was re-established with a round in flight; sending it again")
+                self.resent += 1
+                continue
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError, VerifierGone) as exc:
                 if instance is not None:
                     log.warning("verifier %s unavailable (%s); failing over", instance, type(exc).__name__)
@@ -200,20 +217,26 @@ class NatsEdge:
         with self.tracer.start_as_current_span("verify_rpc", kind=trace.SpanKind.CLIENT) as span:
             span.set_attributes({"draftwire.uplink_bytes": len(uplink), "messaging.destination": subject})
             t_send = time.time_ns()
+            reconnects = self.nc.stats["reconnects"]
             rpc = bus.request(self.nc, subject, uplink, timeout=self.verify_timeout)
-            if instance is None:
-                msg = await rpc
-            else:  # the watch only returns once the instance is gone (a bug in it is re-raised, not hidden)
-                answered, msg = await unless(rpc, self._watch(instance))
-                if not answered:
-                    raise VerifierGone(instance)
+            # the watch only returns when the instance is gone or the connection was re-established (a bug in
+            # it is re-raised, not hidden)
+            answered, msg = await unless(rpc, self._watch(instance, reconnects))
+            if not answered:
+                raise VerifierGone(instance) if msg == GONE else LinkReconnected()
             self._link_spans(t_send, time.time_ns(), msg.data)
             return msg
 
-    async def _watch(self, instance: str) -> None:
-        """Return as soon as `instance` has no responders; run until cancelled otherwise."""
+    async def _watch(self, instance: str | None, reconnects: int) -> str:
+        """GONE as soon as `instance` (when one is addressed) has no responders, RECONNECTED once this
+        connection has reconnected since `reconnects` (the reply may have been lost); runs until cancelled
+        otherwise."""
         while True:
-            await asyncio.sleep(PING_EVERY_S)
+            await asyncio.sleep(RECONNECT_POLL_S if instance is None else PING_EVERY_S)
+            if self.nc.stats["reconnects"] != reconnects and self.nc.is_connected:
+                return RECONNECTED
+            if instance is None:
+                continue
             service_id = self.directory.service_id(instance)
             if service_id is None:  # reached through the queue group: learn its id for the next ping
                 await self.directory.refresh()
@@ -222,7 +245,7 @@ class NatsEdge:
                 await self.nc.request(f"$SRV.PING.{VERIFIER_SERVICE}.{service_id}", b"", timeout=PING_TIMEOUT_S)
             except nats.errors.NoRespondersError:
                 log.warning("verifier %s (%s) has no responders", instance, service_id)
-                return
+                return GONE
             except nats.errors.TimeoutError:
                 continue  # slow is not dead: the verify timeout is the backstop
 
@@ -240,4 +263,4 @@ class NatsEdge:
         self.tracer.start_span("downlink", start_time=t_recv - down_ns).end(end_time=t_recv)
 
 
-__all__ = ["NatsEdge", "VerifierDirectory", "VerifierGone"]
+__all__ = ["LinkReconnected", "NatsEdge", "VerifierDirectory", "VerifierGone"]
