@@ -90,6 +90,24 @@ async def test_an_outage_cuts_open_connections_and_refuses_new_ones_until_it_end
         assert (link.cuts, link.refused) == (1, 1)
 
 
+async def test_a_draft_started_while_its_leaf_link_is_down_waits_for_the_edge(tmp_path):
+    """The device site comes up before its link to the edge: the draft waits for the edge's JetStream (where
+    its results go) instead of exiting, and is ready once the link is."""
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        enter = stack.enter_async_context
+        edge = await enter(EmbeddedNats(store_dir=tmp_path / "js", config_extra=edge_config()))
+        link = await enter(LinkProxy("127.0.0.1", leafnode_port(edge), PROFILES["lan"]))
+        back = link.outage(3.0)
+        leaf = await enter(leaf_server([leaf_url("127.0.0.1", link.port)]))
+        assert link.refused  # the leaf dialled the edge and was refused
+        await enter(running(draft_service, leaf.url, "d1", "--draft-model", "tiny-random", "--draft-dtype", "fp32"))
+        assert loop.time() >= back  # not ready before the edge answered
+        probe = await connect(edge.url, name="probe")
+        stack.push_async_callback(probe.close)
+        assert (await probe.jetstream().stream_info(bus.DONE_STREAM)).config.name == bus.DONE_STREAM
+
+
 class Site:
     """The edge with its services, the emulated link, and the device site's leaf server with the draft."""
 

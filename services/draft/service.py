@@ -218,13 +218,7 @@ async def start(ctx: ServiceContext) -> None:
     runs: dict[str, Run] = {}  # session -> run
     directory = VerifierDirectory(ctx.nc)
     js = ctx.nc.jetstream()
-    try:  # a secured device may only look at it: the scheduler (or `draftwire up`) creates and updates it
-        await js.stream_info(bus.DONE_STREAM)
-    except nats.js.errors.NotFoundError:
-        try:
-            await bus.ensure_done_stream(js)
-        except (nats.errors.Error, TimeoutError) as exc:  # not allowed to: results wait until it exists
-            log.warning("could not create the %s stream (%r); the scheduler creates it", bus.DONE_STREAM, exc)
+    await _done_stream_ready(js)
     vocabs = TargetVocabs(js, model)
     await vocabs.load_own()
     warm: dict[tuple[str, int], CostModel] = {}  # adaptive draft length: per (mode, K), across sessions
@@ -505,6 +499,40 @@ async def start(ctx: ServiceContext) -> None:
                        **({"draining": True} if drain.draining else {})},
     )
     log.info("drafting with %s (%s)", model.name, model.dtype)
+
+
+async def _done_stream_ready(js) -> None:
+    """Wait until the edge's JetStream answers, so results can be stored, then make sure the results stream
+    exists. A draft on a device site's leaf server can start while the site's link to the edge is down: it
+    waits for the link (saying so) instead of exiting. A secured device may only look at the stream: the
+    scheduler (or `draftwire up`) creates and updates it."""
+    backoff = Backoff(initial=0.1, cap=JETSTREAM_WAIT_CAP_S)
+    waited = warned = 0.0
+    while True:
+        try:
+            await js.stream_info(bus.DONE_STREAM)
+            break
+        except nats.js.errors.NotFoundError:
+            try:
+                await bus.ensure_done_stream(js)
+            except (nats.errors.Error, TimeoutError) as exc:  # not allowed to: results wait until it exists
+                log.warning("could not create the %s stream (%r); the scheduler creates it", bus.DONE_STREAM, exc)
+            break
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) \
+                as exc:
+            if waited >= warned:
+                log.warning("JetStream does not answer (%s) after %.0f s: is the link to the edge down? waiting "
+                            "for it", type(exc).__name__, waited)
+                warned = waited + JETSTREAM_WARN_EVERY_S
+            pause = backoff.next()
+            await asyncio.sleep(pause)
+            waited += pause
+    if waited:
+        log.info("JetStream answers after %.1f s", waited)
+
+
+JETSTREAM_WAIT_CAP_S = 5.0  # the longest pause between two tries
+JETSTREAM_WARN_EVERY_S = 30.0
 
 
 def _stop_message(code: str) -> str:
