@@ -9,6 +9,7 @@ one-pass cache chunk by chunk and stops between two chunks once asked to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -78,25 +79,31 @@ def test_a_chunked_cache_holds_the_one_pass_cache(target):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-async def test_other_sessions_are_answered_between_two_chunks_of_a_long_prefill(target, draft):
+@contextlib.asynccontextmanager
+async def _batcher(target):
+    """The verifier service's Batcher running on a core that prefills 8 tokens per pass."""
     core = VerifierCore(target, prefill_chunk=8)
     with ThreadPoolExecutor(1) as worker:
         batcher = Batcher(core, worker, budget=64, max_queue=16)
         runner = asyncio.create_task(batcher.run())
+        try:
+            yield core, batcher, worker
+        finally:
+            runner.cancel()
+
+
+async def test_other_sessions_are_answered_between_two_chunks_of_a_long_prefill(target, draft):
+    async with _batcher(target) as (core, batcher, _):
         long = asyncio.ensure_future(batcher.submit(_session(target, draft, LONG, "long").next_request(3)[0]))
         await asyncio.sleep(0)
         short = await batcher.submit(_session(target, draft, SHORT, "short").next_request(3)[0])
         assert isinstance(decode_any(short), Verdict) and not long.done()  # the prefill has more chunks to go
         assert isinstance(decode_any(await long), Verdict)
         assert core.forwards >= len(LONG) // 8
-        runner.cancel()
 
 
 async def test_a_close_stops_a_prefill_before_its_next_chunk(target, draft):
-    core = VerifierCore(target, prefill_chunk=8)
-    with ThreadPoolExecutor(1) as worker:
-        batcher = Batcher(core, worker, budget=64, max_queue=16)
-        runner = asyncio.create_task(batcher.run())
+    async with _batcher(target) as (core, batcher, worker):
         reply = asyncio.ensure_future(batcher.submit(_session(target, draft, LONG, "long").next_request(3)[0]))
         for _ in range(5000):
             if core.forwards >= 3 or reply.done():
@@ -109,7 +116,6 @@ async def test_a_close_stops_a_prefill_before_its_next_chunk(target, draft):
         passes = core.forwards
         await asyncio.sleep(0.2)
         assert core.forwards == passes < len(LONG) // 8 and "long" not in core and not batcher.waiting
-        runner.cancel()
 
 
 def test_the_drafts_warm_up_builds_its_cache_in_chunks_and_stops_between_two(target, draft):
