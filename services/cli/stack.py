@@ -197,7 +197,7 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
     if cluster and args.nats is not None:
         raise ValueError("--nats-cluster starts its own servers: leave out --nats (or --nats-cluster)")
     leaf = bool(getattr(args, "leaf", False))  # the drafts on a device site's leaf server
-    if getattr(args, "link", None) is not None and not leaf and (cluster or len(split_urls(args.nats or "x")) > 1):
+    if getattr(args, "link", None) is not None and not leaf and (cluster or (args.nats is not None and len(split_urls(args.nats)) > 1)):
         raise ValueError("--link on a cluster: add --leaf (an emulator then sits on the leaf's link to every node; "
                          "a draft's own connection through one emulator would depend on a single node)")
     if leaf and (args.nats is not None or getattr(args, "secure", None)):

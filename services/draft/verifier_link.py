@@ -24,6 +24,7 @@ import asyncio
 import logging
 import random
 import time
+from typing import NoReturn
 
 import nats.errors
 from nats.aio.client import Client
@@ -53,9 +54,6 @@ RECONNECT_POLL_S = 0.25  # how often a round sent through the queue group looks 
 
 class VerifierGone(Exception):
     """The addressed verifier's connection is gone (its micro ping has no responders)."""
-
-
-GONE, RECONNECTED = "gone", "reconnected"  # why a round's watch ended
 
 
 class LinkReconnected(Exception):
@@ -219,22 +217,20 @@ class NatsEdge:
             t_send = time.time_ns()
             reconnects = self.nc.stats["reconnects"]
             rpc = bus.request(self.nc, subject, uplink, timeout=self.verify_timeout)
-            # the watch only returns when the instance is gone or the connection was re-established (a bug in
-            # it is re-raised, not hidden)
-            answered, msg = await unless(rpc, self._watch(instance, reconnects))
-            if not answered:
-                raise VerifierGone(instance) if msg == GONE else LinkReconnected()
+            # the watch ends only by raising VerifierGone or LinkReconnected, which `unless` re-raises (a bug in
+            # it too, never hidden)
+            _, msg = await unless(rpc, self._watch(instance, reconnects))
             self._link_spans(t_send, time.time_ns(), msg.data)
             return msg
 
-    async def _watch(self, instance: str | None, reconnects: int) -> str:
-        """GONE as soon as `instance` (when one is addressed) has no responders, RECONNECTED once this
-        connection has reconnected since `reconnects` (the reply may have been lost); runs until cancelled
-        otherwise."""
+    async def _watch(self, instance: str | None, reconnects: int) -> NoReturn:
+        """Raise VerifierGone as soon as `instance` (when one is addressed) has no responders, LinkReconnected
+        once this connection has reconnected since `reconnects` (the reply may have been lost); run until
+        cancelled otherwise."""
         while True:
             await asyncio.sleep(RECONNECT_POLL_S if instance is None else PING_EVERY_S)
             if self.nc.stats["reconnects"] != reconnects and self.nc.is_connected:
-                return RECONNECTED
+                raise LinkReconnected()
             if instance is None:
                 continue
             service_id = self.directory.service_id(instance)
@@ -245,7 +241,7 @@ class NatsEdge:
                 await self.nc.request(f"$SRV.PING.{VERIFIER_SERVICE}.{service_id}", b"", timeout=PING_TIMEOUT_S)
             except nats.errors.NoRespondersError:
                 log.warning("verifier %s (%s) has no responders", instance, service_id)
-                return GONE
+                raise VerifierGone(instance) from None
             except nats.errors.TimeoutError:
                 continue  # slow is not dead: the verify timeout is the backstop
 

@@ -130,12 +130,16 @@ async def speculate(
     checked = 0  # the text length already searched for stop strings
     kept = None  # token ids kept when a stop string ended the generation
     opening = open_early and session.can_open_early()
-    stopped = (lambda: bool(should_stop())) if should_stop is not None else (lambda: False)
+    should_stop = should_stop or (lambda: None)
+
+    def stopped() -> bool:
+        return bool(should_stop())
+
     if not opening and not session.done:  # the draft's prefill, chunked: a cancel stops it within a chunk
         with tracer.start_as_current_span("draft_prefill"):
             await compute(functools.partial(session.warm_up, stopped))
     while not session.done:
-        reason = should_stop() if should_stop is not None else None
+        reason = should_stop()
         if reason:
             session.finish_reason = reason
             break
