@@ -27,22 +27,11 @@ from draftwire.shared.core.speculation import RemoteError, decode_round, new_ses
 from draftwire.shared.core.verifier_sessions import VerifierCore
 from draftwire.shared.models import batched_forward
 from draftwire.shared.models.batched_forward import next_logits_batch
-from draftwire.shared.models.runtime import load_model
 from tests.exact_distribution import by_rank, conditional_pvalue
-from tests.toy_models import blend, tiny_llama
+from tests.tiny_pair_fixtures import *
 
 PASS_P = 1e-3
 REJECT_P = 1e-6
-
-
-@pytest.fixture(scope="module")
-def target():
-    return load_model("tiny-random", "fp32", progress=False)
-
-
-@pytest.fixture(scope="module")
-def draft(target):
-    return blend(target, tiny_llama(seed=1), 0.3)
 
 
 def _max_row_error(model, steps: int = 6, rows: int = 5, seed: int = 0) -> float:

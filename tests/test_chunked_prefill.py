@@ -20,22 +20,11 @@ from draftwire.shared.core.params import SamplingParams, SpecParams
 from draftwire.shared.core.protocol import ErrorReply, Verdict, decode_any
 from draftwire.shared.core.speculation import InProcessEdge, new_session, speculate
 from draftwire.shared.core.verifier_sessions import PrefillPending, VerifierCore
-from draftwire.shared.models.runtime import load_model
-from tests.toy_models import blend, tiny_llama
+from tests.tiny_pair_fixtures import *
 
 LONG = [1 + (13 * i) % 250 for i in range(120)]  # prompt token ids: many chunks of 8
 SHORT = [5, 6, 7]
 SPEC = SpecParams(mode="tkslt", gamma=3, k=8)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return load_model("tiny-random", "fp32", progress=False)
-
-
-@pytest.fixture(scope="module")
-def draft(target):
-    return blend(target, tiny_llama(seed=1), 0.3)
 
 
 def _session(target, draft, prompt, sid, seed=0, max_new=12):
