@@ -166,3 +166,23 @@ async def test_a_cancelled_generation_leaves_no_round_in_flight(target, draft):
         await task
     await asyncio.sleep(0.01)
     assert ended == ["cancelled"]
+
+
+async def test_a_bad_prefill_chunk_is_refused_with_a_clear_error_before_any_model_loads(monkeypatch):
+    from opentelemetry.trace import NoOpTracer
+
+    from draftwire.services.verifier import service
+    from draftwire.shared.io.service_shell import ServiceContext
+
+    parser = service.build_parser()
+    assert parser.parse_args([]).prefill_chunk == 512
+    monkeypatch.setenv("DRAFTWIRE_PREFILL_CHUNK", "0")
+    assert service.build_parser().parse_args([]).prefill_chunk == 0  # 0: whole prefills
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prefill-chunk", "many"])
+    ctx = ServiceContext(name="verifier", instance="v", args=parser.parse_args(["--prefill-chunk", "-1"]), nc=None,
+                         tracer=NoOpTracer())
+    with pytest.raises(SystemExit, match="--prefill-chunk >= 0"):
+        await service.start(ctx)  # before the model loads or the connection is used (there is none)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        VerifierCore(object(), prefill_chunk=0)
