@@ -117,6 +117,18 @@ async def test_embedded_nats_jetstream_roundtrip_and_clean_stop(tmp_path):
     assert (tmp_path / "js").exists(), "an explicit store_dir must survive stop()"
 
 
+def test_up_keeps_jetstream_state_per_port_and_a_random_port_run_keeps_none(monkeypatch, tmp_path):
+    """`up` on a fixed port finds the jobs queued while it was down; demo, bench and loadtest (random port)
+    start from nothing, or a killed run's jobs still in the stream refuse the next run's ids (`duplicate_id`)."""
+    from draftwire.services.cli.stack import jetstream_store
+
+    monkeypatch.setenv("DRAFTWIRE_CACHE", str(tmp_path))
+    assert jetstream_store(4222) == str(tmp_path / "nats" / "4222")
+    assert jetstream_store(4222, cluster=3) == str(tmp_path / "nats" / "cluster3-4222")
+    assert jetstream_store(None) is None and jetstream_store(0) is None
+    assert jetstream_store(None, cluster=3) is None
+
+
 async def test_server_dies_with_its_parent(tmp_path):
     """kill -9 of the parent (no stop(), no atexit) must not leave an orphan nats-server."""
     script = (

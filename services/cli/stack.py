@@ -183,6 +183,16 @@ def replicas(name: str, args) -> int:
     return count
 
 
+def jetstream_store(port: int | None, cluster: int = 0) -> str | None:
+    """Where an embedded server keeps JetStream state: per port, so prompts queued while `up` was down are
+    served next time. A server on a random port (demo, bench, loadtest, faults) gets None (a temp dir removed
+    on stop): runs sharing one directory would run each other's leftover jobs, and refuse a later run's
+    request ids as `duplicate_id` while those are still stored."""
+    if not port:
+        return None
+    return os.path.join(cache_root(), "nats", f"cluster{cluster}-{port}" if cluster else str(port))
+
+
 async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None, env: dict | None = None,
                       progress: bool = True) -> Stack:
     """Bring everything up and return once every service is ready (or raise with the failing one's log).
@@ -219,10 +229,9 @@ async def start_stack(args, *, quiet: bool = False, store_dir: str | None = None
         servers = split_urls(url)
         if not any(await asyncio.gather(*(is_reachable(u) for u in servers))):
             raise ConnectionError(f"no NATS server reachable at {url} (leave out --nats to embed one)")
-    else:  # JetStream state is kept per port, so prompts queued while `up` was down are served next time
+    else:
         port = args.nats_port or None
-        kept = f"cluster{cluster}-{port or 'any'}" if cluster else str(port or "any")
-        store = store_dir or os.path.join(cache_root(), "nats", kept)
+        store = store_dir or jetstream_store(port, cluster)
         nats = (NatsCluster(cluster, ports=[port + i for i in range(cluster)] if port else None, store_dir=store,
                             config_extra=authorization, leaf_domain=EDGE_DOMAIN if leaf else None) if cluster else
                 EmbeddedNats(port=port, store_dir=store, config_extra=authorization + (edge_config() if leaf else "")))
