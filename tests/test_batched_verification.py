@@ -73,13 +73,14 @@ def test_a_shifted_row_of_position_ids_is_caught(target, monkeypatch):
     assert _max_row_error(target) > 1e-2
 
 
-def _off_by_one_write_back(seqs, cache, past_width, widths):
-    """A planted desync: the last row of every batch keeps the column before its new tokens."""
-    for b, (seq, n) in enumerate(zip(seqs, widths, strict=True)):
-        start = max(past_width - (b == len(seqs) - 1), 0)
-        for layer_idx, layer in enumerate(cache.layers):
-            cols = slice(start, start + n)
-            seq._cache.update(layer.keys[b : b + 1, :, cols], layer.values[b : b + 1, :, cols], layer_idx)
+def _off_by_one_write_back(seqs, new_kv, offsets, widths):
+    """A planted desync: the last row of every batch keeps the packed column before its new tokens (the
+    previous row's last key)."""
+    for b, (seq, off, n) in enumerate(zip(seqs, offsets, widths, strict=True)):
+        start = max(off - (b == len(seqs) - 1), 0)
+        for layer_idx in range(len(new_kv)):
+            keys, values = new_kv[layer_idx]
+            seq._cache.update(keys[:, :, start : start + n], values[:, :, start : start + n], layer_idx)
 
 
 def test_kv_written_back_one_column_off_is_caught(target, monkeypatch):
