@@ -75,12 +75,14 @@ def test_verifier_figures_are_per_level_deltas_and_none_when_not_reported():
     assert verifier_figures(after, before)["verifier_forwards"] is None  # counters went back: a restart
 
 
-def test_capacity_ratio_is_over_the_one_session_level():
+def test_capacity_ratio_is_over_the_one_session_level_run_last_before_it():
     rows = [{"sessions": 1, "x": 10.0}, {"sessions": 4, "x": 35.0}, {"sessions": 16, "x": 38.0}]
-    assert capacity_ratios(rows, "x") == {1: 1.0, 4: 3.5, 16: 3.8}
-    assert capacity_ratios(rows[::-1], "x") == {16: 3.8, 4: 3.5, 1: 1.0}
-    assert capacity_ratios(rows[1:], "x") == {4: 1.0, 16: pytest.approx(38 / 35)}
-    assert capacity_ratios([{"sessions": 1, "x": 0.0}], "x") == {1: None}
+    assert capacity_ratios(rows, "x") == [1.0, 3.5, 3.8]
+    assert capacity_ratios(rows[::-1], "x") == [3.8, 3.5, 1.0]  # none before: the first one-session level
+    assert capacity_ratios(rows[1:], "x") == [1.0, pytest.approx(38 / 35)]  # none at all: the first level
+    assert capacity_ratios([{"sessions": 1, "x": 0.0}], "x") == [None]
+    repeated = [{"sessions": n, "x": x} for n, x in [(1, 10.0), (16, 40.0), (1, 20.0), (16, 60.0)]]
+    assert capacity_ratios(repeated, "x") == [1.0, 4.0, 1.0, 3.0]  # each 16 over the request just before it
 
 
 def test_mismatches_name_the_first_differing_position():

@@ -133,12 +133,20 @@ def alone_baseline(n: int, n_prompts: int, alone: dict[int, list[int]], alone_s:
     return {"alone_tokens_per_s": rate, "over_alone": aggregate / rate if rate else None}
 
 
-def capacity_ratios(rows: list[dict], key: str) -> dict[int, float | None]:
-    """Each level's `key` (tokens/s) over the one-session level's (the first level's if 1 is not run)."""
+def capacity_ratios(rows: list[dict], key: str) -> list[float | None]:
+    """Each level's `key` (tokens/s) over the one-session level's, row by row: the one-session level run
+    last before it (a repeated `1,16,1,16` pairs each 16 with the request just before it), else the first
+    one-session level, else the first level."""
     if not rows:
-        return {}
-    base = next((r for r in rows if r["sessions"] == 1), rows[0])[key]
-    return {r["sessions"]: (r[key] / base if base else None) for r in rows}
+        return []
+    ones = [r for r in rows if r["sessions"] == 1]
+    base = ones[0] if ones else rows[0]
+    ratios = []
+    for row in rows:
+        if row["sessions"] == 1:
+            base = row
+        ratios.append(row[key] / base[key] if base[key] else None)
+    return ratios
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -342,8 +350,8 @@ async def _loadtest(args) -> int:
         rows, extra = await _services_levels(args, levels, prompts)
         key = "aggregate_tokens_per_s"
     ratios = capacity_ratios(rows, key)
-    for row in rows:
-        row["capacity_ratio"] = ratios[row["sessions"]]
+    for row, ratio in zip(rows, ratios, strict=True):
+        row["capacity_ratio"] = ratio
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
@@ -352,7 +360,7 @@ async def _loadtest(args) -> int:
     _plot(rows, out / "loadtest.png", args.replay)
     print(_replay_table(rows) if args.replay else _table(rows))
     print(f"capacity ratio ({key} over 1 session's, {label}): "
-          + ", ".join(f"{n}: {_fmt(r, 2)}x" for n, r in ratios.items()))
+          + ", ".join(f"{row['sessions']}: {_fmt(r, 2)}x" for row, r in zip(rows, ratios, strict=True)))
     print(f"wrote {out / 'results.json'} and {out / 'loadtest.png'}")
     return 0
 
