@@ -91,6 +91,11 @@ def test_a_busier_edge_shortens_the_draft() -> None:
     assert shared.next_gamma() == alone.next_gamma()
     assert busy.model.costs()[0] == pytest.approx(alone.model.costs()[0] + 15 * 0.006, rel=0.02)
     assert busy.next_gamma() < alone.next_gamma()
+    # the present batch, not the past ones: one round alone after the burst and the load term is gone
+    rounds = {"drafted": 4, "accepted": 4, "draft_s": 0.04, "round_s": 0.24, "uplink_bytes": 40}
+    for policy in (alone, busy):
+        policy.observe(dl.RoundObservation(**rounds, batch=1, verify_token_s=0.006))
+    assert busy.model.costs()[0] == pytest.approx(alone.model.costs()[0], rel=1e-6)
 
 
 def test_prefill_rounds_teach_alpha_but_not_costs() -> None:

@@ -127,7 +127,7 @@ class CostModel:
     _tests: float = 0.0
     _draft_per_token: float | None = None
     _fixed: float | None = None
-    _shared_token: float = 0.0  # what one more drafted token costs the OTHER sessions of the batch
+    _shared_token: float = 0.0  # what one more drafted token costs the OTHER sessions of the last round's batch
     # least-squares sufficient statistics of wait = b + slope * drafted
     _s: list[float] = field(default_factory=lambda: [0.0] * 5)
 
@@ -152,7 +152,9 @@ class CostModel:
             # (docs/bench/qwen-gamma-before-prefill-fix: mean gamma 3.4 where fixed gamma 6 was faster).
             return
         self.timed_rounds += 1
-        self._shared_token = _ewma(self._shared_token, r.verify_token_s * max(r.batch - 1, 0), 1 - d)
+        # the load NOW (the batch this round was verified in), not an average: a lone session after a burst
+        # must not keep drafting short for the sessions that have left
+        self._shared_token = r.verify_token_s * max(r.batch - 1, 0)
         if r.drafted:
             self._draft_per_token = _ewma(self._draft_per_token, r.draft_s / r.drafted, 1 - d)
         wait = max(r.round_s - r.draft_s, 0.0)
