@@ -3,6 +3,12 @@
 A draft abandons a model step or a wait when its request is cancelled or its deadline passes; a device
 abandons a verify request when the verifier it addressed dies. Both are "await `work` unless `guard` ends
 first", and both must cancel (and reap) the loser so nothing keeps running for a request that is over.
+
+A cancel can be swallowed on the way: Python 3.11's `asyncio.wait_for` (inside nats-py's `request`) returns
+the inner result when it completes together with the cancel, so a verify round's liveness watch, cancelled
+while its ping reply arrived, went on pinging, and awaiting it stalled the session until its deadline (seen
+under 128 concurrent requests: 1 to 4 sessions each run). The loser is therefore cancelled again until it
+ends.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable
 from typing import Any
+
+RECANCEL_S = 0.05  # how long a cancelled loser may take to end before it is cancelled again
 
 
 async def unless(work: Awaitable[Any], guard: Awaitable[Any]) -> tuple[bool, Any]:
@@ -24,7 +32,9 @@ async def unless(work: Awaitable[Any], guard: Awaitable[Any]) -> tuple[bool, Any
         return (True, w.result()) if w.done() else (False, g.result())
     finally:
         for fut in (w, g):
-            if not fut.done():
+            while not fut.done():  # again after a swallowed cancel: it lands at the loser's next await
                 fut.cancel()
+                await asyncio.wait({fut}, timeout=RECANCEL_S)
+            if not fut.cancelled():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await fut
+                    fut.result()  # the loser's own outcome is not this call's; retrieved, so never logged
