@@ -98,20 +98,6 @@ def test_a_busier_edge_shortens_the_draft() -> None:
     assert busy.model.costs()[0] == pytest.approx(alone.model.costs()[0], rel=1e-6)
 
 
-def test_the_draft_cost_follows_the_device_s_present_load() -> None:
-    """Drafting beside 15 other sessions is dearer per token than alone; when they leave, two rounds alone
-    bring the per-token draft cost most of the way back to the lone one (an average over the last ten rounds
-    would still hold 80% of the excess) instead of drafting short for a dozen rounds."""
-    alone, after_burst = dl.AdaptiveGamma(4), dl.AdaptiveGamma(4)
-    for g in (2, 3, 4, 5, 6) * 6:
-        alone.observe(dl.RoundObservation(g, min(g, 4), 0.01 * g, 0.01 * g + 0.2, 10 * g))
-        after_burst.observe(dl.RoundObservation(g, min(g, 4), 0.05 * g, 0.05 * g + 0.2, 10 * g))
-    for g in (4, 3):
-        for policy in (alone, after_burst):
-            policy.observe(dl.RoundObservation(g, min(g, 4), 0.01 * g, 0.01 * g + 0.2, 10 * g))
-    assert after_burst.model._draft_per_token < 2.5 * alone.model._draft_per_token  # 5x during the burst
-
-
 def test_prefill_rounds_teach_alpha_but_not_costs() -> None:
     """A session's first round carries the prompt's prefill: a one-off cost that must not read as per-token."""
     per_tok, fixed, prefill = 0.07, 0.25, 0.06

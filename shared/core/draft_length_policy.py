@@ -104,9 +104,6 @@ class RoundObservation:
     verify_token_s: float = 0.0
 
 
-PRESENT_WEIGHT = 0.5  # weight of the latest round in the device's own draft cost (load comes and goes)
-
-
 @dataclass
 class CostModel:
     """Running estimates of alpha, c and b from finished rounds, exponentially forgetting old ones.
@@ -159,9 +156,7 @@ class CostModel:
         # must not keep drafting short for the sessions that have left
         self._shared_token = r.verify_token_s * max(r.batch - 1, 0)
         if r.drafted:
-            # half from this round: drafting slows when the device's other sessions draft in the same passes,
-            # and speeds up again when they leave
-            self._draft_per_token = _ewma(self._draft_per_token, r.draft_s / r.drafted, PRESENT_WEIGHT)
+            self._draft_per_token = _ewma(self._draft_per_token, r.draft_s / r.drafted, 1 - d)
         wait = max(r.round_s - r.draft_s, 0.0)
         x = float(r.drafted)
         s = self._s
