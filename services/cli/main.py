@@ -179,7 +179,9 @@ def add_stack_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nats", default=None, help="use these NATS servers (URL1,URL2,... of one cluster) instead of "
                    "starting embedded ones")
     g.add_argument("--nats-port", type=int, default=4222,
-                   help="port of the embedded NATS server (0 = any); a cluster's nodes take it and the next ones")
+                   help="port of the embedded NATS server, whose JetStream state (queued prompts) is kept per port for "
+                   "the next start (0 = any port, state kept only while it runs); a cluster's nodes take it and the "
+                   "next ones")
     g.add_argument("--nats-cluster", type=_positive, default=None, metavar="N",
                    help="start a local cluster of N nats-servers (3: any one may die) instead of one; every "
                         "stream and bucket gets min(3, N) replicas")
