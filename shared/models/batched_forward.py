@@ -83,12 +83,8 @@ AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # unpacked calls g
 
 
 def _batchable(seq: object) -> bool:
-    if not isinstance(seq, KVSequence) or not all(type(layer) is DynamicLayer for layer in seq._cache.layers):
-        return False
-    config = seq._model.config
-    if config._attn_implementation == "sdpa":  # the same SDPA when nothing is packed: switched once, for good
-        config._attn_implementation = PACKED_ATTENTION
-    return config._attn_implementation == PACKED_ATTENTION
+    return (isinstance(seq, KVSequence) and all(type(layer) is DynamicLayer for layer in seq._cache.layers)
+            and seq._model.config._attn_implementation in ("sdpa", PACKED_ATTENTION))
 
 
 def position_ids(past: Sequence[int], new: Sequence[int]) -> torch.Tensor:
@@ -158,6 +154,7 @@ def _groups(rows: list[int], new: list[int]) -> list[list[int]]:
 def _forward_rows(seqs: list[KVSequence], token_lists: list[list[int]], n_outs: list[int]) -> list[torch.Tensor]:
     """One packed forward over rows whose caches already hold a prefix of their tokens."""
     model = seqs[0]._model
+    model.config._attn_implementation = PACKED_ATTENTION  # SDPA itself when nothing is packed: set once, for good
     device = next(model.parameters()).device
     past = [len(s.tokens) for s in seqs]
     new = [t[p:] for t, p in zip(token_lists, past, strict=True)]
