@@ -125,7 +125,8 @@ def _chi_square_first_two(gamma: int, k: int, quant: str, seed: int, one_round=_
     return float(stats.chisquare(obs, exp).pvalue)
 
 
-@pytest.mark.parametrize("gamma,k,quant", [(1, 2, "f16"), (2, MC_V, "f16"), (4, 3, "u8"), (4, 1, "f16")])
+@pytest.mark.parametrize("gamma,k,quant", [(1, 2, "f16"), (2, MC_V, "f16"), (4, 3, "u8"),
+                                           pytest.param(4, 1, "f16", marks=pytest.mark.slow)])
 def test_monte_carlo_first_two_tokens(gamma: int, k: int, quant: str) -> None:
     # Fixed seeds make the outcome deterministic; 1e-3 leaves a wide margin for a correct verifier.
     assert _chi_square_first_two(gamma, k, quant, seed=11 + gamma) > 1e-3
@@ -206,7 +207,7 @@ def _one_round_dssd(ctx: int, p_tab, q_tab, gamma: int, k: int, quant: str, rng,
     return tokens[:j] + [token]
 
 
-@pytest.mark.parametrize("gamma,quant", [(1, "f16"), (2, "u8"), (4, "f16")])
+@pytest.mark.parametrize("gamma,quant", [(1, "f16"), (2, "u8"), pytest.param(4, "f16", marks=pytest.mark.slow)])
 def test_dssd_monte_carlo_first_two_tokens(gamma: int, quant: str) -> None:
     assert _chi_square_first_two(gamma, MC_V, quant, seed=31 + gamma, one_round=_one_round_dssd) > 1e-3
 
