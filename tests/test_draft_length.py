@@ -207,3 +207,20 @@ def test_adaptive_sessions_start_from_what_earlier_ones_learnt() -> None:
     assert second.next_gamma() == learnt  # no probing from scratch
     second.observe(dl.RoundObservation(1, 0, 0.01, 0.02, 10))
     assert first.model.rounds == 28  # the warm model is copied, never shared
+
+
+def test_a_session_starts_from_what_sessions_at_its_load_learnt() -> None:
+    lone, burst = dl.CostModel(), dl.CostModel()
+    lone.observe(dl.RoundObservation(4, 4, 0.04, 0.10, 40))  # 10 ms a draft token alone
+    burst.observe(dl.RoundObservation(2, 2, 0.20, 0.60, 20))  # 100 ms in a burst
+    warm = dl.WarmStarts()
+    key = ("tkslt", 8)
+    assert warm.get(key, 1) is None
+    warm.put(key, [1, 1, 1], lone)
+    warm.put(key, [16, 16, 16, 16, 3], burst)  # mostly at 16 sessions, alone on the edge only at its tail
+    warm.put(key, [], dl.CostModel())  # a session without rounds learnt nothing
+    assert warm.get(key, 1) is lone  # the lone request after a burst does not inherit the burst's costs
+    assert warm.get(key, 16) is burst and warm.get(key, 9) is burst
+    assert warm.get(key, 2) is lone  # the nearest band that has anything
+    assert warm.get(("dssd", 8), 1) is None  # per mode and K
+    assert [dl.load_band(n) for n in (0, 1, 2, 3, 4, 7, 8, 16)] == [1, 1, 2, 2, 3, 3, 4, 5]

@@ -57,7 +57,7 @@ from opentelemetry import trace
 from draftwire.services.draft.target_vocab import Pairing, TargetVocabs, VocabUnavailable
 from draftwire.services.draft.verifier_link import NatsEdge, VerifierDirectory
 from draftwire.shared.core.backoff import Backoff
-from draftwire.shared.core.draft_length_policy import AdaptiveGamma, CostModel, make_policy
+from draftwire.shared.core.draft_length_policy import AdaptiveGamma, WarmStarts, make_policy
 from draftwire.shared.core.draft_session import DraftSession
 from draftwire.shared.core.drain import (
     DrainState,
@@ -221,7 +221,7 @@ async def start(ctx: ServiceContext) -> None:
     await _done_stream_ready(js)
     vocabs = TargetVocabs(js, model)
     await vocabs.load_own()
-    warm: dict[tuple[str, int], CostModel] = {}  # adaptive draft length: per (mode, K), across sessions
+    warm = WarmStarts()  # adaptive draft length: per (mode, K) and load, across sessions
     loop = asyncio.get_running_loop()
 
     # Secured (a device identity): jobs, pings and cancels arrive under the identity's own prefix, and stream
@@ -264,8 +264,10 @@ async def start(ctx: ServiceContext) -> None:
         text.push(list(job.resume))  # already streamed by the run that died: deltas continue after it
 
         clock = TokenClock(run.started, resumed=bool(job.resume))
+        loads: list[int] = []  # sessions on this instance at each round: the load its costs were learnt under
 
         async def on_round(rs: RoundStats, new: list[int]) -> None:
+            loads.append(len(runs))
             event = {"type": "round", "request_id": job.id, "mode": job.spec.mode, "gamma": rs.drafted,
                      "draft_instance": ctx.instance, "verifier_instance": link.instance or "",
                      **rs.to_dict(), "ts": time.time(), **clock.lap(time.perf_counter(), rs.emitted)}
@@ -276,14 +278,14 @@ async def start(ctx: ServiceContext) -> None:
                 await publish(stream_subject(job), chunk, job.format)
 
         key = (job.spec.mode, job.spec.k)
-        policy = make_policy(job.spec.policy, job.spec.gamma, warm.get(key))
+        policy = make_policy(job.spec.policy, job.spec.gamma, warm.get(key, len(runs)))
         result = await run.unless_stopped(speculate(
             session, link, decode=decode, compute=compute, on_round=on_round, tracer=ctx.tracer,
             policy=policy, should_stop=run.stop_reason, stop=job.stop,
             open_early=True,  # the draft's prefill hides behind the target's (drafting runs off the loop here)
         ))
         if isinstance(policy, AdaptiveGamma):  # the next session on this device starts from what this one learnt
-            warm[key] = policy.model
+            warm.put(key, loads, policy.model)
         body = {"id": job.id, **{k: v for k, v in result.to_dict().items() if k != "rounds"}}
         if pairing.target is not None:  # the session states both tokenizers' identities
             body["stats"].update(draft_vocab=pairing.draft_digest, target_vocab=pairing.target_digest)

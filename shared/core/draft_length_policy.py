@@ -232,6 +232,37 @@ class AdaptiveGamma:
         self.model.observe(r)
 
 
+def load_band(sessions: int) -> int:
+    """Bands of concurrent sessions whose costs are alike: 1, 2-3, 4-7, 8-15, ... (powers of two)."""
+    return max(sessions, 1).bit_length()
+
+
+@dataclass
+class WarmStarts:
+    """What finished sessions learnt, for the next session to start from, kept per load band.
+
+    A round's costs depend on how many sessions share the draft and the edge: a session that ran in a burst
+    learnt slower draft steps and longer waits. Handed to a session that then runs alone, that made it draft
+    short for rounds on end (16-session bursts, then one request: 17.4 tok/s before the first burst, 12.8-13.9
+    after the others, docs/bench/batching/loadtest-packed-final). So a session stores what it learnt under the
+    load it mostly ran at, and a new one starts from the band of the load it starts at (the nearest band with
+    anything, else from scratch)."""
+
+    by_band: dict[tuple, CostModel] = field(default_factory=dict)  # (key, band) -> the latest session's model
+
+    def get(self, key: tuple, sessions: int) -> CostModel | None:
+        band = load_band(sessions)
+        held = [b for k, b in self.by_band if k == key]
+        if not held:
+            return None
+        return self.by_band[(key, min(held, key=lambda b: (abs(b - band), b)))]
+
+    def put(self, key: tuple, loads: list[int], model: CostModel) -> None:
+        """`loads`: the sessions running at each of its rounds (none: it learnt nothing to keep)."""
+        if loads:
+            self.by_band[(key, load_band(sorted(loads)[len(loads) // 2]))] = model
+
+
 def make_policy(name: str, gamma: int, warm: CostModel | None = None) -> DraftLengthPolicy:
     """`confidence` drafts up to gamma and lets the session stop early (see DraftSession); it is fixed here.
 
