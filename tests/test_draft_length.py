@@ -217,7 +217,7 @@ def test_a_session_starts_from_what_sessions_at_its_load_learnt() -> None:
     key = ("tkslt", 8)
     assert warm.get(key, 1) is None
     warm.put(key, [1, 1, 1], lone)
-    warm.put(key, [16, 16, 16, 16, 3], burst)  # mostly at 16 sessions, alone on the edge only at its tail
+    warm.put(key, [16, 16, 16, 16, 3], burst)  # at 16 sessions but for its last round
     warm.put(key, [], dl.CostModel())  # a session without rounds learnt nothing
     assert warm.get(key, 1) is lone  # the lone request after a burst does not inherit the burst's costs
     assert warm.get(key, 16) is burst and warm.get(key, 9) is burst
