@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 
+import nats.errors
 import nats.js.errors
 import pytest
 from nats.js.api import KeyValueConfig
@@ -216,3 +217,29 @@ async def test_the_scheduler_answers_a_full_job_queue_overloaded_at_once(nats_se
         assert error["code"] == "overloaded" and "full" in error["message"], error
         assert time.monotonic() - t0 < 2.0, "answered at once, not after retries"
         assert (await js.stream_info(JOBS_STREAM)).state.messages == 1
+
+
+async def test_a_set_up_call_jetstream_answers_late_is_asked_again_keeping_its_replicas():
+    """A fresh cluster electing a new stream's leaders can answer after the client's timeout; the set-up asks
+    again (every set-up call is idempotent) instead of the service dying at start, and a late answer says
+    nothing about the cluster's size, so the replicas asked for stay."""
+    asked = []
+
+    async def attempt(n: int) -> str:
+        asked.append(n)
+        if len(asked) < 3:
+            raise nats.errors.TimeoutError
+        return "created"
+
+    assert await bus._replicated(attempt) == "created"
+    assert asked == [bus.MAX_REPLICAS] * 3
+
+    async def never() -> None:
+        asked.append(0)
+        raise nats.errors.TimeoutError
+
+    asked.clear()
+    t0 = time.monotonic()
+    with pytest.raises(nats.errors.TimeoutError):
+        await bus._patiently(never, patience=1.0)
+    assert 2 <= len(asked) <= 4 and time.monotonic() - t0 < 1.5  # 0.25 + 0.5 s of waits, then it gives up

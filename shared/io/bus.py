@@ -7,9 +7,11 @@ subject nobody listens on, and ids are validated before they become subject toke
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -336,14 +338,36 @@ EXISTS_OTHERWISE = 10058  # "stream name already in use with a different configu
 T = TypeVar("T")
 
 
+JS_SETUP_PATIENCE_S = 30.0  # how long a stream or bucket set-up call is asked again while JetStream answers late
+
+
+async def _patiently(call: Callable[[], Awaitable[T]], patience: float = JS_SETUP_PATIENCE_S) -> T:
+    """`call()`, asked again while JetStream's API times out, for up to `patience` seconds.
+
+    A cluster that has just formed, or that elects a new stream's leaders on a busy machine, can answer a create
+    after the client's timeout: both schedulers of the chaos test's fresh 3-node cluster died so, creating their
+    bucket. Every set-up call here is idempotent, so one that took effect after all is found the next time."""
+    deadline = time.monotonic() + patience
+    delay = 0.25
+    while True:
+        try:
+            return await call()
+        except nats.errors.TimeoutError:
+            if time.monotonic() + delay >= deadline:
+                raise
+            log.warning("JetStream did not answer a set-up request in time; asking again in %.2f s", delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
+
 async def _replicated(attempt: Callable[[int], Awaitable[T]], replicas: int = MAX_REPLICAS) -> T:
     """`attempt(n)` with n = min(MAX_REPLICAS, the cluster's size) replicas, learned from the server's refusals:
     a single server refuses any n > 1, a cluster of two refuses 3. No client API tells a cluster's size, and
-    what the server says is what it will accept."""
+    what the server says is what it will accept. A late answer is asked again (`_patiently`)."""
     n = replicas
     while True:
         try:
-            return await attempt(n)
+            return await _patiently(functools.partial(attempt, n))
         except nats.js.errors.APIError as exc:
             if n == 1 or exc.err_code not in (NOT_CLUSTERED, NO_PLACEMENT):
                 raise
@@ -423,7 +447,7 @@ async def ensure_jobs_stream(
         max_ack_pending=max_ack_pending,
         filter_subject=SUBJECTS.jobs_all,
     )
-    return await js.add_consumer(JOBS_STREAM, config)
+    return await _patiently(lambda: js.add_consumer(JOBS_STREAM, config))
 
 
 async def ensure_submit_stream(
