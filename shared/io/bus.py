@@ -38,6 +38,7 @@ from opentelemetry import propagate
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 
+from draftwire.shared.core.backoff import Backoff
 from draftwire.shared.core.subject_names import (
     DELIVERED_BUCKET,
     DONE_STREAM,
@@ -348,16 +349,16 @@ async def _patiently(call: Callable[[], Awaitable[T]], patience: float = JS_SETU
     after the client's timeout: both schedulers of the chaos test's fresh 3-node cluster died so, creating their
     bucket. Every set-up call here is idempotent, so one that took effect after all is found the next time."""
     deadline = time.monotonic() + patience
-    delay = 0.25
+    backoff = Backoff(initial=0.25, cap=2.0)  # jittered: services starting together do not ask in step
     while True:
         try:
             return await call()
         except nats.errors.TimeoutError:
+            delay = backoff.next()
             if time.monotonic() + delay >= deadline:
                 raise
             log.warning("JetStream did not answer a set-up request in time; asking again in %.2f s", delay)
             await asyncio.sleep(delay)
-            delay = min(2 * delay, 2.0)
 
 
 async def _replicated(attempt: Callable[[int], Awaitable[T]], replicas: int = MAX_REPLICAS) -> T:
