@@ -1,9 +1,10 @@
 """Batched verification across sessions: one forward pass, each row exactly its own session.
 
 The known failure of batched speculative decoding is a row that silently reads another row's positions, mask
-or KV. So the batched forward is checked row by row against each sequence run alone (rows with different past
-lengths, different numbers of new tokens, rollbacks in between), and the check is shown to catch a planted
-desync: shorter rows' position ids shifted to the longest row's, one row's new KV written back one column off. Then the sessions'
+or KV. So the batched forward is checked row by row against each sequence's uncached forward (rows with
+different past lengths, different numbers of new tokens, rollbacks in between), and the check is shown to
+catch a planted desync: shorter rows' position ids shifted to the longest row's, rows' new KV written back one
+column off, a causal mask aligned to the start instead of the end. Then the sessions'
 verdicts from `handle_batch` equal those of one session at a time, a budget verifies prefixes (TETRIS) and
 stays lossless, and 16 concurrent sampled sessions through the real `Batcher` have the target's distribution
 (chi-square, with a planted desync as the negative control).
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 from draftwire.services.verifier.batcher import Batcher
 from draftwire.shared.core.draft_selection import expected_accepted, select_prefixes
@@ -35,10 +37,11 @@ REJECT_P = 1e-6
 
 
 def _max_row_error(model, steps: int = 6, rows: int = 5, seed: int = 0) -> float:
-    """Largest |batched - alone| logit over `steps` batches of `rows` sequences that grow, verify a few tokens
-    and roll back by random amounts, as verification rounds do."""
+    """Largest |batched - uncached| logit over `steps` batches of `rows` sequences that grow, verify a few
+    tokens and roll back by random amounts, as verification rounds do. The reference is one forward over the
+    whole sequence without any cache (a sequence alone runs the batched code as a batch of one, so it could
+    share a bug)."""
     rng = random.Random(seed)
-    alone = [model.new_sequence() for _ in range(rows)]
     batched = [model.new_sequence() for _ in range(rows)]
     history = [[rng.randrange(model.vocab_size) for _ in range(rng.randrange(3, 20))] for _ in range(rows)]
     worst = 0.0
@@ -50,7 +53,9 @@ def _max_row_error(model, steps: int = 6, rows: int = 5, seed: int = 0) -> float
             n = rng.randrange(1, 6)
             tokens.append(history[b] + [rng.randrange(model.vocab_size) for _ in range(n)])
             n_outs.append(n)
-        expected = [s.next_logits(t, n) for s, t, n in zip(alone, tokens, n_outs, strict=True)]
+        with torch.inference_mode():
+            expected = [model.model(torch.tensor([t]), use_cache=False).logits[0, -n:].float()
+                        for t, n in zip(tokens, n_outs, strict=True)]
         got = next_logits_batch(batched, tokens, n_outs)
         for e, g in zip(expected, got, strict=True):
             assert e.shape == g.shape
@@ -73,18 +78,21 @@ def test_a_shifted_row_of_position_ids_is_caught(target, monkeypatch):
     assert _max_row_error(target) > 1e-2
 
 
-def _off_by_one_write_back(seqs, new_kv, offsets, widths):
-    """A planted desync: the last row of every batch keeps the packed column before its new tokens (the
-    previous row's last key)."""
-    for b, (seq, off, n) in enumerate(zip(seqs, offsets, widths, strict=True)):
-        start = max(off - (b == len(seqs) - 1), 0)
-        for layer_idx in range(len(new_kv)):
-            keys, values = new_kv[layer_idx]
-            seq._cache.update(keys[:, :, start : start + n], values[:, :, start : start + n], layer_idx)
-
-
 def test_kv_written_back_one_column_off_is_caught(target, monkeypatch):
-    monkeypatch.setattr(batched_forward, "write_back", _off_by_one_write_back)
+    right = batched_forward.row_states
+
+    def off_by_one(keys, values, offset, width):  # a planted desync: every row after the first keeps the
+        return right(keys, values, max(offset - 1, 0), width)  # column before its new tokens (the previous row's)
+
+    monkeypatch.setattr(batched_forward, "row_states", off_by_one)
+    assert _max_row_error(target) > 1e-2
+
+
+def test_a_row_mask_aligned_to_the_start_is_caught(target, monkeypatch):
+    def top_left(past, width, device="cpu"):  # the classic SDPA is_causal mistake: causal from column 0
+        return None if width == 1 else (torch.arange(past + width)[None, :] <= torch.arange(width)[:, None])[None, None]
+
+    monkeypatch.setattr(batched_forward, "row_mask", top_left)
     assert _max_row_error(target) > 1e-2
 
 
@@ -95,15 +103,39 @@ def test_prefill_rows_run_alone_and_the_rest_batch(target, monkeypatch):
     seqs = [target.new_sequence() for _ in range(3)]
     long = list(range(batched_forward.PREFILL_ROWS + 5))
     next_logits_batch(seqs, [long, [1, 2, 3], [4, 5]], [1, 1, 2])
-    assert calls == [2]
+    assert calls == [2, 1]  # the two short rows, then the prefill (a batch of one)
     calls.clear()  # prefills of similar lengths share a pass, and each row is still itself alone
     prompts = [list(range(3, 43)), list(range(5, 55)), list(range(9, 109)), [7, 8]]
     got = next_logits_batch([target.new_sequence() for _ in prompts], prompts, [1, 3, 1, 2])
-    assert calls == [2]  # 40 and 50 new tokens share a pass; 100 and the short row run alone
+    assert calls == [1, 2, 1]  # the short row; 40 and 50 new tokens share a pass; 100 runs alone
     for p, n, g in zip(prompts, [1, 3, 1, 2], got, strict=True):
         assert float((target.new_sequence().next_logits(p, n) - g).abs().max()) < 1e-4
     with pytest.raises(ValueError, match="twice"):
         next_logits_batch([seqs[0], seqs[0]], [[1, 2], [1, 2]], [1, 1])
+
+
+def test_a_pass_that_fails_midway_leaves_every_cache_as_it_was(target, monkeypatch):
+    """Rows write their keys/values layer by layer inside the pass; a failure in a later layer must not leave
+    the earlier layers' new columns behind (the draft's batcher retries a failed batch row by row)."""
+    seqs = [target.new_sequence() for _ in range(3)]
+    history = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    next_logits_batch(seqs, history, [1, 1, 1])
+    layer = target.model.model.layers[-1]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(layer, "forward", broken)
+    with pytest.raises(RuntimeError, match="planted"):
+        next_logits_batch(seqs, [h + [1, 2] for h in history], [2, 2, 2])
+    monkeypatch.undo()
+    for seq, h in zip(seqs, history, strict=True):
+        assert seq.tokens == h and all(lay.get_seq_length() == len(h) for lay in seq._cache.layers)
+    got = next_logits_batch(seqs, [h + [3] for h in history], [1, 1, 1])
+    with torch.inference_mode():
+        for h, g in zip(history, got, strict=True):
+            expected = target.model(torch.tensor([h + [3]]), use_cache=False).logits[0, -1:].float()
+            assert float((expected - g).abs().max()) < 1e-4
 
 
 def _sessions(target, draft, n: int, temperature: float, gamma: int = 3, max_new: int = 12):

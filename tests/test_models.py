@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from draftwire.shared.models import ModelError, catalog, list_models, load_model, pull, resolve
+from draftwire.shared.models import ModelError, catalog, kv_sequence, list_models, load_model, pull, resolve
 from draftwire.shared.models import store as store_module
 from draftwire.shared.models.byte_tokenizer import ByteTokenizer
 from draftwire.shared.models.kv_sequence import KVSequence
@@ -91,7 +91,10 @@ def test_tiny_random_tokenizer_and_metadata(tiny):
     assert tiny.decode([*ids, ByteTokenizer.eos_token_id]) == text
 
 
-def test_tiny_kv_random_extend_rollback_matches_full_forward(tiny):
+@pytest.mark.parametrize("grow_min", [kv_sequence.GROW_MIN, 1])
+def test_tiny_kv_random_extend_rollback_matches_full_forward(tiny, grow_min, monkeypatch):
+    # grow_min 1: the cache's buffers run full and are reallocated many times (each keeps only 1/8 spare)
+    monkeypatch.setattr(kv_sequence, "GROW_MIN", grow_min)
     rng = random.Random(7)
     seq = tiny.new_sequence()
     tokens: list[int] = [ByteTokenizer.bos_token_id]

@@ -278,7 +278,7 @@ def test_loaded_model_records_its_device_and_sequences_feed_it():
             super().__init__()
             self.seen = []
 
-        def forward(self, input_ids, position_ids, cache, use_cache, logits_to_keep=0):
+        def forward(self, input_ids, position_ids, use_cache, logits_to_keep=0, **cache_or_packing):
             self.seen += [input_ids.device, position_ids.device]
             return SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], 7, device=input_ids.device))
 

@@ -3,33 +3,34 @@
 Every `KVSequence` keeps its own KV cache (so a session rolls back alone after a rejection, and is evicted
 alone). A batch PACKS every row's new tokens into one sequence of N tokens (no padding), so the projections,
 MLPs and output layer multiply N rows, not rows x the longest row's new tokens (at 16 sessions that padding
-was 29% of the verifier's and 33% of the draft's matmul rows). Only attention sees a padded layout: an
-attention function (`_packed_attention`, registered with transformers' AttentionInterface and delegating to
-its SDPA when nothing is packed) scatters the N queries, keys and values to [rows, width], puts each row's
-own past in front (gathered into one tensor, LEFT-padded to the longest), runs SDPA there, and gathers the N
-outputs back. The three things batched speculative decoding gets wrong are set per row here and nowhere else:
+was 29% of the verifier's and 33% of the draft's matmul rows). Only attention is per row: an attention
+function (`_packed_attention`, registered with transformers' AttentionInterface and delegating to its SDPA
+when nothing is packed) appends row b's new keys and values to row b's own cache (a `GrowingLayer`: written
+in place, no copy of the past) and runs SDPA on that row's queries against that row's cache, then packs the
+outputs back. No row's past is copied, padded or masked against another's. A sequence alone takes the very
+same path as a batch of one, so a row of a batch and its sequence alone differ at most by how the matmul
+rounds N rows. The three things batched speculative decoding gets wrong are set per row here and nowhere
+else:
 
 - position ids: row b's new token i is at position L_b + i (its own length, never the batch's);
-- attention mask: a row sees its own past and its own new tokens up to itself (pad columns are masked; a
-  pad query still sees the row's real tokens, so no query row is fully masked and none can turn NaN);
-- KV write-back: row b's new keys/values are packed columns [offset_b, offset_b + n_b), appended to its own
-  cache; nothing of another row, and no pad, enters it.
+- attention mask: row b's query i sees its own past and its own new tokens up to itself (`row_mask`);
+- KV write-back: row b's new keys/values are packed columns [offset_b, offset_b + n_b) (`row_states`),
+  appended to its own cache; nothing of another row enters it. A pass that fails takes them out again.
 
-A long new segment (a prompt's prefill, a resync) would pad every other row's attention to its length, so rows
-with more than `PREFILL_ROWS` new tokens share a pass only with rows of a similar length (prefills arriving
-together). Models whose caches are not plain full-attention layers (sliding windows: Gemma 3), models not on
-SDPA attention, and sequences that are not `KVSequence`s (test doubles) run one at a time through
-`next_logits`: same results, no batching.
+Rows with more than `PREFILL_ROWS` new tokens (a prompt's prefill, a resync) share a pass only with rows of a
+similar length and at most `PREFILL_GROUP` of them, which bounds one pass's activations. Models whose caches
+are not plain full-attention layers (sliding windows: Gemma 3), models not on SDPA attention, and sequences
+that are not `KVSequence`s (test doubles) run one at a time through transformers' own cache and attention:
+same results, no batching.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -45,37 +46,45 @@ PACKED_ATTENTION = "draftwire_packed"  # SDPA, plus the packed batch when a forw
 
 @dataclass
 class _Packing:
-    """What the attention of one packed forward needs besides q, k, v: where packed token j sits in the
-    padded [rows, width] layout, each layer's gathered past, the mask; it collects each layer's new k, v."""
+    """What the attention of one packed forward needs besides q, k, v: each row's sequence, where its new
+    tokens sit among the N packed ones, and its mask."""
 
-    row_of: torch.Tensor  # [N] row of packed token j
-    col_of: torch.Tensor  # [N] its column among the row's new tokens
-    rows: int
-    width: int
-    past: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer [rows, kv_heads, past_width, dim]
-    mask: torch.Tensor  # [rows, 1, width, past_width + width], True where a query may attend
-    new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> packed k, v
+    seqs: list[KVSequence]
+    offsets: list[int]
+    widths: list[int]
+    masks: list[torch.Tensor | None]
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, heads, N, dim] -> [rows, heads, width, dim], pads zero."""
-        out = x.new_zeros(self.rows, self.width, x.shape[1], x.shape[3])
-        out[self.row_of, self.col_of] = x[0].transpose(0, 1)
-        return out.transpose(1, 2)
+
+def row_states(keys: torch.Tensor, values: torch.Tensor, offset: int, width: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row b's new keys and values: packed columns [offset, offset + width) of [1, kv_heads, N, dim]."""
+    return keys[:, :, offset : offset + width], values[:, :, offset : offset + width]
+
+
+def row_mask(past: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """[1, 1, width, past + width] bool: new query i sees the row's `past` cached tokens and new tokens 0..i
+    (causal, aligned to the end). None for one new token: it sees everything (SDPA then needs no mask)."""
+    if width == 1:
+        return None
+    query = torch.arange(width, device=device)[:, None]
+    column = torch.arange(past + width, device=device)[None, :]
+    return (column <= past + query)[None, None]
 
 
 def _packed_attention(module, query, key, value, attention_mask, draftwire_packing: _Packing | None = None,
                       **kwargs):
-    """Transformers' SDPA attention; in a packed forward, run per row on the padded layout (see module doc)."""
+    """Transformers' SDPA attention; in a packed forward, per row against its own cache (see module doc)."""
     if draftwire_packing is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    packing = draftwire_packing
-    packing.new_kv[module.layer_idx] = (key, value)
-    q, k, v = packing.unpack(query), packing.unpack(key), packing.unpack(value)
-    if packing.past is not None:
-        past_k, past_v = packing.past[module.layer_idx]
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-    out, weights = sdpa_attention_forward(module, q, k, v, packing.mask, **kwargs)  # out: [rows, width, heads, dim]
-    return out[packing.row_of, packing.col_of].unsqueeze(0), weights
+    packing, layer_idx = draftwire_packing, module.layer_idx
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    outs = []
+    for seq, off, n, mask in zip(packing.seqs, packing.offsets, packing.widths, packing.masks, strict=True):
+        keys, values = seq._cache.layers[layer_idx].update(*row_states(key, value, off, n))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, off : off + n], keys, values, attn_mask=mask, scale=kwargs.get("scaling"), enable_gqa=gqa))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [1, heads, N, dim]
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
@@ -83,25 +92,12 @@ AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # unpacked calls g
 
 
 def _batchable(seq: object) -> bool:
-    return (isinstance(seq, KVSequence) and all(type(layer) is DynamicLayer for layer in seq._cache.layers)
-            and seq._model.config._attn_implementation in ("sdpa", PACKED_ATTENTION))
+    return isinstance(seq, KVSequence) and seq.packable()
 
 
 def position_ids(past: Sequence[int], new: Sequence[int]) -> torch.Tensor:
     """[1, N]: row b's new token i is at position past[b] + i."""
     return torch.tensor([[p + i for p, n in zip(past, new, strict=True) for i in range(n)]], dtype=torch.long)
-
-
-def attention_mask(past: Sequence[int], new: Sequence[int], past_width: int, width: int) -> torch.Tensor:
-    """[rows, 1, width, past_width + width] bool: row b's query i sees its own past (right-aligned in the
-    gathered cache) and its own new tokens 0..i; a pad query (i >= new[b]) sees all of the row's real ones."""
-    p = torch.tensor(past, dtype=torch.long)[:, None, None]
-    last = torch.tensor(new, dtype=torch.long)[:, None, None] - 1
-    query = torch.arange(width)[None, :, None]
-    column = torch.arange(past_width + width)[None, None, :]
-    own_past = (column >= past_width - p) & (column < past_width)
-    own_new = (column >= past_width) & (column - past_width <= torch.minimum(query, last))
-    return (own_past | own_new)[:, None]
 
 
 def next_logits_batch(
@@ -126,10 +122,6 @@ def next_logits_batch(
         seq._truncate(min(common_prefix(seq.tokens, tokens), len(tokens) - n_out))
         ready.append(i)
     for group in _groups(ready, [len(token_lists[i]) - len(seqs[i].tokens) for i in ready]):
-        if len(group) == 1:
-            i = group[0]
-            out[i] = seqs[i].next_logits(token_lists[i], n_outs[i])  # reuses exactly the prefix kept above
-            continue
         rows = _forward_rows([seqs[i] for i in group], [[int(t) for t in token_lists[i]] for i in group],
                              [n_outs[i] for i in group])
         for i, logits in zip(group, rows, strict=True):
@@ -155,62 +147,35 @@ def _forward_rows(seqs: list[KVSequence], token_lists: list[list[int]], n_outs: 
     """One packed forward over rows whose caches already hold a prefix of their tokens."""
     model = seqs[0]._model
     model.config._attn_implementation = PACKED_ATTENTION  # SDPA itself when nothing is packed: set once, for good
-    device = next(model.parameters()).device
+    device = seqs[0].device
     past = [len(s.tokens) for s in seqs]
     new = [t[p:] for t, p in zip(token_lists, past, strict=True)]
     widths = [len(n) for n in new]
     offsets = [sum(widths[:b]) for b in range(len(widths))]
-    past_width, width = max(past), max(widths)
-    packing = _Packing(
-        row_of=torch.tensor([b for b, n in enumerate(widths) for _ in range(n)], device=device),
-        col_of=torch.tensor([i for n in widths for i in range(n)], device=device),
-        rows=len(seqs), width=width,
-        past=[_gather(seqs, layer_idx, past_width) for layer_idx in range(len(seqs[0]._cache.layers))]
-        if past_width else None,
-        mask=attention_mask(past, widths, past_width, width).to(device),
-    )
+    packing = _Packing(seqs=seqs, offsets=offsets, widths=widths,
+                       masks=[row_mask(p, n, device) for p, n in zip(past, widths, strict=True)])
     input_ids = torch.tensor([[t for n in new for t in n]], dtype=torch.long, device=device)
     # logits only where a row needs them: its last n_out positions (a prefill row needs one, not all)
     keep = [off + n - n_out + j for off, n, n_out in zip(offsets, widths, n_outs, strict=True) for j in range(n_out)]
     kwargs = {"logits_to_keep": torch.tensor(keep, device=device)} if seqs[0]._logits_to_keep else {}
-    with torch.inference_mode():
-        result = model(
-            input_ids=input_ids,
-            position_ids=position_ids(past, widths).to(device),
-            use_cache=False,  # each row's past comes through `packing`, its new keys/values go back below
-            draftwire_packing=packing,
-            **kwargs,
-        )
-        logits = result.logits[0] if kwargs else result.logits[0, keep]
-        rows, at = [], 0
-        for n_out in n_outs:
-            rows.append(logits[at : at + n_out].float())
-            at += n_out
-        write_back(seqs, packing.new_kv, offsets, widths)
+    try:
+        with torch.inference_mode():
+            result = model(
+                input_ids=input_ids,
+                position_ids=position_ids(past, widths).to(device),
+                use_cache=False,  # each row's cache comes and goes through `packing`
+                draftwire_packing=packing,
+                **kwargs,
+            )
+    except BaseException:
+        for seq, p in zip(seqs, past, strict=True):  # the layers written before the failure hold new columns
+            seq.restore(p)
+        raise
+    logits = result.logits[0] if kwargs else result.logits[0, keep]
+    rows, at = [], 0
+    for n_out in n_outs:
+        rows.append(logits[at : at + n_out].float())
+        at += n_out
     for seq, tokens in zip(seqs, token_lists, strict=True):
         seq.tokens = tokens
     return rows
-
-
-def write_back(seqs: Sequence[KVSequence], new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
-               offsets: Sequence[int], widths: Sequence[int]) -> None:
-    """Append row b's new keys/values (packed columns [offsets[b], offsets[b] + widths[b])) to its own cache."""
-    for seq, off, n in zip(seqs, offsets, widths, strict=True):
-        for layer_idx in range(len(new_kv)):
-            keys, values = new_kv[layer_idx]
-            seq._cache.update(keys[:, :, off : off + n], values[:, :, off : off + n], layer_idx)
-
-
-def _gather(seqs: list[KVSequence], layer_idx: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer `layer_idx` of every row's cache, left-padded with zeros to `width` columns."""
-    ref = next(s._cache.layers[layer_idx] for s in seqs if s.tokens)
-    _, heads, _, dim = ref.keys.shape
-    shape = (len(seqs), heads, width, dim)
-    keys = torch.zeros(shape, dtype=ref.keys.dtype, device=ref.keys.device)
-    values = torch.zeros(shape, dtype=ref.values.dtype, device=ref.values.device)
-    for b, seq in enumerate(seqs):
-        if seq.tokens:
-            layer = seq._cache.layers[layer_idx]
-            keys[b, :, width - len(seq.tokens) :] = layer.keys[0]
-            values[b, :, width - len(seq.tokens) :] = layer.values[0]
-    return keys, values

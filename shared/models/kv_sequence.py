@@ -15,6 +15,45 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+GROW_MIN = 64  # columns a GrowingLayer reserves beyond what it holds, at least (then 1/8 of its length)
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention layer's cache with room to grow, so that verifying a few tokens costs a few columns.
+
+    `DynamicLayer` appends by concatenation: every pass copies the whole cache to add 2-5 columns, and a
+    batch had to copy each row's cache again into one padded tensor for attention. Here new states are
+    written in place after the cached ones and `keys`/`values` are views of the filled part: an append
+    copies only the new columns (the buffer is reallocated, with 1/8 spare, once it is full), a crop only
+    narrows the views, and attention reads the views directly. Everything else is `DynamicLayer`'s.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer = self._value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            capacity = end + max(GROW_MIN, end // 8)
+            keys = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
+            values = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+            if held:
+                keys[..., :held, :] = self.keys
+                values[..., :held, :] = self.values
+            self._key_buffer, self._value_buffer = keys, values
+        self._key_buffer[..., held:end, :] = key_states
+        self._value_buffer[..., held:end, :] = value_states
+        self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._key_buffer = self._value_buffer = None
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
@@ -41,6 +80,7 @@ class KVSequence:
 
     def _new_cache(self) -> DynamicCache:
         cache = DynamicCache(config=self._model.config)
+        cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
         for layer in cache.layers:
             if isinstance(layer, DynamicSlidingWindowLayer):
                 # Keep the states past the window until the next crop, so a rollback can still see them.
@@ -59,7 +99,7 @@ class KVSequence:
                 held = layer.keys.shape[-2] if layer.keys is not None else 0
                 if not (layer.record_past and held >= remove + min(seen - remove, layer.sliding_window - 1)):
                     return False
-            elif type(layer) is not DynamicLayer:
+            elif type(layer) not in (DynamicLayer, GrowingLayer):
                 return False  # linear attention, compressed caches...: not known to be croppable, rebuild
         return True
 
@@ -76,8 +116,27 @@ class KVSequence:
             self._cache = self._new_cache()
             self.tokens = []
 
+    def packable(self) -> bool:
+        """Whether this sequence runs through `batched_forward`'s packed pass (alone, a batch of one): every
+        layer a `GrowingLayer` (full attention) and the model on SDPA attention."""
+        return (all(type(layer) is GrowingLayer for layer in self._cache.layers)
+                and self._model.config._attn_implementation in ("sdpa", "draftwire_packed"))
+
+    def restore(self, length: int) -> None:
+        """Cut every layer back to `length` states, `tokens` untouched: undoes a pass that failed midway."""
+        for layer in self._cache.layers:
+            if (extra := layer.get_seq_length() - length) > 0:
+                layer.crop(-extra)
+
     def _forward(self, new: Sequence[int], n_out: int) -> torch.Tensor:
         """Feed `new` after the cached tokens in one pass; float32 logits for its last `n_out` positions."""
+        if self.packable():  # the batched forward's own path, so a row alone is a batch of one
+            from .batched_forward import _forward_rows
+
+            tokens = self.tokens
+            logits = _forward_rows([self], [[*tokens, *map(int, new)]], [n_out])[0]
+            self.tokens = tokens  # the caller sets them
+            return logits
         start = len(self.tokens)
         input_ids = torch.tensor([list(new)], dtype=torch.long, device=self.device)
         position_ids = torch.arange(start, start + len(new), dtype=torch.long, device=self.device).unsqueeze(0)
