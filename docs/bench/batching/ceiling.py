@@ -1,6 +1,6 @@
 """The batching ceiling of this machine: raw target forward throughput (tokens/s) at 1 and N sessions.
 
-What the verifier can at best reach in replay mode: one padded `next_logits_batch` forward over N sessions,
+What the verifier can at best reach in replay mode: one packed `next_logits_batch` forward over N sessions,
 each verifying gamma + 1 = 5 tokens after a ~100-token context, one torch thread (as the services run), no
 sampling, no NATS. Prints and writes JSON.
 
