@@ -131,7 +131,8 @@ def next_logits_batch(
 
 def _groups(rows: list[int], new: list[int]) -> list[list[int]]:
     """Rows that share a pass: every row with at most PREFILL_ROWS new tokens in one, longer ones (prefills)
-    with others of a similar length (the longest at most 1.5x the shortest), so padding wastes little."""
+    with others of a similar length (the longest at most 1.5x the shortest, at most PREFILL_GROUP of them).
+    Nothing is padded any more; the grouping bounds one pass's activations."""
     short = [r for r, n in zip(rows, new, strict=True) if n <= PREFILL_ROWS]
     groups = [short] if short else []
     long = sorted((n, r) for r, n in zip(rows, new, strict=True) if n > PREFILL_ROWS)
