@@ -34,14 +34,11 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .kv_sequence import KVSequence, common_prefix
+from .kv_sequence import PACKED_ATTENTION, KVSequence, common_prefix
 
 PREFILL_ROWS = 32  # new tokens above which a row only shares a pass with rows of a similar length
 PREFILL_GROUP = 8  # prefills in one pass at most (bounds the pass's activations)
 PREFILL_CHUNK = 512  # prompt tokens a service's prefill feeds per pass (chunked prefill, as vLLM's default)
-
-
-PACKED_ATTENTION = "draftwire_packed"  # SDPA, plus the packed batch when a forward passes `draftwire_packing`
 
 
 @dataclass

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 GROW_MIN = 64  # columns a GrowingLayer reserves beyond what it holds, at least (then 1/8 of its length)
+PACKED_ATTENTION = "draftwire_packed"  # batched_forward's attention: SDPA, plus the packed batch when one is passed
 
 
 class GrowingLayer(DynamicLayer):
@@ -36,7 +37,8 @@ class GrowingLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        held, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        held = self.get_seq_length()
+        end = held + key_states.shape[-2]
         if self._key_buffer is None or end > self._key_buffer.shape[-2]:
             capacity = end + max(GROW_MIN, end // 8)
             keys = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
@@ -120,7 +122,7 @@ class KVSequence:
         """Whether this sequence runs through `batched_forward`'s packed pass (alone, a batch of one): every
         layer a `GrowingLayer` (full attention) and the model on SDPA attention."""
         return (all(type(layer) is GrowingLayer for layer in self._cache.layers)
-                and self._model.config._attn_implementation in ("sdpa", "draftwire_packed"))
+                and self._model.config._attn_implementation in ("sdpa", PACKED_ATTENTION))
 
     def restore(self, length: int) -> None:
         """Cut every layer back to `length` states, `tokens` untouched: undoes a pass that failed midway."""

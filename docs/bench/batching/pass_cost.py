@@ -12,6 +12,7 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -23,7 +24,7 @@ SHAPES = ((1, 1), (1, 5), (6, 2), (8, 3), (16, 3))  # (rows, new tokens per row)
 PROFILED = (6, 2)  # the verifier's typical pass at 16 sessions on two cores
 
 
-def pass_ms(model, rows: int, new: int, context: int = 150, repeats: int = 7) -> tuple[float, callable]:
+def pass_ms(model, rows: int, new: int, context: int = 150, repeats: int = 7) -> tuple[float, Callable[[], None]]:
     """Best-of-`repeats` milliseconds of one pass; rows' contexts differ (context + 7 * row tokens)."""
     rng = random.Random(rows * 100 + new)
     seqs = [model.new_sequence() for _ in range(rows)]
